@@ -1,0 +1,104 @@
+"""Correlation clustering of the sampled weights and the choice of references (paper, Algorithm 1).
+
+Steps 2–4 of Algorithm 1: the correlation C of the K sampled trajectories, complete ("farthest
+point", appendix 8.3) linkage on the distance D = 1 − |C|, a cut into modes, and one reference per
+mode: r_m = argmax_{j ∈ C_m} Σ_{i ∈ C_m} |C_ij|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+
+@dataclass
+class Clustering:
+    """The result of clustering K sampled trajectories.
+
+    Attributes:
+        labels (np.ndarray): mode of each sample (K,), modes numbered by size, largest first;
+            −1 for a sample whose trajectory is constant (set aside, never a reference).
+        reference (np.ndarray): for each mode, the position (0..K−1) of its reference sample.
+        abs_corr (np.ndarray): |C| among the non-constant samples, in sample order (k × k).
+        varying (np.ndarray): positions of the non-constant samples (k,).
+    """
+
+    labels: np.ndarray
+    reference: np.ndarray
+    abs_corr: np.ndarray
+    varying: np.ndarray
+
+    @property
+    def num_modes(self) -> int:
+        return len(self.reference)
+
+
+def check_mode_arguments(modes: int | None, threshold: float | None) -> tuple[int | None, float | None]:
+    """Validate the ``modes`` / ``threshold`` pair; ``modes`` defaults to 10 when neither is given."""
+    if modes is not None and threshold is not None:
+        raise ValueError("give either modes or threshold, not both (threshold cuts by distance instead of a count)")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float in (0, 1]; got {type(threshold).__name__}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1]; got {threshold}")
+        return None, float(threshold)
+    if modes is None:
+        modes = 10
+    if isinstance(modes, bool) or not isinstance(modes, (int, np.integer)):
+        raise TypeError(f"modes must be an int ≥ 1; got {type(modes).__name__}")
+    if modes < 1:
+        raise ValueError(f"modes must be ≥ 1; got {modes}")
+    return int(modes), None
+
+
+def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None,
+            threshold: float | None = None) -> Clustering:
+    """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
+
+    Args:
+        history (tensor or array): K × T trajectories of the sampled weights.
+        modes (int): cut the linkage into at most this many modes (criterion ``maxclust``).
+        threshold (float): or cut at this distance (criterion ``distance``): every pair inside a
+            mode then has |corr| ≥ 1 − threshold, the paper's hypothesis with ε = threshold.
+    """
+    modes, threshold = check_mode_arguments(modes, threshold)
+    h = torch.as_tensor(history).detach().to("cpu", torch.float64).numpy()
+    if h.ndim != 2 or h.shape[1] < 2:
+        raise ValueError(f"history must be K × T with T ≥ 2; got shape {h.shape}")
+    labels = np.full(h.shape[0], -1, dtype=np.int64)
+    # A constant row has no correlation with anything; it is set aside (paper: zero variance).
+    varying = np.flatnonzero(h.max(axis=1) > h.min(axis=1))
+    if len(varying) == 0:
+        # Nothing moves: one mode whose reference is the first sample; every fit is then a = 0, b = mean.
+        labels[:] = 0
+        return Clustering(labels, np.array([0]), np.ones((1, 1)), np.array([0]))
+    abs_corr = np.abs(np.corrcoef(h[varying])) if len(varying) > 1 else np.ones((1, 1))
+    abs_corr = np.nan_to_num(np.clip(abs_corr, 0.0, 1.0), nan=0.0)
+    if len(varying) == 1:
+        raw = np.zeros(1, dtype=np.int64)
+    else:
+        distance = 1.0 - abs_corr
+        np.fill_diagonal(distance, 0.0)
+        tree = linkage(squareform(distance, checks=False), method="complete")
+        if threshold is not None:
+            raw = fcluster(tree, t=threshold, criterion="distance")
+        else:
+            raw = fcluster(tree, t=modes, criterion="maxclust")
+    # Number modes by size, largest first; ties broken by the first member's position.
+    ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
+    relabel = np.empty(ids.max() + 1, dtype=np.int64)
+    relabel[ids[order]] = np.arange(len(ids))
+    sub_labels = relabel[raw]
+    labels[varying] = sub_labels
+    reference = np.empty(len(ids), dtype=np.int64)
+    for m in range(len(ids)):
+        members = np.flatnonzero(sub_labels == m)
+        score = abs_corr[np.ix_(members, members)].sum(axis=0)
+        reference[m] = varying[members[np.argmax(score)]]
+    return Clustering(labels, reference, abs_corr, varying)

@@ -1,0 +1,78 @@
+"""Atomic writes and safe reads of the library's files.
+
+Every file is written to a temporary file in the target's folder, flushed to disk and renamed over
+the target, so a crash mid-write leaves the previous file intact. Reading uses
+``torch.load(weights_only=True)``, which refuses pickles that would construct arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory, not a file")
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a ValueError that says why."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory, not a {what} file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{str(path)!r} is not a {what} file, or holds objects that are refused "
+                         f"for safety (weights_only load): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, KeyError, ValueError,
+            IndexError, TypeError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): {first}") from None
+
+
+def check_format(obj: Any, path: str | os.PathLike, kind: str, versions: tuple[int, ...]) -> dict:
+    """Check that a loaded object is a dict written by this library as ``kind`` in a known version."""
+    if not isinstance(obj, dict) or obj.get("format") != kind:
+        raise ValueError(f"{str(path)!r} is not a {kind} file")
+    version = obj.get("version")
+    if version not in versions:
+        raise ValueError(f"{str(path)!r} is a {kind} file of version {version!r}, which this cmd_online "
+                         f"does not read (known: {', '.join(map(str, versions))}); upgrade cmd_online")
+    return obj

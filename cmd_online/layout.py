@@ -1,0 +1,131 @@
+"""The flat index space: parameters in order, row-major, as one vector w of length N.
+
+A :class:`Layout` maps flat indices to (tensor, offset) pairs and back, and knows each tensor's
+name, shape and dtype so that a flat vector can be turned back into named, shaped tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+# dtypes a layout may name; kept as strings in files so that loading never needs a pickle
+_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise TypeError(f"dtype must be a floating-point dtype, one of {sorted(_DTYPES)}; got {dtype}")
+    return name
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype name {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and dtypes of the tensors that make up the flat vector, in order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    def __post_init__(self):
+        if not (len(self.names) == len(self.shapes) == len(self.dtypes)):
+            raise ValueError("layout: names, shapes and dtypes must have the same length")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("layout: tensor names must be unique")
+
+    @classmethod
+    def of_tensors(cls, tensors: Sequence[torch.Tensor], names: Iterable[str] | None = None) -> "Layout":
+        names = tuple(names) if names is not None else tuple(f"tensor{i}" for i in range(len(tensors)))
+        return cls(names, tuple(tuple(t.shape) for t in tensors), tuple(t.dtype for t in tensors))
+
+    @classmethod
+    def flat(cls, numel: int, dtype: torch.dtype = torch.float32) -> "Layout":
+        return cls(("weights",), ((numel,),), (dtype,))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Flat index of the first element of each tensor."""
+        out, total = [], 0
+        for size in self.sizes:
+            out.append(total)
+            total += size
+        return out
+
+    def locate(self, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tensor number, offset inside that tensor) of each flat index."""
+        starts = torch.tensor(self.offsets, dtype=torch.int64)
+        tensor = torch.searchsorted(starts, flat_index.to(torch.int64).cpu(), right=True) - 1
+        return tensor, flat_index.cpu() - starts[tensor]
+
+    def split(self, flat: torch.Tensor, cast: bool = True) -> dict[str, torch.Tensor]:
+        """A flat N-vector as named tensors of this layout's shapes (and dtypes, if ``cast``)."""
+        if flat.dim() != 1 or flat.numel() != self.numel:
+            raise ValueError(f"flat vector must have {self.numel} elements; got shape {tuple(flat.shape)}")
+        pieces = torch.split(flat, self.sizes)
+        return {
+            name: (piece.to(dtype) if cast else piece).reshape(shape)
+            for name, piece, shape, dtype in zip(self.names, pieces, self.shapes, self.dtypes)
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "dtypes": [dtype_name(d) for d in self.dtypes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        try:
+            return cls(
+                tuple(str(n) for n in d["names"]),
+                tuple(tuple(int(x) for x in s) for s in d["shapes"]),
+                tuple(dtype_from_name(n) for n in d["dtypes"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed layout entry: {e}") from None
+
+
+class GatherPlan:
+    """Reads a fixed set of flat indices out of a list of tensors without a Python loop per index.
+
+    The indices are grouped by tensor once; each read is one ``index_select`` per tensor that holds
+    any of them, a ``cat`` and (if the requested order is not flat order) one permutation.
+    """
+
+    def __init__(self, layout: Layout, flat_index: torch.Tensor, device: torch.device | str = "cpu"):
+        flat_index = torch.as_tensor(flat_index, dtype=torch.int64).cpu()
+        order = torch.argsort(flat_index)
+        tensor, offset = layout.locate(flat_index[order])
+        self.parts = [
+            (int(t), offset[tensor == t].to(device)) for t in torch.unique(tensor).tolist()
+        ]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        identity = bool((order == torch.arange(len(order))).all())
+        self.inverse = None if identity else inverse.to(device)
+
+    def __call__(self, flat_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        values = torch.cat([flat_tensors[t].index_select(0, idx) for t, idx in self.parts])
+        return values if self.inverse is None else values.index_select(0, self.inverse)

@@ -1,0 +1,188 @@
+"""Post-hoc CMD (paper, Algorithm 2) from a full N × T trajectory or from saved checkpoints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .clustering import check_mode_arguments, cluster
+from .files import safe_load
+from .layout import Layout
+from .sampling import sample_indices
+from .stats import affine_fit, mode_means
+from .trajectory import CMDTrajectory
+
+# Bound on the float64 temporaries of one chunk of rows (elements).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _as_matrix(W) -> torch.Tensor:
+    if isinstance(W, np.ndarray):
+        W = torch.from_numpy(W)
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor or numpy array (N × T); got {type(W).__name__}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D matrix N × T (weights × records); got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise TypeError(f"W must hold floating-point values; got {W.dtype}")
+    if W.shape[1] < 2:
+        raise ValueError(f"W must have T ≥ 2 records (columns); got T = {W.shape[1]}")
+    if W.shape[0] < 1:
+        raise ValueError("W must have at least one weight (row)")
+    rows = max(1, _CHUNK_ELEMENTS // W.shape[1])
+    for start in range(0, W.shape[0], rows):
+        if not torch.isfinite(W[start:start + rows]).all():
+            raise ValueError("W contains NaN or Inf values; CMD needs finite weights")
+    return W
+
+
+def _result_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None = None) -> CMDTrajectory:
+    """Assign every weight to a mode and fit a, b by least squares over records [window_start, T).
+
+    This is the part of Algorithm 2 after clustering, computed exactly in float64 chunk by chunk
+    (no Python loop over weights); it is also the oracle the online recorder is checked against.
+
+    Args:
+        W (tensor or array): N × T trajectory.
+        reference_index (sequence of int): M flat indices of the reference weights.
+        window_start (int): first record of the fit window (default 0, the whole run).
+        layout (Layout): names and shapes of the tensors the rows come from (default one flat tensor).
+    """
+    W = _as_matrix(W)
+    N, T = W.shape
+    ref = torch.as_tensor(reference_index, dtype=torch.int64).cpu()
+    if ref.dim() != 1 or ref.numel() < 1 or int(ref.min()) < 0 or int(ref.max()) >= N:
+        raise ValueError(f"reference_index must be a non-empty vector of indices in [0, {N})")
+    if not 0 <= window_start <= T - 2:
+        raise ValueError(f"window_start must be in [0, T−2 = {T - 2}] so the window has 2 records; got {window_start}")
+    references = W[ref.to(W.device)].double()
+    R = references[:, window_start:]
+    ref_mean = R.mean(dim=1)
+    Rc = R - ref_mean.unsqueeze(1)
+    Q = (Rc * Rc).sum(dim=1)
+    Q = torch.where(R.amax(dim=1) > R.amin(dim=1), Q, torch.zeros_like(Q))
+    rows = max(1, _CHUNK_ELEMENTS // T)
+    fits = []
+    for start in range(0, N, rows):
+        chunk = W[start:start + rows, window_start:].double()
+        mean = chunk.mean(dim=1)
+        centred = chunk - mean.unsqueeze(1)
+        S = (centred * centred).sum(dim=1)
+        S = torch.where(chunk.amax(dim=1) > chunk.amin(dim=1), S, torch.zeros_like(S))  # exact constants
+        P = Rc @ centred.T  # M × rows
+        fits.append(affine_fit(P, S, Q, mean, ref_mean))
+    modes = torch.cat([f.modes for f in fits])
+    a = torch.cat([f.a for f in fits])
+    b = torch.cat([f.b for f in fits])
+    r2 = torch.cat([f.r2 for f in fits])
+    # A reference reproduces itself exactly (a = 1, b = 0), whatever the rounding above.
+    M = ref.numel()
+    ref_dev = ref.to(modes.device)
+    modes[ref_dev] = torch.arange(M, device=modes.device)
+    a[ref_dev] = 1.0
+    b[ref_dev] = 0.0
+    r2[ref_dev] = 1.0
+    dtype = _result_dtype(W)
+    return CMDTrajectory(references.to(dtype), ref, a.to(dtype), b.to(dtype), modes, window_start,
+                         layout if layout is not None else Layout.flat(N, W.dtype), mode_means(modes, r2, M))
+
+
+def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,
+              layer_sizes: Sequence[int] | None = None, warmup: int | None = None,
+              layout: Layout | None = None) -> CMDTrajectory:
+    """Post-hoc CMD of a full trajectory (paper, Algorithms 1 and 2).
+
+    Args:
+        W (tensor or array): N × T matrix, one row per weight, one column per record.
+        modes (int): number of modes M, cut with ``maxclust`` (default 10 when ``threshold`` is None).
+        threshold (float): or the in-mode distance t ∈ (0, 1]: every pair in a mode has |corr| ≥ 1 − t.
+        samples (int): K, number of sampled weights that are clustered (default 1000); modes ≤ K ≤ N.
+        seed (int): seed of the sampling (default 0).
+        layer_sizes (sequence of int): sizes of the layers for the layer-balanced sampling of appendix
+            8.2 (default: from ``layout``, else one layer).
+        warmup (int): None (default) clusters on all T records and fits a, b over all of them, as the
+            paper does. F clusters on records 0..F−1 and fits over [F−1, T), exactly what the online
+            recorder does with ``warmup=F``.
+        layout (Layout): names, shapes and dtypes of the tensors the rows come from.
+    """
+    modes, threshold = check_mode_arguments(modes, threshold)
+    W = _as_matrix(W)
+    N, T = W.shape
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"samples must be an int; got {type(samples).__name__}")
+    if modes is not None and samples < modes:
+        raise ValueError(f"samples must be ≥ modes ({modes}); got samples={samples}")
+    if not 1 <= samples <= N:
+        raise ValueError(f"samples must be in [1, N = {N}] (N = number of weights); got {samples}")
+    if layer_sizes is None:
+        layer_sizes = layout.sizes if layout is not None else [N]
+    if sum(layer_sizes) != N:
+        raise ValueError(f"layer_sizes must sum to N = {N}; got {sum(layer_sizes)}")
+    if layout is not None and layout.numel != N:
+        raise ValueError(f"layout covers {layout.numel} weights but W has N = {N} rows")
+    if warmup is None:
+        clustered, window_start = T, 0
+    else:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 2 <= warmup <= T - 1:
+            raise ValueError(f"warmup must be an int in [2, T−1 = {T - 1}]; got {warmup!r}")
+        clustered, window_start = warmup, warmup - 1
+    sample = sample_indices(layer_sizes, samples, seed)
+    history = W[sample.to(W.device), :clustered]
+    found = cluster(history, modes, threshold)
+    reference_index = sample[torch.from_numpy(found.reference)]
+    return fit_affine(W, reference_index, window_start, layout)
+
+
+def _load_checkpoint(item, i: int) -> Mapping:
+    if isinstance(item, (str, os.PathLike)):
+        item = safe_load(item, "checkpoint")
+        if isinstance(item, Mapping) and "state_dict" in item and isinstance(item["state_dict"], Mapping):
+            item = item["state_dict"]
+    if not isinstance(item, Mapping):
+        raise TypeError(f"checkpoints[{i}] must be a state_dict (a mapping of names to tensors) or a path; "
+                        f"got {type(item).__name__}")
+    return item
+
+
+def _floating_entries(sd: Mapping) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
+    """Post-hoc CMD from per-record checkpoints (state_dicts, or paths to files of them).
+
+    The floating-point entries of each state_dict are flattened in order into one column of the
+    N × T trajectory; the result's ``state_dict(at)`` has the checkpoints' names, shapes and dtypes.
+    Paths are read with ``torch.load(weights_only=True)``; a file holding ``{"state_dict": ...}``
+    is accepted too. Keyword arguments are those of :func:`decompose` (``layer_sizes`` defaults to
+    the entries' sizes).
+    """
+    if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
+        raise TypeError("checkpoints must be a list of state_dicts or file paths, one per record")
+    if len(checkpoints) < 2:
+        raise ValueError(f"checkpoints must hold at least 2 records; got {len(checkpoints)}")
+    first = _floating_entries(_load_checkpoint(checkpoints[0], 0))
+    if not first:
+        raise ValueError("checkpoints[0] has no floating-point tensors")
+    layout = Layout.of_tensors(list(first.values()), first.keys())
+    W = torch.empty(layout.numel, len(checkpoints), dtype=torch.float32)
+    for t, item in enumerate(checkpoints):
+        entries = first if t == 0 else _floating_entries(_load_checkpoint(item, t))
+        if list(entries) != list(layout.names):
+            raise ValueError(f"checkpoints[{t}] has different entries from checkpoints[0] "
+                             f"(missing: {sorted(set(layout.names) - set(entries))[:5]}, "
+                             f"extra: {sorted(set(entries) - set(layout.names))[:5]})")
+        for name, shape, offset, size in zip(layout.names, layout.shapes, layout.offsets, layout.sizes):
+            if tuple(entries[name].shape) != shape:
+                raise ValueError(f"checkpoints[{t}][{name!r}] has shape {tuple(entries[name].shape)}, "
+                                 f"but checkpoints[0] has {shape}")
+            W[offset:offset + size, t] = entries[name].detach().reshape(-1).float().cpu()
+    return decompose(W, layout=layout, **kwargs)

@@ -1,0 +1,176 @@
+"""Streaming sufficient statistics of the weights against the reference weights, and the affine fit.
+
+The fit (paper, eqs. 8–10, and the assignment of Algorithm 1) needs, over the fit window, only the
+mean of every weight, its centred sum of squares S, the centred sums of squares Q of the M references
+and the centred co-moments P (M × N). Given these,
+
+    ρ_mi   = P_mi / sqrt(S_i Q_m)                 (0 where S_i Q_m = 0)
+    mode_i = argmax_m |ρ_mi|
+    a_i    = P_{mode_i, i} / Q_{mode_i}           (the least-squares slope of eq. 10)
+    b_i    = mean_i − a_i · mean_ref[mode_i]       (the least-squares intercept)
+
+and ρ² is each weight's R². :func:`affine_fit` is that computation; :class:`StreamingMoments` keeps
+the moments up to date one record at a time (Welford's update), so the fit is available at any time
+without the history.
+
+Precision: float32 Welford on raw weights fails when a weight's mean is large against its motion (a
+mean of 1e3 moving by 1e-3 is only ~16 float32 ulps, and rounding of the running mean then swamps
+the co-moments). The moments are therefore taken of w − c, where the shift c is the weight at the
+start of the window, stored exactly: w − c is exact or nearly so, and small numbers keep their
+precision. That costs one more float32 per weight than the centred form alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+# Columns per chunk in affine_fit: bounds the M × chunk float64 temporaries of a query.
+_FIT_CHUNK = 1 << 18
+
+
+@dataclass
+class AffineFit:
+    """Per-weight fit: mode (int64), slope a, intercept b and R² (float64), one entry per weight."""
+
+    modes: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    r2: torch.Tensor
+
+
+def affine_fit(P: torch.Tensor, S: torch.Tensor, Q: torch.Tensor, mean: torch.Tensor,
+               ref_mean: torch.Tensor, modes: torch.Tensor | None = None) -> AffineFit:
+    """The least-squares CMD fit of n weights from their moments (computed in float64).
+
+    Args:
+        P (tensor): co-moments, M × n (or, with ``modes`` given, the n co-moments with their own mode).
+        S (tensor): centred sums of squares of the weights (n,).
+        Q (tensor): centred sums of squares of the references (M,).
+        mean (tensor): mean of each weight over the window (n,), float64 preferred.
+        ref_mean (tensor): mean of each reference over the window (M,).
+        modes (tensor): fixed modes (n,), for the compact form; None chooses argmax |ρ|.
+    """
+    Q = Q.double()
+    ref_mean = ref_mean.double()
+    mean = mean.double()
+    S = S.double()
+    out = []
+    for start in range(0, S.numel(), _FIT_CHUNK):
+        part = slice(start, start + _FIT_CHUNK)
+        s = S[part]
+        if modes is None:
+            p_all = P[:, part].double()
+            denom = torch.sqrt(s.unsqueeze(0) * Q.unsqueeze(1))
+            rho_all = torch.where(denom > 0, p_all / denom, torch.zeros_like(p_all))
+            mode = rho_all.abs().argmax(dim=0)
+            p = p_all.gather(0, mode.unsqueeze(0)).squeeze(0)
+            rho = rho_all.gather(0, mode.unsqueeze(0)).squeeze(0)
+        else:
+            mode = modes[part].long()
+            p = P[part].double()
+            denom = torch.sqrt(s * Q[mode])
+            rho = torch.where(denom > 0, p / denom, torch.zeros_like(p))
+        q = Q[mode]
+        a = torch.where(q > 0, p / q, torch.zeros_like(p))
+        # A weight that does not move in the window is exactly its mean: a = 0, b = mean.
+        a = torch.where(s > 0, a, torch.zeros_like(a))
+        b = mean[part] - a * ref_mean[mode]
+        out.append((mode, a, b, rho * rho))
+    if not out:
+        empty = torch.empty(0, dtype=torch.float64, device=S.device)
+        return AffineFit(empty.long(), empty, empty, empty)
+    return AffineFit(*(torch.cat(x) for x in zip(*out)))
+
+
+def mode_means(modes: torch.Tensor, values: torch.Tensor, num_modes: int) -> torch.Tensor:
+    """Mean of ``values`` over the members of each mode (0 for an empty mode), as float64 (M,)."""
+    modes = modes.long()
+    sums = torch.zeros(num_modes, dtype=torch.float64, device=values.device).index_add_(0, modes, values.double())
+    counts = torch.bincount(modes, minlength=num_modes).clamp_min(1)
+    return sums / counts
+
+
+class StreamingMoments:
+    """Welford moments of N weights, held as one flat float32 tensor per parameter, against M references.
+
+    Full form: per weight the shift c, the shifted mean μ, S and one column of P (M + 3 floats).
+    Compact form (after :meth:`freeze`): c, μ, S, the co-moment with the weight's own mode, and
+    the mode as int32 (4 floats + 1 int32).
+
+    Each :meth:`update` is a handful of ``torch._foreach_*`` kernels over all tensors plus one
+    ``addr_`` (rank-1 update of P) per tensor; it never moves a value to the host.
+    """
+
+    def __init__(self, sizes: Sequence[int], num_modes: int, device: torch.device | str = "cpu"):
+        self.num_modes = int(num_modes)
+        self.count = 0  # records in the window; a host int, so the update never syncs
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
+        self.shift = [zeros(n) for n in sizes]
+        self.mean = [zeros(n) for n in sizes]
+        self.sumsq = [zeros(n) for n in sizes]
+        self.comoment = [zeros(self.num_modes, n) for n in sizes]  # M × n each; (n,) when compact
+        self.modes: list[torch.Tensor] | None = None  # set by freeze()
+        self.ref_shift = zeros(self.num_modes)
+        self.ref_mean = zeros(self.num_modes)
+        self.ref_sumsq = zeros(self.num_modes)
+
+    @property
+    def compact(self) -> bool:
+        return self.modes is not None
+
+    def update(self, weights: Sequence[torch.Tensor], refs: torch.Tensor) -> None:
+        """Add one record: ``weights`` are flat float32 tensors (one per parameter), ``refs`` the M reference values."""
+        self.count += 1
+        n = self.count
+        if n == 1:
+            torch._foreach_copy_(self.shift, list(weights))
+            self.ref_shift.copy_(refs)
+            return
+        dy = refs - self.ref_shift - self.ref_mean
+        self.ref_mean.add_(dy, alpha=1.0 / n)
+        self.ref_sumsq.addcmul_(dy, dy, value=(n - 1) / n)
+        ref_dev = dy * ((n - 1) / n)  # y − ν after the mean update
+
+        dx = torch._foreach_sub(list(weights), self.shift)
+        torch._foreach_sub_(dx, self.mean)  # dx = (w − c) − μ
+        torch._foreach_add_(self.mean, dx, alpha=1.0 / n)
+        # S += dx·(w − c − μ_new) = dx²·(n − 1)/n, without forming w − μ_new
+        torch._foreach_addcmul_(self.sumsq, dx, dx, value=(n - 1) / n)
+        if self.modes is None:
+            for P, d in zip(self.comoment, dx):
+                P.addr_(ref_dev, d)  # P += (y − ν) ⊗ dx: M contiguous axpy's, no M × n temporary
+        else:
+            own = [ref_dev[m] for m in self.modes]
+            torch._foreach_addcmul_(self.comoment, dx, own)
+
+    def freeze(self, modes: Sequence[torch.Tensor]) -> None:
+        """Switch to the compact form: keep only each weight's co-moment with its own mode."""
+        self.modes = [m.to(torch.int32) for m in modes]
+        self.comoment = [P.gather(0, m.long().unsqueeze(0)).squeeze(0) for P, m in zip(self.comoment, modes)]
+
+    def fit(self) -> list[AffineFit]:
+        """The affine fit of every tensor (see :func:`affine_fit`)."""
+        ref_mean = self.ref_shift.double() + self.ref_mean.double()
+        return [
+            affine_fit(P, S, self.ref_sumsq, c.double() + mu.double(), ref_mean,
+                       None if self.modes is None else self.modes[i])
+            for i, (P, S, c, mu) in enumerate(zip(self.comoment, self.sumsq, self.shift, self.mean))
+        ]
+
+    def tensors(self) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+        """Every tensor this object owns, by name (for state_dict and memory accounting)."""
+        out = {"shift": self.shift, "mean": self.mean, "sumsq": self.sumsq, "comoment": self.comoment,
+               "ref_shift": self.ref_shift, "ref_mean": self.ref_mean, "ref_sumsq": self.ref_sumsq}
+        if self.modes is not None:
+            out["modes"] = self.modes
+        return out
+
+    def nbytes(self) -> int:
+        total = 0
+        for value in self.tensors().values():
+            for t in value if isinstance(value, list) else [value]:
+                total += t.numel() * t.element_size()
+        return total
