@@ -174,3 +174,54 @@ class StreamingMoments:
             for t in value if isinstance(value, list) else [value]:
                 total += t.numel() * t.element_size()
         return total
+
+
+# Columns per chunk in quick_fit: an M × chunk float32 scratch stays small (≈ 1.3 MB at M = 10).
+_QUICK_CHUNK = 1 << 15
+
+
+def quick_fit(P: torch.Tensor, S: torch.Tensor, Q: torch.Tensor,
+              modes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 mode, R² and slope a of n weights from their moments: a cheap summary, not the fit.
+
+    Same assignment as :func:`affine_fit` (mode = argmax_m ρ²_mi = argmax_m P²_mi / Q_m, since S_i
+    is common to all m), at a few float32 passes over P instead of float64 temporaries. The argmax
+    packs each mode's code into the lowest ⌈log2 M⌉ mantissa bits of P²/Q (positive floats order
+    like their int32 bits), so one fast ``amax`` gives value and index; ties go to the lower mode, as
+    in ``argmax``. The mode can thus differ from the float64 fit only for a weight whose two best ρ²
+    agree to ~2^(⌈log2 M⌉ − 23) relative. R² and a are then exact float32 from P[mode].
+
+    Args:
+        P (tensor): co-moments, M × n (or, with ``modes``, the n co-moments with their own mode).
+        S (tensor): centred sums of squares of the weights (n,).
+        Q (tensor): centred sums of squares of the references (M,).
+        modes (tensor): fixed modes (n,), for the compact form; None chooses argmax |ρ|.
+
+    Returns:
+        (modes int64, r2 float32, a float32), each (n,).
+    """
+    Q = Q.float()
+    inv_q = torch.where(Q > 0, 1.0 / Q, torch.zeros_like(Q))
+    if modes is not None:
+        mode = modes.long()
+        p = P.float()
+    else:
+        M, n = P.shape
+        bits = max(1, (M - 1).bit_length())
+        low = (1 << bits) - 1
+        code = (M - 1 - torch.arange(M, dtype=torch.int32, device=P.device)).unsqueeze(1)
+        scratch = torch.empty(M, min(n, _QUICK_CHUNK), dtype=torch.float32, device=P.device)
+        mode = torch.empty(n, dtype=torch.int64, device=P.device)
+        for start in range(0, n, _QUICK_CHUNK):
+            part = P[:, start:start + _QUICK_CHUNK]
+            buf = scratch[:, :part.shape[1]]
+            torch.mul(part, part, out=buf)
+            buf.mul_(inv_q.unsqueeze(1))
+            packed = buf.view(torch.int32)
+            packed.bitwise_and_(~low).bitwise_or_(code)
+            mode[start:start + part.shape[1]] = (M - 1) - (packed.amax(0) & low)
+        p = P.gather(0, mode.unsqueeze(0)).squeeze(0)
+    q_inv = inv_q[mode]
+    a = torch.where(S > 0, p * q_inv, torch.zeros_like(p))
+    r2 = torch.where(S > 0, p * a / S.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(p))
+    return mode, r2, a
