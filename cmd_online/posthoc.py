@@ -73,10 +73,10 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     fits = []
     for start in range(0, N, rows):
         chunk = W[start:start + rows, window_start:].double()
-        mean = chunk.mean(dim=1)
+        moving = chunk.amax(dim=1) > chunk.amin(dim=1)
+        mean = torch.where(moving, chunk.mean(dim=1), chunk[:, 0])  # a constant is its own mean, exactly
         centred = chunk - mean.unsqueeze(1)
-        S = (centred * centred).sum(dim=1)
-        S = torch.where(chunk.amax(dim=1) > chunk.amin(dim=1), S, torch.zeros_like(S))  # exact constants
+        S = torch.where(moving, (centred * centred).sum(dim=1), torch.zeros_like(mean))
         P = Rc @ centred.T  # M × rows
         fits.append(affine_fit(P, S, Q, mean, ref_mean))
     modes = torch.cat([f.modes for f in fits])
