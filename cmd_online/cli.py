@@ -1,0 +1,288 @@
+"""The ``cmd-online`` command: a demo on real data, and tools for trajectory files.
+
+    cmd-online demo [--data digits|mnist1d] [--epochs E] [--warmup F] [--modes M] [--samples K] ...
+    cmd-online inspect TRAJECTORY
+    cmd-online export TRAJECTORY [--at N] -o MODEL.pt
+    cmd-online decompose CHECKPOINT... -o TRAJECTORY [--modes M | --threshold t] [--samples K] ...
+
+A user mistake (missing file, wrong kind of file, out-of-range option) prints one line,
+``cmd-online: error: ...``, to stderr and exits with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PROG = "cmd-online"
+USER_ERRORS = (ValueError, TypeError, OSError)  # FileNotFoundError is an OSError
+
+
+class UsageError(Exception):
+    """A mistake in the command line, reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (no usage block), under the command's own name."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {value}")
+        return value
+    return parse
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Online Correlation Mode Decomposition (CMD) of training "
+                     "trajectories: a demo on real data and tools for trajectory files.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="train a small CNN with a CMDRecorder attached and compare "
+                               "the CMD model with the trained one",
+                               description="Train a small CNN on bundled real data (no download) with a "
+                               "CMDRecorder recording once per epoch; write the CMD model, the trajectory "
+                               "and TensorBoard logs to --out; print a table per block of epochs and a "
+                               "summary.")
+    demo.add_argument("--data", choices=("digits", "mnist1d"), default="digits",
+                      help="scikit-learn's load_digits, or MNIST-1D generated locally (default digits)")
+    demo.add_argument("--epochs", type=_int_at_least(1), default=60, help="training epochs, one record each "
+                      "(default 60)")
+    demo.add_argument("--warmup", type=_int_at_least(2), default=10, help="warm-up records before the modes "
+                      "are fixed (default 10)")
+    demo.add_argument("--modes", type=_int_at_least(1), default=10, help="number of modes (default 10)")
+    demo.add_argument("--samples", type=_int_at_least(1), default=1000, help="sampled weights clustered at "
+                      "the end of the warm-up (default 1000)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of split, init, shuffling and sampling "
+                      "(default 0)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--batch-size", type=_int_at_least(1), default=64, help="mini-batch size (default 64)")
+    demo.add_argument("--lr", type=_positive_float, default=0.05, help="SGD learning rate (default 0.05)")
+    demo.add_argument("--report-every", type=_int_at_least(1), default=None,
+                      help="epochs per table row (default: about ten rows)")
+    demo.add_argument("--save-checkpoints", action="store_true",
+                      help="also save every epoch's weights to OUT/checkpoints/ (for 'decompose')")
+    demo.add_argument("--threads", type=_int_at_least(1), default=1, help="torch CPU threads (default 1)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_demo)
+
+    inspect = commands.add_parser("inspect", help="modes, sizes, fit quality and per-layer make-up of a "
+                                  "trajectory file",
+                                  description="Describe a trajectory file written by CMDRecorder.trajectory()"
+                                  ".save(), 'cmd-online demo' or 'cmd-online decompose'.")
+    inspect.add_argument("trajectory", help="trajectory file")
+    inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser("export", help="write the CMD weights at one record as a normal checkpoint",
+                                 description="Write the CMD weights at record --at as a state_dict file: "
+                                 "model.load_state_dict(torch.load(path)).")
+    export.add_argument("trajectory", help="trajectory file")
+    export.add_argument("--at", type=int, default=-1, help="record index; negative counts from the end "
+                        "(default -1, the last record)")
+    export.add_argument("-o", "--output", required=True, help="checkpoint file to write")
+    export.set_defaults(run=_export)
+
+    decompose = commands.add_parser("decompose", help="post-hoc CMD from saved per-epoch checkpoints",
+                                    description="Post-hoc CMD (paper, Algorithm 2) from checkpoints saved "
+                                    "once per record, in order. A folder stands for the .pt/.pth files in it, "
+                                    "in natural order (epoch_2 before epoch_10).")
+    decompose.add_argument("checkpoints", nargs="+", help="checkpoint files (state_dicts), or one folder")
+    decompose.add_argument("-o", "--output", required=True, help="trajectory file to write")
+    mode_choice = decompose.add_mutually_exclusive_group()
+    mode_choice.add_argument("--modes", type=_int_at_least(1), default=None, help="number of modes "
+                             "(default 10 unless --threshold)")
+    mode_choice.add_argument("--threshold", type=_threshold, default=None, help="in-mode distance t in (0, 1]: "
+                             "every pair in a mode has |corr| ≥ 1 − t")
+    decompose.add_argument("--samples", type=_int_at_least(1), default=1000,
+                           help="sampled weights that are clustered (default 1000, at most the weights)")
+    decompose.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    decompose.add_argument("--warmup", type=_int_at_least(2), default=None,
+                           help="cluster on the first F records and fit on [F−1, T), as the online recorder "
+                           "with warmup=F does (default: all records, as the paper)")
+    decompose.set_defaults(run=_decompose)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- commands
+def _demo(args) -> None:
+    from . import demo
+
+    config = demo.DemoConfig(data=args.data, epochs=args.epochs, warmup=args.warmup, modes=args.modes,
+                             samples=args.samples, seed=args.seed, out=args.out, batch_size=args.batch_size,
+                             lr=args.lr, report_every=args.report_every or 0,
+                             save_checkpoints=args.save_checkpoints, progress=not args.no_progress,
+                             threads=args.threads)
+    config.check()
+    result = demo.run(config)
+    print()
+    print(demo.summary_table(result))
+    print()
+    print("files:")
+    for name, path in result.files.items():
+        print(f"  {name:<14}{path}")
+    print(f"next: cmd-online inspect {result.files['trajectory']}")
+    if "tensorboard" in result.files:
+        print(f"      tensorboard --logdir {result.files['tensorboard']}")
+
+
+def _load_trajectory(path: str):
+    from .trajectory import CMDTrajectory
+
+    return CMDTrajectory.load(path)
+
+
+def _inspect(args) -> None:
+    import torch
+
+    from .demo import human_bytes
+
+    traj = _load_trajectory(args.trajectory)
+    layout = traj.layout
+    N, T, M = traj.num_weights, traj.num_records, traj.num_modes
+    file_bytes = Path(args.trajectory).stat().st_size
+    history = N * T * 4
+    print(f"trajectory   {args.trajectory}")
+    print(f"weights      {N:,} in {len(layout.names)} tensors")
+    print(f"records      {T} (a, b fitted over records {traj.window_start}..{T - 1})")
+    print(f"modes        {M}")
+    print(f"file size    {human_bytes(file_bytes)}; the full history N×T×4 bytes would be "
+          f"{human_bytes(history)} ({history / file_bytes:.1f}× larger)")
+    print()
+    sizes = traj.mode_sizes().tolist()
+    r2 = traj.mode_r2.tolist() if traj.mode_r2 is not None else [None] * M
+    tensor, offset = layout.locate(traj.reference_index)
+    print(f"{'mode':>4}  {'weights':>9}  {'share':>6}  {'mean R²':>7}  reference weight")
+    for m in range(M):
+        t, o = int(tensor[m]), int(offset[m])
+        where = ",".join(str(int(i)) for i in torch.unravel_index(torch.tensor(o), layout.shapes[t])) \
+            if layout.shapes[t] else ""
+        fit = "-" if r2[m] is None else f"{r2[m]:.4f}"
+        print(f"{m:>4}  {sizes[m]:>9,}  {100 * sizes[m] / N:>5.1f}%  {fit:>7}  {layout.names[t]}[{where}]")
+    print()
+    shown = min(M, 8)
+    header = "".join(f"{'m' + str(m):>7}" for m in range(shown)) + ("   rest" if M > shown else "")
+    width = max(len("tensor"), *(len(n) for n in layout.names))
+    print("weights of each tensor by mode (% of the tensor):")
+    print(f"{'tensor':<{width}}  {'size':>9}{header}")
+    modes = traj.modes.long()
+    for name, start, size in zip(layout.names, layout.offsets, layout.sizes):
+        counts = torch.bincount(modes[start:start + size], minlength=M).tolist()
+        cells = "".join(f"{100 * c / size:>6.1f}%" if size else f"{'-':>7}" for c in counts[:shown])
+        if M > shown:
+            cells += f"{100 * sum(counts[shown:]) / size:>6.1f}%" if size else f"{'-':>7}"
+        print(f"{name:<{width}}  {size:>9,}{cells}")
+
+
+def _export(args) -> None:
+    from .files import atomic_save
+
+    traj = _load_trajectory(args.trajectory)
+    state = {name: tensor.clone() for name, tensor in traj.state_dict(args.at).items()}
+    atomic_save(state, args.output)
+    record = args.at % traj.num_records
+    print(f"wrote {args.output}: CMD weights at record {record} of {traj.num_records} "
+          f"({len(state)} tensors, {traj.num_weights:,} weights); load with "
+          f"model.load_state_dict(torch.load({str(args.output)!r}))")
+
+
+def _natural_key(path: Path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _checkpoint_paths(items: Sequence[str]) -> list[Path]:
+    if len(items) == 1 and Path(items[0]).is_dir():
+        folder = Path(items[0])
+        paths = sorted((p for p in folder.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()),
+                       key=_natural_key)
+        if len(paths) < 2:
+            raise ValueError(f"folder {str(folder)!r} holds {len(paths)} .pt/.pth file(s); "
+                             f"decompose needs at least 2 checkpoints")
+        return paths
+    paths = [Path(item) for item in items]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder; give either one folder or checkpoint files")
+    if len(paths) < 2:
+        raise ValueError(f"decompose needs at least 2 checkpoints, one per record; got {len(paths)}")
+    return paths
+
+
+def _decompose(args) -> None:
+    from .posthoc import decompose_checkpoints
+
+    paths = _checkpoint_paths(args.checkpoints)
+    traj = decompose_checkpoints(paths, modes=args.modes, threshold=args.threshold, samples=args.samples,
+                                 seed=args.seed, warmup=args.warmup)
+    traj.save(args.output)
+    print(f"wrote {args.output}: {traj.num_modes} modes over {traj.num_weights:,} weights and "
+          f"{traj.num_records} records (from {len(paths)} checkpoints)")
+
+
+# ------------------------------------------------------------------------------------------- entry
+def _fail(message: str, code: int = 2) -> int:
+    first = " ".join(str(message).split())  # exactly one line
+    print(f"{PROG}: error: {first}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        args.run(args)
+    except UsageError as e:
+        return _fail(str(e))
+    except BrokenPipeError:  # output piped into e.g. `head`, which has exited: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except USER_ERRORS as e:
+        return _fail(str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
