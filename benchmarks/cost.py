@@ -1,0 +1,302 @@
+"""Cost of one record: time and peak memory of the recorder against EMA, an optimizer step, the add_ floor
+and a naive full-history approach, for N = 1e5, 1e6, 1e7 weights and M = 2, 10, 32 modes.
+
+Every configuration runs in a fresh subprocess (clean peak RSS). Inside one process the operations are
+timed interleaved, round after round (record, stats update only, EMA ``_foreach_lerp_``, SGD-momentum
+step, Adam step, ``add_`` floor), so the ratios compare operations under the same background load;
+each reported time is the median over rounds and each ratio the median of the per-round ratios, with
+its interquartile range as the noise. The floor is one ``add_`` over a float32 tensor with as many
+elements as the statistics (read + write once: the memory-bound limit of a statistics update).
+
+Peak memory: ``ru_maxrss`` after the records minus the resident size before the recorder was built
+(parameters and gradients exist already; CUDA: ``torch.cuda.max_memory_allocated``), in float32 per weight.
+
+    python benchmarks/cost.py              # full grid, 1 thread
+    python benchmarks/cost.py --quick      # smoke run (N = 1e4)
+    python benchmarks/cost.py --headline   # N = 1e6, M = 10 only, 3 fresh processes each form
+    python benchmarks/cost.py --profile    # torch.profiler table of one record at N = 1e6, M = 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+FRACTIONS = (0.45, 0.001, 0.35, 0.001, 0.197, 0.001)  # four "layers" with weights and biases
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def make_params(N: int, device: str) -> list[torch.nn.Parameter]:
+    sizes = [max(1, int(f * N)) for f in FRACTIONS]
+    sizes[0] += N - sum(sizes)
+    g = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for n in sizes:  # filled in place: no temporaries that would raise the peak before the recorder
+        p = torch.nn.Parameter(torch.empty(n, device=device).normal_(generator=g))
+        p.grad = torch.empty_like(p).normal_(generator=g)
+        params.append(p)
+    return params
+
+
+def perturb(params, t: int, chunks: int = 64):
+    """In place, no temporaries: chunk j of every tensor moves by its own random step, so the
+    warm-up history has many independent motions and the clustering finds the M modes asked for."""
+    g = torch.Generator().manual_seed(1000 + t)
+    with torch.no_grad():
+        for p in params:
+            for j, part in enumerate(p.chunk(chunks)):
+                part.add_(float(torch.randn(1, generator=g)))
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def quartiles(xs):
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
+
+
+def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: bool) -> dict:
+    from cmd_online import CMDRecorder
+
+    params = make_params(N, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_rss, base_alloc = rss_bytes(), (torch.cuda.memory_allocated() if device == "cuda" else 0)
+    out = {"N": N, "M": M, "form": form, "device": device, "rounds": rounds}
+    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the timed steps leave the weights unchanged
+
+    if form == "naive":  # every record kept; post-hoc CMD at the end
+        T = 20
+        history = []
+        times = [timed(lambda: history.append(torch.cat([p.detach().reshape(-1) for p in params])), device)
+                 for _ in range(T)]
+        out["record_s"] = quartiles(times[1:])
+        out["records_kept"] = T
+        out["peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
+        W = torch.stack(history, 1)
+        del history
+        from cmd_online import decompose
+
+        out["posthoc_fit_s"] = timed(lambda: decompose(W, modes=M, samples=min(1000, N)), device)
+        out["peak_with_fit_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
+        return out
+
+    warmup = 8
+    kwargs = dict(modes=M, samples=min(1000, N), warmup=warmup)
+    if form == "compact":
+        kwargs["freeze_modes_after"] = 1
+    if compile_update:
+        kwargs["compile"] = True
+    rec = CMDRecorder(opt, **kwargs)
+    for t in range(warmup):
+        perturb(params, t)
+        rec.record()
+    out["modes_found"] = rec.num_modes
+    warm = [timed(rec.record, device) for _ in range(3)]  # first tracking records (compile, freeze)
+    out["first_records_s"] = warm
+    rec_times = [timed(rec.record, device) for _ in range(max(3, rounds // 2))]
+    out["peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
+    if device == "cuda":
+        out["cuda_peak_f32_per_weight"] = (torch.cuda.max_memory_allocated() - base_alloc) / (4 * N)
+    nb = rec.nbytes()
+    out["stats_f32_per_weight"] = nb["statistics"] / (4 * N)
+    out["recorder_f32_per_weight"] = nb["total"] / (4 * N)
+
+    # the comparison operations, allocated only now so they do not count in the peak above
+    stats_numel = nb["statistics"] // 4
+    floor_buf = torch.zeros(stats_numel, device=device)
+    ema = [p.detach().clone() for p in params]
+    sgd = torch.optim.SGD(params, lr=0.0, momentum=0.9, foreach=True)
+    adam = torch.optim.Adam(params, lr=0.0, foreach=True)
+    sgd.step()
+    adam.step()  # state allocated outside the timing
+    weights = rec._local_weights()
+    refs = torch.zeros(rec.num_modes, device=device)
+    ops = {
+        "record": rec.record,
+        "update": lambda: rec._stats.update(weights, refs),
+        "ema_lerp": lambda: torch._foreach_lerp_(ema, [p.detach() for p in params], 0.001),
+        "sgd_momentum_step": sgd.step,
+        "adam_step": adam.step,
+        "add_floor": lambda: floor_buf.add_(1.0),
+    }
+    times = {k: [] for k in ops}
+    for _ in range(rounds):
+        for k, fn in ops.items():
+            times[k].append(timed(fn, device))
+    times["record"] = rec_times + times["record"]
+    out["times_s"] = {k: quartiles(v) for k, v in times.items()}
+    ratios = {}
+    for num, den in [("record", "add_floor"), ("update", "add_floor"), ("record", "ema_lerp"),
+                     ("update", "ema_lerp"), ("record", "sgd_momentum_step"), ("record", "adam_step")]:
+        ratios[f"{num}/{den}"] = quartiles([a / b for a, b in zip(times[num][-rounds:], times[den])])
+    out["ratios"] = ratios
+    return out
+
+
+def spawn(args: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def rounds_for(N: int, quick: bool) -> int:
+    if quick:
+        return 3
+    return 40 if N <= 1e5 else 15 if N <= 1e6 else 5
+
+
+def markdown(rows) -> str:
+    lines = ["| N | M | form | record ms | update ms | add_ floor ms | EMA lerp ms | SGD-m step ms | Adam step ms | "
+             "record/floor | record/EMA | peak f32/weight | stats f32/weight |",
+             "|" + "---|" * 13]
+    for r in rows:
+        if r["form"] == "naive":
+            continue
+        t, q = r["times_s"], r["ratios"]
+        ms = lambda k: f"{1e3 * t[k]['median']:.3g}"  # noqa: E731
+        rq = lambda k: f"{q[k]['median']:.2f} [{q[k]['q1']:.2f}, {q[k]['q3']:.2f}]"  # noqa: E731
+        lines.append(f"| {r['N']:.0e} | {r['M']} | {r['form']} | {ms('record')} | {ms('update')} | {ms('add_floor')} | "
+                     f"{ms('ema_lerp')} | {ms('sgd_momentum_step')} | {ms('adam_step')} | {rq('record/add_floor')} | "
+                     f"{rq('record/ema_lerp')} | {r['peak_f32_per_weight']:.2f} | {r['stats_f32_per_weight']:.2f} |")
+    naive = [r for r in rows if r["form"] == "naive"]
+    if naive:
+        lines += ["", "| N | naive: record ms (copy) | peak f32/weight after 20 records | post-hoc fit s (M) |",
+                  "|---|---|---|---|"]
+        for r in naive:
+            lines.append(f"| {r['N']:.0e} | {1e3 * r['record_s']['median']:.3g} | {r['peak_f32_per_weight']:.1f} | "
+                         f"{r['posthoc_fit_s']:.2f} ({r['M']}) |")
+    return "\n".join(lines)
+
+
+def linearity(rows) -> dict:
+    """Median update time per (N · (M + 3)) full / (N · 4) compact element: flat when cost is linear."""
+    out = {}
+    for r in rows:
+        if r["form"] in ("full", "compact"):
+            elems = r["N"] * ((r["M"] + 3) if r["form"] == "full" else 4)
+            out[f"{r['form']} N={r['N']:.0e} M={r['M']}"] = 1e9 * r["times_s"]["update"]["median"] / elems
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: N = 1e4, M = 2, few rounds")
+    p.add_argument("--headline", action="store_true", help="N = 1e6, M = 10, full and compact, 3 processes each")
+    p.add_argument("--profile", action="store_true", help="profile one record at N = 1e6, M = 10 (full, compact)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="also measure CMDRecorder(compile=True) if it exists")
+    p.add_argument("--worker", nargs=4, metavar=("N", "M", "FORM", "ROUNDS"), help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.worker:
+        N, M, form, rounds = int(float(a.worker[0])), int(a.worker[1]), a.worker[2], int(a.worker[3])
+        compile_update = form.endswith("+compile")
+        print(json.dumps(worker(N, M, form.replace("+compile", ""), rounds, a.device, compile_update)))
+        return None
+    if a.profile:
+        return profile(a)
+    from cmd_online import CMDRecorder
+
+    forms = ["full", "compact"]
+    if a.compile:
+        if "compile" in inspect.signature(CMDRecorder.__init__).parameters:
+            forms.append("compact+compile")
+        else:
+            print("CMDRecorder has no compile option in this version: not measured", file=sys.stderr)
+    if a.quick:
+        grid, naive = [(10_000, 2)], [(10_000, 2)]
+    elif a.headline:
+        grid, naive = [(1_000_000, 10)] * 3, []
+    else:
+        grid = [(N, M) for N in (100_000, 1_000_000, 10_000_000) for M in (2, 10, 32)]
+        naive = [(N, 10) for N in (100_000, 1_000_000, 10_000_000)]
+    rows = []
+    for N, M in grid:
+        for form in forms:
+            if a.quick:  # in-process: a smoke run checks the code path, not a clean peak RSS
+                rows.append(worker(N, M, form.replace("+compile", ""), 3, a.device, form.endswith("+compile")))
+            else:
+                rows.append(spawn([str(N), str(M), form, str(rounds_for(N, a.quick)), "--device", a.device,
+                                   "--threads", str(a.threads)]))
+            r = rows[-1]
+            print(f"N={N:.0e} M={M} {form}: record {1e3 * r['times_s']['record']['median']:.3g} ms, "
+                  f"record/floor {r['ratios']['record/add_floor']['median']:.2f}, "
+                  f"record/EMA {r['ratios']['record/ema_lerp']['median']:.2f}, "
+                  f"peak {r['peak_f32_per_weight']:.2f} f32/weight", flush=True)
+    for N, M in naive:
+        rows.append(worker(N, M, "naive", 0, a.device, False) if a.quick else
+                    spawn([str(N), str(M), "naive", "0", "--device", a.device, "--threads", str(a.threads)]))
+    md = markdown(rows)
+    print(md)
+    name = "cost_quick" if a.quick else "cost_headline" if a.headline else "cost"
+    common.write_json(name + ".json", dict(settings=dict(threads=a.threads, device=a.device, fractions=FRACTIONS),
+                                           env=common.environment(), runs=rows, ns_per_element=linearity(rows)),
+                      a.out)
+    return rows
+
+
+def profile(a):
+    """Where the time of one record goes (torch.profiler, CPU), full and compact, N = 1e6, M = 10."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from cmd_online import CMDRecorder
+
+    text = []
+    for form in ("full", "compact"):
+        params = make_params(1_000_000, a.device)
+        kw = dict(modes=10, samples=1000, warmup=8, **({"freeze_modes_after": 1} if form == "compact" else {}))
+        rec = CMDRecorder(torch.optim.SGD(params, lr=0.0), **kw)
+        for t in range(12):
+            perturb(params, t)
+            rec.record()
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                rec.record()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        text.append(f"## {form} form, N = 1e6, M = 10, 10 records, threads = {a.threads}\n{table}")
+        print(text[-1])
+    path = os.path.join(a.out or common.RESULTS, "cost_profile.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n\n".join(text))
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Smoke runs of every benchmark script (--quick): they run, write their results and report sane values.
+
+No timing is asserted; the numbers in docs/benchmarks.md come from the full runs of the same scripts.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # the scripts set one thread; give the rest of the suite its setting back
+
+
+def test_accuracy_quick_fills_every_column(tmp_path):
+    lines = load("accuracy").main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
+    assert {ln["task"] for ln in lines} == {"digits", "mnist1d"}
+    for run in saved["runs"]:
+        for column in ("trained", "EMA", "SWA", "online CMD", "post-hoc CMD"):
+            assert 0.0 <= run[column] <= 100.0
+        assert run["ema_decay"] in (0.9, 0.99, 0.999) and run["swa_start"] in (0.5, 0.75)
+    assert (tmp_path / "accuracy_quick.csv").read_text().startswith("task,optimizer,seeds")
+
+
+def test_modes_sweep_quick_reports_online_and_posthoc(tmp_path):
+    lines = load("modes_sweep").main(["--quick", "--out", str(tmp_path)])
+    methods = {(ln["method"], ln.get("M"), ln.get("K")) for ln in lines}
+    assert ("online", 1, 200) in methods and ("post-hoc", 3, 50) in methods
+    for ln in lines:
+        if ln["method"] != "trained":
+            assert 0.0 <= ln["err_window"][0] < 1.0  # CMD is closer to W than the initial weights are
+
+
+def test_dmd_compare_quick_reconstructs(tmp_path):
+    lines = load("dmd_compare").main(["--quick", "--out", str(tmp_path)])
+    by = {ln["method"]: ln for ln in lines}
+    assert by["trained"]["err_all"][0] == 0.0
+    assert set(by) >= {"DMD r=2", "node DMD r=5", "post-hoc CMD M=3", "online CMD M=3"}
+    assert by["online CMD M=3"]["err_all"] is None and by["online CMD M=3"]["err_window"] is not None
+
+
+def test_cost_quick_measures_every_operation(tmp_path):
+    rows = load("cost").main(["--quick", "--out", str(tmp_path)])
+    full, compact, naive = rows
+    assert full["modes_found"] == 2 and compact["modes_found"] == 2
+    assert full["stats_f32_per_weight"] == pytest.approx(2 + 3, abs=0.01)  # shift, mean, S and M co-moments
+    assert compact["stats_f32_per_weight"] == pytest.approx(5, abs=0.01)  # shift, mean, S, p and the mode
+    for r in (full, compact):
+        assert set(r["times_s"]) == {"record", "update", "ema_lerp", "sgd_momentum_step", "adam_step", "add_floor"}
+        assert all(math.isfinite(q["median"]) and q["median"] > 0 for q in r["ratios"].values())
+    assert naive["records_kept"] == 20 and naive["posthoc_fit_s"] > 0
+    assert json.loads((tmp_path / "cost_quick.json").read_text())["runs"][0]["N"] == 10_000
