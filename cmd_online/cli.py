@@ -12,12 +12,15 @@ A user mistake (missing file, wrong kind of file, out-of-range option) prints on
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import math
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 PROG = "cmd-online"
 USER_ERRORS = (ValueError, TypeError, OSError)  # FileNotFoundError is an OSError
@@ -245,12 +248,35 @@ def _checkpoint_paths(items: Sequence[str]) -> list[Path]:
     return paths
 
 
+class _Checkpoints(collections.abc.Sequence):
+    """Checkpoint files read one at a time when the decomposition asks, refusing this library's own files."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from .files import safe_load
+
+        path = self.paths[i]
+        obj = safe_load(path, "checkpoint")
+        if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith("cmd_online."):
+            raise ValueError(f"{str(path)!r} is a {obj['format']} file, not a checkpoint (a model's state_dict)")
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{str(path)!r} is not a checkpoint: expected a state_dict (names → tensors)")
+        return obj
+
+
 def _decompose(args) -> None:
     from .posthoc import decompose_checkpoints
 
     paths = _checkpoint_paths(args.checkpoints)
-    traj = decompose_checkpoints(paths, modes=args.modes, threshold=args.threshold, samples=args.samples,
-                                 seed=args.seed, warmup=args.warmup)
+    traj = decompose_checkpoints(_Checkpoints(paths), modes=args.modes, threshold=args.threshold,
+                                 samples=args.samples, seed=args.seed, warmup=args.warmup)
     traj.save(args.output)
     print(f"wrote {args.output}: {traj.num_modes} modes over {traj.num_weights:,} weights and "
           f"{traj.num_records} records (from {len(paths)} checkpoints)")

@@ -259,12 +259,12 @@ def run(config: DemoConfig, write: Callable[[str], None] = print) -> DemoResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    x_train, y_train, x_test, y_test = load_data(config.data, config.seed)
     model = build_model(config.data)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
     num_weights = sum(p.numel() for p in model.parameters())
     if config.samples > num_weights:
         raise ValueError(f"samples ({config.samples}) must be ≤ the number of weights ({num_weights})")
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
+    x_train, y_train, x_test, y_test = load_data(config.data, config.seed)
 
     writer = _open_writer(out, write)
     recorder_writer = writer
