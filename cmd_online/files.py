@@ -56,6 +56,7 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> 
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory, not a {what} file")
     try:
+        _verify_checksums(path)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -65,6 +66,19 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> 
             IndexError, TypeError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): {first}") from None
+
+
+def _verify_checksums(path: Path) -> None:
+    """Read every member of a zip file through its CRC-32: torch.load does not, so a flipped byte loads silently."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0:  # written with torch.serialization.set_crc32_options(False): nothing to check
+                continue
+            with archive.open(info) as member:  # raises BadZipFile at the end on a CRC mismatch
+                while member.read(1 << 24):
+                    pass
 
 
 def check_format(obj: Any, path: str | os.PathLike, kind: str, versions: tuple[int, ...]) -> dict:
