@@ -1,11 +1,20 @@
 """How the recorder sees parameters that torch.distributed may have sharded.
 
 Plain tensors (single process, or DDP where every rank holds identical copies) need nothing: each
-rank records the same values and reaches the same state without communication.
+rank records the same values and reaches the same state without communication (:class:`ShardInfo`).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) turns parameters into DTensors sharded by rows,
+``Shard(0)`` on a 1-D device mesh with ``torch.chunk`` semantics: rank r holds rows
+[r·c, min((r+1)·c, d0)) with c = ⌈d0 / world_size⌉, so the last ranks may hold fewer rows or none.
+:class:`RowShards` keeps statistics for those rows only. Sampled and reference weights are chosen on
+the global flat index space (the same on every rank); each rank reads the ones it holds, writes
+zeros elsewhere, and one small ``all_reduce(SUM)`` completes the vector (adding zeros is exact).
+Full tensors are gathered only when asked (CMD state dicts, exports, trajectories).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -13,18 +22,38 @@ import torch.distributed as dist
 
 from .layout import GatherPlan, Layout
 
+try:  # DTensor exists wherever torch.distributed does (torch ≥ 2.4 public path)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Replicate = Shard = None
+
 
 def is_writer() -> bool:
     """True on the process that writes files and logs: rank 0, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(p, DTensor)
+
+
 class ShardInfo:
     """Parameters held whole by this process (single process or DDP)."""
 
     @staticmethod
-    def of(params: Sequence[torch.Tensor]) -> "ShardInfo":
-        return ShardInfo()
+    def of(params: Sequence[torch.Tensor], model: torch.nn.Module | None = None) -> "ShardInfo":
+        """The sharding of ``params``: whole tensors, or row shards for FSDP2 DTensors.
+
+        Args:
+            params (list of tensors): the optimizer's parameters, in order.
+            model (torch.nn.Module): only to name a parameter in an error (default None).
+
+        Raises ValueError for DTensor placements the recorder cannot follow (anything but ``Shard(0)``
+        or ``Replicate()`` on one 1-D mesh), naming the parameter and its placements.
+        """
+        if not any(_is_dtensor(p) for p in params):
+            return ShardInfo()
+        return RowShards(params, model)
 
     def local(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The part of each parameter this process holds."""
@@ -55,3 +84,150 @@ class ShardInfo:
 
     def describe(self) -> dict:
         return {"kind": "whole"}
+
+
+class _ShardPlan:
+    """Reads fixed global flat indices from this rank's row shards: zeros where another rank owns them."""
+
+    def __init__(self, size: int, parts: list[tuple[int, torch.Tensor, torch.Tensor]], device):
+        self.size = size
+        self.parts = parts  # (tensor number, local offsets, positions in the output)
+        self.positions = torch.cat([pos for _, _, pos in parts]) if parts else None
+        self.device = device
+
+    def __call__(self, flat_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+        if self.positions is not None:
+            values = torch.cat([flat_tensors[t].index_select(0, idx) for t, idx, _ in self.parts])
+            out.index_copy_(0, self.positions, values.to(torch.float32))
+        return out
+
+
+class RowShards(ShardInfo):
+    """Parameters split by rows over one 1-D device mesh (FSDP2), possibly mixed with replicated ones.
+
+    Each parameter has the rows this rank *holds* (its local tensor) and the rows it *owns* (the
+    ones it contributes to collectives): the same for ``Shard(0)``; for a replicated parameter
+    (``Replicate()`` or a plain tensor, identical on every rank) every rank holds all rows and
+    rank 0 owns them, so no value is counted twice.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], model: torch.nn.Module | None = None):
+        names = {}
+        if model is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+        mesh = None
+        sharded = []
+        for i, p in enumerate(params):
+            what = f"parameter {names[id(p)]!r} (optimizer parameter {i})" if id(p) in names \
+                else f"optimizer parameter {i}"
+            if not _is_dtensor(p):
+                sharded.append(False)
+                continue
+            placements = tuple(p.placements)
+            if p.device_mesh.ndim != 1 or len(placements) != 1:
+                raise ValueError(f"{what} is a DTensor on a {p.device_mesh.ndim}-D device mesh with placements "
+                                 f"{placements}; CMDRecorder supports a 1-D mesh with Shard(0) or Replicate() "
+                                 f"(FSDP2 fully_shard); gather it or record a 1-D sharded model")
+            placement = placements[0]
+            row_shard = type(placement) is Shard and placement.dim == 0 and p.dim() >= 1
+            if not (row_shard or type(placement) is Replicate):
+                raise ValueError(f"{what} is a DTensor with placements {placements}; CMDRecorder supports "
+                                 f"only Shard(0) (FSDP2 fully_shard's default) and Replicate(); tensor-parallel "
+                                 f"or partial placements are not supported")
+            if mesh is None:
+                mesh = p.device_mesh
+            elif p.device_mesh != mesh:
+                raise ValueError(f"{what} lives on device mesh {p.device_mesh}, other parameters on {mesh}; "
+                                 f"CMDRecorder needs all sharded parameters on one mesh")
+            sharded.append(row_shard)
+        self.group = mesh.get_group()
+        self.world_size = mesh.size()
+        self.rank = mesh.get_local_rank()
+        self.row_sizes = [math.prod(p.shape[1:]) if p.dim() else 1 for p in params]
+        # owned[r][t] = (first row, end row) of parameter t owned by rank r; held = this rank's local rows
+        self.owned, self.held = [[] for _ in range(self.world_size)], []
+        for p, is_sharded in zip(params, sharded):
+            rows = p.shape[0] if p.dim() else 1
+            chunk = -(-rows // self.world_size)
+            for r in range(self.world_size):
+                start = min(r * chunk, rows) if is_sharded else 0
+                stop = min(start + chunk, rows) if is_sharded else (rows if r == 0 else 0)
+                self.owned[r].append((start, stop))
+            self.held.append(self.owned[self.rank][-1] if is_sharded else (0, rows))
+        for i, (p, local) in enumerate(zip(params, self.local(params))):
+            start, stop = self.held[i]
+            if local.numel() != (stop - start) * self.row_sizes[i]:
+                raise ValueError(f"optimizer parameter {i}: local shard of shape {tuple(local.shape)} is not rows "
+                                 f"[{start}, {stop}) of {tuple(p.shape)} as torch.chunk splits them; "
+                                 f"CMDRecorder supports the even-chunk Shard(0) layout of fully_shard")
+
+    def local(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.no_grad():  # the local tensor itself, not an autograd view of it
+            return [p.to_local() if _is_dtensor(p) else p for p in params]
+
+    def _owned_mask(self, tensor: torch.Tensor, row: torch.Tensor, rank: int) -> torch.Tensor:
+        bounds = torch.tensor(self.owned[rank], dtype=torch.int64).reshape(-1, 2)
+        return (row >= bounds[tensor, 0]) & (row < bounds[tensor, 1])
+
+    def gather_plan(self, layout: Layout, flat_index: torch.Tensor, device) -> _ShardPlan:
+        flat_index = torch.as_tensor(flat_index, dtype=torch.int64).cpu()
+        tensor, offset = layout.locate(flat_index)
+        row_size = torch.tensor(self.row_sizes, dtype=torch.int64).clamp_min(1)[tensor]
+        row = offset // row_size
+        mine = self._owned_mask(tensor, row, self.rank)
+        held_start = torch.tensor([s for s, _ in self.held], dtype=torch.int64)[tensor]
+        local_offset = offset - held_start * row_size
+        positions = torch.arange(len(flat_index))
+        parts = [(t, local_offset[mine & (tensor == t)].to(device), positions[mine & (tensor == t)].to(device))
+                 for t in torch.unique(tensor[mine]).tolist()]
+        return _ShardPlan(len(flat_index), parts, device)
+
+    def assemble(self, values: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
+        return values
+
+    def all_ranks(self, flags: torch.Tensor) -> torch.Tensor:
+        as_int = flags.to(torch.int32)  # gloo and NCCL reduce int32, not bool
+        dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.group)
+        return as_int.bool()
+
+    def local_offset(self, tensor: int, offset: int) -> int | None:
+        start, stop = self.held[tensor]
+        row = offset // max(self.row_sizes[tensor], 1)
+        return offset - start * self.row_sizes[tensor] if start <= row < stop else None
+
+    def _gather_flat(self, pieces: Sequence[torch.Tensor], which: Sequence[int]) -> list[torch.Tensor]:
+        """Full flat tensors of parameters ``which`` from their local parts (one dtype): one all_gather."""
+        sizes = [[(self.owned[r][t][1] - self.owned[r][t][0]) * self.row_sizes[t] for t in which]
+                 for r in range(self.world_size)]
+        mine = []
+        for piece, t, size in zip(pieces, which, sizes[self.rank]):
+            first = (self.owned[self.rank][t][0] - self.held[t][0]) * self.row_sizes[t]
+            mine.append(piece.reshape(-1)[first:first + size])
+        width = max(sum(s) for s in sizes)
+        send = torch.cat(mine) if mine else pieces[0].new_zeros(0)
+        send = torch.cat([send, send.new_zeros(width - send.numel())])
+        received = [torch.empty_like(send) for _ in range(self.world_size)]
+        dist.all_gather(received, send, group=self.group)
+        parts = [torch.split(buf[:sum(s)], s) for buf, s in zip(received, sizes)]
+        # Shard(0) row blocks in rank order are the row-major flat tensor
+        return [torch.cat([parts[r][j] for r in range(self.world_size)]) for j in range(len(which))]
+
+    def full_tensors(self, local: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(params)
+        for dtype in sorted({t.dtype for t in local}, key=str):  # same order on every rank
+            which = [i for i, t in enumerate(local) if t.dtype == dtype]
+            for i, flat in zip(which, self._gather_flat([local[i] for i in which], which)):
+                out[i] = flat.view(params[i].shape)
+        return out
+
+    def full_flat(self, local: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+        dtypes = {t.dtype for t in local}
+        if len(dtypes) != 1:
+            raise TypeError(f"local parts must share one dtype; got {sorted(map(str, dtypes))}")
+        return torch.cat(self._gather_flat(local, range(len(local))))
+
+    def describe(self) -> dict:
+        return {"kind": "row_shards", "world_size": self.world_size, "rank": self.rank,
+                "rows": [list(h) for h in self.held]}

@@ -89,7 +89,7 @@ class CMDRecorder:
         for i, p in enumerate(params):
             if not p.is_floating_point():
                 raise TypeError(f"optimizer parameter {i} has dtype {p.dtype}; CMD records floating-point parameters")
-        self._shards = dist_utils.ShardInfo.of(params)
+        self._shards = dist_utils.ShardInfo.of(params, model)
         devices = {p.device for p in self._shards.local(params)}
         if len(devices) != 1:
             raise ValueError(f"all parameters must be on one device; got {sorted(map(str, devices))}")
