@@ -1,0 +1,410 @@
+"""TensorBoard logging of a CMDRecorder: mode statistics, histograms and figures.
+
+The recorder calls :func:`log_record` after every record from the end of the warm-up on (when it
+was given ``writer=``, or through ``rec.log(writer, step)``) and :func:`log_close` from ``close()``.
+Everything goes under one tag tree, ``cmd/``, in the writer's own run directory:
+
+    cmd/reference/mode_XX      value of mode XX's reference weight, every record
+    cmd/memory/bytes           bytes held by the recorder, every record
+    cmd/mode_size/mode_XX      number of weights in mode XX           } every ``log_every`` records
+    cmd/mode_share/mode_XX     their share of all weights             } and at ``close()`` (every
+    cmd/mode_r2/mode_XX        mean R² (ρ²) of its members            } record in the compact form
+    cmd/fit/mean_r2            mean R² over all weights               } for size and share)
+    cmd/fit/relative_residual  sqrt(Σ S_i(1 − ρ_i²) / Σ S_i): the CMD fit's residual norm over the
+                               centred trajectory's norm in the window, from the statistics alone
+    cmd/hist/a, cmd/hist/r2    histograms of the slopes a and of R²   (same interval)
+    cmd/figures/correlation    clustered |corr| of the K samples with mode boundaries (warm-up end)
+    cmd/figures/references     the reference weights over the warm-up (warm-up end)
+    cmd/figures/mode_by_layer  fraction of each mode in each layer (warm-up end, interval, close)
+    cmd/config                 text: the recorder's configuration (warm-up end)
+
+Cost: the mode statistics need every weight's mode, an O(M·N) pass over the co-moments (a few
+float32 record-equivalents on a CPU; see benchmarks/bench_logging.py), so they are taken every
+``log_every`` records, not every record. Per record only O(M) values reach the host; at the interval
+O(M·layers + bins). Figures use matplotlib when it is installed (the ``plots`` extra) and
+``FIGURES == "auto"``; otherwise, and always for the interval mode-by-layer map (a matplotlib figure
+costs 0.1–0.4 s), they are drawn directly as uint8 images from the recorder's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .stats import quick_fit
+
+TAG = "cmd"
+HIST_BINS = 64
+FIGURES = "auto"  # "auto": matplotlib if importable, else native images; "native": never matplotlib
+DPI = 100
+
+# tab10, so native images and matplotlib figures colour modes alike
+_PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                     [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]],
+                    dtype=np.uint8)
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+@dataclass
+class _WriterState:
+    started: bool = False
+    last_full: int | None = None  # record of the last full (mode statistics) log
+    last_sizes: int | None = None  # record whose mode sizes were last written
+    reference_slots: list = field(default_factory=list)  # (tensor, offsets, modes) of the references
+
+
+_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _state(rec, writer) -> _WriterState:
+    per_writer = _STATE.setdefault(rec, {})
+    return per_writer.setdefault(id(writer), _WriterState())
+
+
+def _mode_tag(kind: str, m: int, num_modes: int) -> str:
+    return f"{TAG}/{kind}/mode_{m:0{max(2, len(str(num_modes - 1)))}d}"
+
+
+# --------------------------------------------------------------------------------- entry points
+def log_record(rec, writer, step: int) -> None:
+    """Log the per-record scalars and, on the interval, mode statistics, histograms and figures.
+
+    Args:
+        rec (CMDRecorder): the recorder.
+        writer (SummaryWriter): a ``torch.utils.tensorboard.SummaryWriter`` (or one with its methods).
+        step (int): the TensorBoard step (the recorder passes the record index).
+    """
+    if rec.phase == "warmup":
+        _write_scalars(writer, [(f"{TAG}/memory/bytes", float(rec.nbytes()["total"]))], step)
+        return
+    state = _state(rec, writer)
+    if not state.started:
+        log_warmup_end(rec, writer, step)
+        state.started = True
+    record = rec.num_records - 1
+    # with two records in the window every affine fit is exact (R² = 1): nothing to show yet
+    full = rec._stats.count >= 3 and (state.last_full is None or record - state.last_full >= rec.log_every)
+    _log(rec, writer, step, state, full=full, exact=False)
+
+
+def log_close(rec, writer) -> None:
+    """At ``close()``: the mode statistics at the last record from the exact (float64) fit, then flush."""
+    if rec.phase == "tracking" and rec._stats.count >= 2:
+        state = _state(rec, writer)
+        record = rec.num_records - 1
+        if state.last_full != record:
+            _log(rec, writer, record, state, full=True, exact=True, per_record=False)
+    writer.flush()
+
+
+def _log(rec, writer, step: int, state: _WriterState, full: bool, exact: bool, per_record: bool = True) -> None:
+    M = rec.num_modes
+    record = rec.num_records - 1
+    device_values = [rec._references[:, record]]
+    summary = None
+    if full:
+        summary = mode_summary(rec, state, exact=exact)
+        device_values += [summary["sizes"].float(), summary["r2_sum"], summary["totals"]]
+    elif rec._stats.compact:  # frozen modes: sizes are known without a pass over the weights
+        device_values.append(_frozen_sizes(rec).float())
+    host = torch.cat(device_values).cpu().double().numpy()  # the one transfer of this record: O(M)
+    refs, rest = host[:M], host[M:]
+    items = []
+    if per_record:  # log_close comes after the last record's own log: don't write these twice
+        items += [(_mode_tag("reference", m, M), refs[m]) for m in range(M)]
+        items.append((f"{TAG}/memory/bytes", float(rec.nbytes()["total"])))
+    if len(rest):
+        sizes = rest[:M]
+        n = max(sizes.sum(), 1.0)
+        if state.last_sizes != record:  # the compact form wrote them already at this record
+            items += [(_mode_tag("mode_size", m, M), sizes[m]) for m in range(M)]
+            items += [(_mode_tag("mode_share", m, M), sizes[m] / n) for m in range(M)]
+            state.last_sizes = record
+    if summary is not None:
+        r2_sum, (total_r2, total_s, total_explained) = rest[M:2 * M], rest[2 * M:]
+        items += [(_mode_tag("mode_r2", m, M), r2_sum[m] / max(sizes[m], 1.0)) for m in range(M)]
+        items.append((f"{TAG}/fit/mean_r2", total_r2 / n))
+        residual = math.sqrt(max(total_s - total_explained, 0.0) / total_s) if total_s > 0 else 0.0
+        items.append((f"{TAG}/fit/relative_residual", residual))
+    _write_scalars(writer, items, step)
+    if summary is not None:
+        _write_histograms(writer, summary, step)
+        # matplotlib takes ~0.1–0.4 s a figure: only the one-off figures at close use it
+        _add_figure(writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
+                    summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
+        state.last_full = record
+
+
+# --------------------------------------------------------------------------------- statistics
+def mode_summary(rec, state: _WriterState | None = None, exact: bool = False) -> dict[str, torch.Tensor]:
+    """Per-mode sizes, R² sums, layer counts and histogram inputs, on the recorder's device.
+
+    Args:
+        rec (CMDRecorder): a recorder in the tracking phase.
+        state: the writer's state (caches where the references sit) (default None).
+        exact (bool): use the recorder's float64 fit (cached until the next record) instead of
+            :func:`cmd_online.stats.quick_fit` (default False).
+
+    Returns:
+        dict with ``sizes`` (M,), ``r2_sum`` (M,), ``totals`` (Σ R², Σ S, Σ S·R²), ``layer_counts``
+        (layers × M), and per-tensor lists ``a`` and ``r2``.
+    """
+    stats, M = rec._stats, rec.num_modes
+    fresh = rec._fit_cache is not None and rec._fit_cache[0] == rec.num_records
+    if exact or fresh:
+        fits = [(f.modes.long(), f.r2, f.a) for f in rec._fit()]
+    else:
+        frozen = stats.modes if stats.compact else [None] * len(stats.sumsq)
+        fits = [quick_fit(P, S, stats.ref_sumsq, m) for P, S, m in zip(stats.comoment, stats.sumsq, frozen)]
+        slots = _reference_slots(rec, state)
+        for t, offsets, modes in slots:  # a reference reproduces itself exactly, as in the fit
+            mode, r2, a = fits[t]
+            mode[offsets], r2[offsets], a[offsets] = modes, 1.0, 1.0
+    layer_counts = torch.stack([torch.bincount(mode, minlength=M) for mode, _, _ in fits])
+    r2_sum = torch.zeros(M, dtype=torch.float32, device=rec.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=rec.device)
+    for (mode, r2, _), S in zip(fits, stats.sumsq):
+        r2_sum.index_add_(0, mode, r2.float())
+        totals += torch.stack([r2.sum(), S.sum(), torch.dot(S, r2.float())]).double()
+    return {"sizes": layer_counts.sum(0), "r2_sum": r2_sum, "totals": totals.float(),
+            "layer_counts": layer_counts, "a": [f[2] for f in fits], "r2": [f[1] for f in fits]}
+
+
+def _reference_slots(rec, state: _WriterState | None) -> list:
+    if state is not None and state.reference_slots:
+        return state.reference_slots
+    tensor, offset = rec.layout.locate(rec.reference_index)
+    by_tensor: dict[int, tuple[list, list]] = {}
+    for m, (t, o) in enumerate(zip(tensor.tolist(), offset.tolist())):
+        o = rec._shards.local_offset(t, o)
+        if o is not None:
+            by_tensor.setdefault(t, ([], []))[0].append(o)
+            by_tensor[t][1].append(m)
+    slots = [(t, torch.tensor(o, device=rec.device), torch.tensor(m, device=rec.device))
+             for t, (o, m) in by_tensor.items()]
+    if state is not None:
+        state.reference_slots = slots
+    return slots
+
+
+def _frozen_sizes(rec) -> torch.Tensor:
+    cache = _STATE.setdefault(rec, {})
+    key = ("frozen_sizes", id(rec._stats.modes[0]))
+    if key not in cache:
+        cache.pop(next((k for k in cache if isinstance(k, tuple)), None), None)
+        cache[key] = sum(torch.bincount(m.long(), minlength=rec.num_modes) for m in rec._stats.modes)
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------- writing
+def _write_scalars(writer, items: list[tuple[str, float]], step: int) -> None:
+    """All scalars of one record as one event (one add_scalar per tag costs ~10× more)."""
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if file_writer is None:  # a writer without torch's internals: the public, slower path
+        for tag, value in items:
+            writer.add_scalar(tag, float(value), step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in items])
+    file_writer().add_summary(summary, step)
+
+
+def _write_histograms(writer, summary: dict, step: int) -> None:
+    """Histograms of a and R², binned on the device: only moments and bin counts reach the host."""
+    a, r2 = (torch.cat([x.float().reshape(-1) for x in summary[k]]) for k in ("a", "r2"))
+    moments = torch.stack([torch.stack([x.min(), x.max(), x.sum(), torch.dot(x, x)]) for x in (a, r2)])
+    (lo, hi, s, ss), raw_r2 = moments.double().cpu().tolist()
+    n = a.numel()
+    mean, std = s / n, math.sqrt(max(ss / n - (s / n) ** 2, 0.0))
+    # a few weights whose reference barely moves get huge slopes: bin a over mean ± 4σ (clamped)
+    low, high = max(lo, mean - 4 * std), min(hi, mean + 4 * std)
+    if not high > low:
+        low, high = low - 0.5, high + 0.5
+    ranges = ((low, high), (0.0, 1.0))
+    counts = torch.stack([torch.histc(x.clamp(*r), HIST_BINS, *r) for x, r in zip((a, r2), ranges)]).cpu().tolist()
+    for key, raw, r, bins in zip(("a", "r2"), ((lo, hi, s, ss), raw_r2), ranges, counts):
+        writer.add_histogram_raw(f"{TAG}/hist/{key}", min=raw[0], max=raw[1], num=n, sum=raw[2], sum_squares=raw[3],
+                                 bucket_limits=np.linspace(*r, HIST_BINS + 1)[1:].tolist(), bucket_counts=bins,
+                                 global_step=step)
+
+
+def log_warmup_end(rec, writer, step: int) -> None:
+    """The warm-up figures and the configuration text (the recorder logs them once per writer)."""
+    writer.add_text(f"{TAG}/config", config_markdown(rec), step)
+    c = rec.clustering
+    if c is not None:  # None after load_state_dict: the sample correlations are not kept
+        _add_figure(writer, f"{TAG}/figures/correlation", correlation_figure, c.abs_corr, c.labels[c.varying], step)
+        layer = rec.layout.locate(rec.sample_index)[0].numpy()
+        counts = np.zeros((len(rec.layout.names), rec.num_modes))
+        keep = c.labels >= 0
+        np.add.at(counts, (layer[keep], c.labels[keep]), 1)
+        _add_figure(writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure, counts, list(rec.layout.names), step)
+    F = rec.config["warmup"]
+    _add_figure(writer, f"{TAG}/figures/references", references_figure, rec._references[:, :F].cpu().numpy(), step)
+
+
+def config_markdown(rec) -> str:
+    """The recorder's configuration as a markdown table."""
+    cfg = rec.config
+    form = "full" if cfg["freeze_modes_after"] is None else f"compact after {cfg['freeze_modes_after']} records"
+    rows = [("modes M", rec.num_modes if rec.num_modes is not None else cfg["modes"]),
+            ("requested", f"modes={cfg['modes']}" if cfg["threshold"] is None else f"threshold={cfg['threshold']}"),
+            ("samples K", cfg["samples"]), ("warm-up F", cfg["warmup"]),
+            ("record_every", cfg["record_every"] if cfg["record_every"] is not None else "manual (rec.record())"),
+            ("form", form), ("parameters N", rec.layout.numel), ("tensors", len(rec.layout.names)),
+            ("log_every", rec.log_every), ("seed", cfg["seed"]), ("device", str(rec.device))]
+    table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    layers = "\n".join(f"| {i} | {name} | {tuple(shape)} | {math.prod(shape)} |"
+                       for i, (name, shape) in enumerate(zip(rec.layout.names, rec.layout.shapes)))
+    return table + "\n\n**Rows of mode_by_layer** (parameter tensors in order)\n\n| row | name | shape | weights |\n" \
+        "|---|---|---|---|\n" + layers
+
+
+# --------------------------------------------------------------------------------- figures
+def _pyplot_available() -> bool:
+    if FIGURES != "auto":
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _add_figure(writer, tag: str, draw, *args, native: bool = False) -> None:
+    *data, step = args
+    if not native and _pyplot_available():
+        writer.add_figure(tag, draw(*data, native=False), step, close=True)
+    else:
+        writer.add_image(tag, draw(*data, native=True), step, dataformats="CHW")
+
+
+def correlation_figure(abs_corr: np.ndarray, labels: np.ndarray, native: bool = False):
+    """|corr| of the samples ordered by mode, with lines at the mode boundaries (paper, Fig. 2).
+
+    Args:
+        abs_corr (array): k × k |correlation| of the non-constant samples.
+        labels (array): their modes (k,).
+        native (bool): return a uint8 3×H×W image instead of a matplotlib Figure (default False).
+    """
+    order = np.argsort(labels, kind="stable")
+    matrix = np.asarray(abs_corr)[np.ix_(order, order)]
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    if native:
+        return heatmap_image(torch.from_numpy(matrix), rows=bounds, cols=bounds, size=256)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 4.4), dpi=DPI)
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    for b in bounds:
+        ax.axhline(b - 0.5, color="white", lw=0.8)
+        ax.axvline(b - 0.5, color="white", lw=0.8)
+    ax.set_title(f"|corr| of {len(labels)} sampled weights, {labels.max() + 1} modes", fontsize=10)
+    ax.set_xlabel("sample, ordered by mode")
+    fig.colorbar(im, ax=ax, label="|correlation|")
+    fig.tight_layout()
+    return fig
+
+
+def references_figure(references: np.ndarray, native: bool = False):
+    """Each reference weight over the warm-up, scaled to its own range, one row per mode (paper, Fig. 25)."""
+    refs = np.asarray(references, dtype=np.float64)
+    span = refs.max(1, keepdims=True) - refs.min(1, keepdims=True)
+    scaled = (refs - refs.min(1, keepdims=True)) / np.where(span > 0, span, 1.0)
+    if native:
+        return lines_image(torch.from_numpy(scaled))
+    from matplotlib.figure import Figure
+
+    M, T = scaled.shape
+    fig = Figure(figsize=(6, min(1.2 + 0.45 * M, 12)), dpi=DPI)
+    ax = fig.add_subplot()
+    for m in range(M):
+        ax.plot(np.arange(T), M - 1 - m + 0.8 * scaled[m], color=_PALETTE[m % 10] / 255, lw=1.5)
+    ax.set_yticks(np.arange(M) + 0.4, [f"mode {m}" for m in reversed(range(M))], fontsize=8)
+    ax.set_xlabel("record")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title("reference weights over the warm-up (each scaled to its range)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def mode_by_layer_figure(counts: np.ndarray, names: list[str], native: bool = False):
+    """Where each mode's weights live: fraction of mode m's weights in each layer (paper, Fig. 4b).
+
+    Args:
+        counts (array): layers × M counts of weights.
+        names (list of str): layer (parameter tensor) names.
+        native (bool): return a uint8 3×H×W image instead of a matplotlib Figure (default False).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    fraction = counts / np.maximum(counts.sum(0, keepdims=True), 1.0)
+    if native:
+        return heatmap_image(torch.from_numpy(fraction), size=256)
+    from matplotlib.figure import Figure
+
+    L, M = fraction.shape
+    fig = Figure(figsize=(min(2.5 + 0.45 * M, 12), min(1.5 + 0.28 * L, 12)), dpi=DPI)
+    ax = fig.add_subplot()
+    im = ax.imshow(fraction, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(M), [str(m) for m in range(M)], fontsize=7)
+    if L <= 40:
+        ax.set_yticks(range(L), names, fontsize=7)
+    ax.set_xlabel(f"mode (sizes: {', '.join(str(int(s)) for s in counts.sum(0)[:6])}{', …' if M > 6 else ''})")
+    ax.set_title("fraction of each mode's weights per layer", fontsize=10)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_image(values: torch.Tensor, rows=(), cols=(), size: int = 256) -> torch.Tensor:
+    """A uint8 3×H×W viridis image of ``values`` in [0, 1] (h × w), without matplotlib.
+
+    Each cell becomes an s × s block (s = max(1, size // max(h, w))); a matrix larger than ``size``
+    is area-averaged down to it. White lines mark the boundaries before row indices ``rows`` and
+    column indices ``cols``.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).clamp(0, 1)
+    h, w = v.shape
+    scale = size / max(h, w)
+    if scale < 1:
+        H, W = max(1, round(h * scale)), max(1, round(w * scale))
+        v = torch.nn.functional.adaptive_avg_pool2d(v[None, None], (H, W))[0, 0]
+    else:
+        s = max(1, int(scale))
+        v = v.repeat_interleave(s, 0).repeat_interleave(s, 1)
+        H, W = h * s, w * s
+    lut = _viridis_lut()
+    img = lut[(v.numpy() * 255).round().astype(np.int64)]  # H × W × 3
+    for b in rows:
+        img[min(H - 1, int(b * H / h)), :] = 255
+    for b in cols:
+        img[:, min(W - 1, int(b * W / w))] = 255
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def lines_image(series: torch.Tensor, width: int = 320, strip: int = 32) -> torch.Tensor:
+    """A uint8 3×(M·strip)×width image: series m (values in [0, 1]) drawn as a line in strip m."""
+    s = torch.as_tensor(series, dtype=torch.float64).numpy()
+    M, T = s.shape
+    img = np.full((M * strip, width, 3), 255, dtype=np.uint8)
+    x = np.linspace(0, T - 1, width)
+    for m in range(M):
+        y = m * strip + 2 + np.round((1 - np.interp(x, np.arange(T), s[m])) * (strip - 5)).astype(np.int64)
+        colour = _PALETTE[m % 10]
+        for col in range(width):  # a vertical run joins each column's point to the previous one
+            y0, y1 = sorted((y[col], y[max(col - 1, 0)]))
+            img[y0:y1 + 1, col] = colour
+        img[(m + 1) * strip - 1, :] = 220  # a light rule between strips
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def _viridis_lut() -> np.ndarray:
+    t = np.linspace(0, 1, 256)
+    anchors = np.linspace(0, 1, len(_VIRIDIS))
+    return np.stack([np.interp(t, anchors, _VIRIDIS[:, c]) for c in range(3)], 1).round().astype(np.uint8)
