@@ -47,7 +47,7 @@ def run(figures: str, freeze: int | None, records: int, modes: int, log_every: i
     loadings = [torch.randn(4, p.numel(), generator=gen) for p in params]
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
-        rec_times, light, full, logged_rec = [], [], [], []
+        rec_times, light, full, logged_rec, summary = [], [], [], [], []
         for t in range(rec.config["warmup"] + records):
             drive = torch.randn(4, generator=gen)
             with torch.no_grad():
@@ -67,12 +67,20 @@ def run(figures: str, freeze: int | None, records: int, modes: int, log_every: i
                 rec_times.append(t1 - t0)
                 logged_rec.append(t2 - t1)
                 (full if tb._state(rec, writer).last_full != before else light).append(t3 - t2)
+                if tb._state(rec, writer).last_full != before:  # the O(M·N) summary alone, no writer
+                    t4 = time.perf_counter()
+                    tb.mode_summary(rec, tb._state(rec, writer))["totals"].cpu()
+                    summary.append(time.perf_counter() - t4)
         t0 = time.perf_counter()
         writer.flush()
         flush = time.perf_counter() - t0
         writer.close()
     record_mean = statistics.fmean(rec_times)
     total_log = sum(light) + sum(full) + flush
+    med = statistics.median
+    # medians resist the scheduler noise of a shared machine; the amortised figure from them assumes
+    # one interval log per log_every records
+    amortised_median = (med(logged_rec) + (1 - 1 / log_every) * med(light) + med(full) / log_every) / med(rec_times)
     return {
         "figures": figures, "form": "full" if freeze is None else f"compact (freeze_modes_after={freeze})",
         "N": rec.layout.numel, "M": rec.num_modes, "log_every": log_every, "records_timed": len(rec_times),
@@ -84,6 +92,12 @@ def run(figures: str, freeze: int | None, records: int, modes: int, log_every: i
         "ratio_per_record_kind": (record_mean + statistics.fmean(light)) / record_mean if light else None,
         "ratio_interval_kind": (record_mean + statistics.fmean(full)) / record_mean if full else None,
         "ratio_amortised": (sum(logged_rec) + total_log) / sum(rec_times),
+        "median_record_ms": 1e3 * med(rec_times), "median_per_record_log_ms": 1e3 * med(light),
+        "median_interval_log_ms": 1e3 * med(full),
+        "median_ratio_per_record_kind": (med(logged_rec) + med(light)) / med(rec_times),
+        "median_ratio_interval_kind": (med(logged_rec) + med(full)) / med(rec_times),
+        "median_ratio_amortised": amortised_median,
+        "median_mode_summary_ms": 1e3 * med(summary), "mode_summary_in_records": med(summary) / med(rec_times),
     }
 
 
@@ -100,11 +114,12 @@ def main() -> None:
             for fig, freeze, every in (("auto", None, args.log_every), ("native", None, args.log_every),
                                        ("auto", 3, args.log_every), ("auto", None, 50))]
     for r in rows:
-        print(f"{r['form']:<36} figures={r['figures']:<6} N={r['N']} M={r['M']}  record {r['record_ms']:.3f} ms | "
-              f"per-record log {r['per_record_log_ms']:.3f} ms (x{r['ratio_per_record_kind']:.2f}) | "
-              f"interval log {r['interval_log_ms']:.2f} ms (x{r['ratio_interval_kind']:.2f}) | "
-              f"flush {r['final_flush_ms']:.1f} ms | amortised x{r['ratio_amortised']:.3f} "
-              f"(log_every={r['log_every']})")
+        print(f"{r['form']:<32} figures={r['figures']:<6} N={r['N']} M={r['M']} log_every={r['log_every']:<3} "
+              f"median: record {r['median_record_ms']:.3f} ms, per-record log {r['median_per_record_log_ms']:.3f} ms "
+              f"(x{r['median_ratio_per_record_kind']:.2f}), interval log {r['median_interval_log_ms']:.2f} ms "
+              f"(x{r['median_ratio_interval_kind']:.2f}), amortised x{r['median_ratio_amortised']:.2f} | "
+              f"means: amortised x{r['ratio_amortised']:.2f} | mode_summary alone {r['median_mode_summary_ms']:.2f} ms "
+              f"= {r['mode_summary_in_records']:.1f} records")
     if args.out:
         meta = {"command": "python benchmarks/bench_logging.py " + " ".join(
                     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
