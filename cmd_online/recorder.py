@@ -64,12 +64,15 @@ class CMDRecorder:
         check_finite (bool): skip (with a warning) records whose weights hold NaN/Inf (default True).
             This reads one boolean per record on the host: free on CPU, one small synchronisation per
             record on a GPU.
+        compile_update (bool): run the compact-form update through ``torch.compile``, fusing it into
+            one loop per tensor (several times faster on CPU), at a one-time compile cost of seconds to
+            a minute; worth it for long runs with ``freeze_modes_after`` (default False).
     """
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,
                  threshold: float | None = None, samples: int = 1000, warmup: int = 20,
                  record_every: int | None = None, freeze_modes_after: int | None = None, writer=None,
-                 log_every: int = 10, seed: int = 0, check_finite: bool = True):
+                 log_every: int = 10, seed: int = 0, check_finite: bool = True, compile_update: bool = False):
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         modes, threshold = check_mode_arguments(modes, threshold)
@@ -78,6 +81,7 @@ class CMDRecorder:
         record_every = _check_int("record_every", record_every, 1, allow_none=True)
         freeze_modes_after = _check_int("freeze_modes_after", freeze_modes_after, 1, allow_none=True)
         log_every = _check_int("log_every", log_every, 1)
+        seed = _check_int("seed", seed, 0)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
         if modes is not None and modes > samples:
@@ -113,6 +117,7 @@ class CMDRecorder:
         self.config = dict(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
                            record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed)
         self.check_finite = bool(check_finite)
+        self.compile_update = bool(compile_update)
         self.writer = writer
         self.log_every = log_every
         self.num_records = 0
@@ -210,7 +215,8 @@ class CMDRecorder:
         capacity = max(2 * self.config["warmup"], 64)
         self._references = torch.zeros(M, capacity, dtype=torch.float32, device=self.device)
         self._references[:, :self.config["warmup"]] = self._history[position.to(self.device)]
-        self._stats = StreamingMoments([w.numel() for w in self._local_weights()], M, self.device)
+        self._stats = StreamingMoments([w.numel() for w in self._local_weights()], M, self.device,
+                                       compiled=self.compile_update)
 
     def _store_reference(self, t: int, refs: torch.Tensor) -> None:
         if t >= self._references.shape[1]:
@@ -384,7 +390,7 @@ class CMDRecorder:
             local_sizes = [w.numel() for w in self._local_weights()]
             if [t.numel() for t in s["sumsq"]] != local_sizes:
                 raise ValueError("state statistics do not match this process's parameter sizes")
-            stats = StreamingMoments(local_sizes, M, self.device)
+            stats = StreamingMoments(local_sizes, M, self.device, compiled=self.compile_update)
             stats.count = int(s["count"])
             for name, value in stats.tensors().items():
                 setattr(stats, name, [t.to(self.device) for t in s[name]] if isinstance(value, list)

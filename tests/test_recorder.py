@@ -418,3 +418,23 @@ def test_at_out_of_range_and_missing_model_are_clear_errors():
         rec.cmd_parameters(1.0)
     with pytest.raises(ValueError, match="model="):
         rec.cmd_state_dict()
+
+
+def test_compiled_compact_update_equals_the_eager_one():
+    def run(compiled):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(70))]
+        rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), modes=3, samples=100, warmup=3,
+                               freeze_modes_after=2, compile_update=compiled)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(8):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=g))
+            rec.record()
+        return rec.trajectory()
+
+    eager, compiled = run(False), run(True)
+    assert torch.equal(eager.modes, compiled.modes)
+    torch.testing.assert_close(compiled.a, eager.a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.b, eager.b, rtol=1e-5, atol=1e-6)
