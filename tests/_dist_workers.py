@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -204,21 +205,29 @@ def replicated(rank, world_size, out: Path):
     params = [torch.nn.Parameter(distribute_tensor(torch.zeros(7, 3), mesh, [Shard(0)])),
               torch.nn.Parameter(distribute_tensor(torch.zeros(5), mesh, [Replicate()]))]
     plain = [torch.nn.Parameter(torch.zeros(7, 3)), torch.nn.Parameter(torch.zeros(5))]
-    config = dict(modes=2, samples=10, warmup=3)
+    config = dict(modes=2, samples=10, warmup=3, freeze_modes_after=3)  # ends in the compact form
     rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.0), **config)
     oracle = cmdo.CMDRecorder(torch.optim.SGD(plain, lr=0.0), **config)
-    for t in range(8):
+    skip_warnings = 0
+    for t in range(9):
         drive = torch.randn(2, generator=g)  # two latent references, the same on every rank
         values = [s * drive[w] + o + 0.01 * torch.randn(s.shape, generator=g)
                   for s, o, w in zip(slope, offset, which)]
+        if t == 5:  # a NaN in rank 1's rows only: both ranks must skip this record
+            values[0][-1, 0] = float("nan")
         with torch.no_grad():
             params[0].to_local().copy_(values[0].chunk(world_size)[rank])
             params[1].to_local().copy_(values[1])
             for p, v in zip(plain, values):
                 p.copy_(v)
-        rec.record()
-        oracle.record()
-    torch.save({"sharded": summary(rec), "plain": summary(oracle)}, out / f"replicated_rank{rank}.pt")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec.record()
+            oracle.record()
+        skip_warnings += sum("skipped" in str(w.message) for w in caught)
+    torch.save({"sharded": {**summary(rec), "skipped": rec.skipped_records, "compact": rec._stats.compact},
+                "plain": {**summary(oracle), "skipped": oracle.skipped_records}, "skip_warnings": skip_warnings},
+               out / f"replicated_rank{rank}.pt")
 
 
 SCENARIOS = {"ddp": ddp, "fsdp": fsdp, "placements": placements, "replicated": replicated}

@@ -191,11 +191,20 @@ def test_fsdp_state_of_another_rank_is_refused(out):
         assert "sharding" in message and f"'rank': {1 - rank}" in message and f"'rank': {rank}" in message
 
 
-def test_replicate_and_shard0_dtensors_fit_like_plain_tensors(out):
+def test_replicate_and_shard0_dtensors_fit_like_plain_tensors_in_compact_form(out):
     for rank in range(WORLD):
         got = load(out, "replicated", rank)
+        assert got["sharded"]["compact"]
         assert_same_fit(got["sharded"], got["plain"], rtol=1e-6, atol=1e-7)
         assert got["sharded"]["statistics_bytes"] < got["plain"]["statistics_bytes"]
+
+
+def test_nan_on_one_rank_skips_the_record_on_every_rank(out):
+    for rank in range(WORLD):
+        got = load(out, "replicated", rank)
+        assert got["sharded"]["skipped"] == got["plain"]["skipped"] == 1
+        assert got["sharded"]["num_records"] == 8
+        assert got["skip_warnings"] == 2  # the sharded and the plain recorder each warned once
 
 
 @pytest.mark.parametrize("case, placement", [("shard1", "Shard(dim=1)"), ("partial", "Partial(sum)"),
