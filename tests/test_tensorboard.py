@@ -183,7 +183,8 @@ def test_lines_image_draws_each_series_in_its_strip():
     assert coloured[20:23, :].sum() == 50  # a constant 1.0 sits at the top of strip 1
 
 
-def test_compact_form_logs_sizes_every_record(tmp_path):
+def test_compact_form_logs_sizes_every_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb, "FIGURES", "native")  # figures are not what this test is about
     rec, _, _ = train(tmp_path, freeze=2, epochs=8)
     ea = read(tmp_path)
     logged = steps(ea, "cmd/mode_size/mode_00")
@@ -192,7 +193,8 @@ def test_compact_form_logs_sizes_every_record(tmp_path):
     assert sizes == rec.trajectory().mode_sizes().tolist()
 
 
-def test_log_on_the_users_schedule(tmp_path):
+def test_log_on_the_users_schedule(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb, "FIGURES", "native")
     model = small_cnn(seed=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = cmdo.CMDRecorder(opt, model, modes=3, samples=100, warmup=3)
