@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=_positive_float, default=0.05, help="SGD learning rate (default 0.05)")
     demo.add_argument("--report-every", type=_int_at_least(1), default=None,
                       help="epochs per table row (default: about ten rows)")
+    demo.add_argument("--freeze-modes-after", type=_int_at_least(1), default=None, metavar="K",
+                      help="compact memory: fix each weight's mode K records into tracking (default: full form)")
     demo.add_argument("--save-checkpoints", action="store_true",
                       help="also save every epoch's weights to OUT/checkpoints/ (for 'decompose')")
     demo.add_argument("--threads", type=_int_at_least(1), default=1, help="torch CPU threads (default 1)")
@@ -149,6 +151,7 @@ def _demo(args) -> None:
     config = demo.DemoConfig(data=args.data, epochs=args.epochs, warmup=args.warmup, modes=args.modes,
                              samples=args.samples, seed=args.seed, out=args.out, batch_size=args.batch_size,
                              lr=args.lr, report_every=args.report_every or 0,
+                             freeze_modes_after=args.freeze_modes_after,
                              save_checkpoints=args.save_checkpoints, progress=not args.no_progress,
                              threads=args.threads)
     config.check()

@@ -41,6 +41,8 @@ class DemoConfig:
         batch_size (int): mini-batch size (default 64).
         lr (float): SGD learning rate, momentum 0.9 (default 0.05).
         report_every (int): epochs per printed table row; 0 picks about ten rows (default 0).
+        freeze_modes_after (int): the recorder's compact memory: fix the modes this many records into
+            tracking (default None, the full form).
         save_checkpoints (bool): also save every epoch's weights to ``out/checkpoints/`` (default False).
         progress (bool): show a progress bar (needs tqdm; default True).
         threads (int): torch CPU threads; 1 is fastest for this small model on a busy machine (default 1).
@@ -56,6 +58,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 0.05
     report_every: int = 0
+    freeze_modes_after: int | None = None
     save_checkpoints: bool = False
     progress: bool = True
     threads: int = 1
@@ -71,6 +74,8 @@ class DemoConfig:
         if self.warmup >= self.epochs:
             raise ValueError(f"warmup ({self.warmup}) must be < epochs ({self.epochs}): CMD is fitted on the "
                              f"epochs after the warm-up")
+        if self.freeze_modes_after is not None and self.freeze_modes_after < 1:
+            raise ValueError(f"freeze_modes_after must be ≥ 1 or None; got {self.freeze_modes_after}")
         if self.modes > self.samples:
             raise ValueError(f"modes ({self.modes}) must be ≤ samples ({self.samples})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -254,8 +259,16 @@ def _row_text(row: dict) -> str:
 def run(config: DemoConfig, write: Callable[[str], None] = print) -> DemoResult:
     """Train, record, compare and export as :class:`DemoConfig` says; returns the measurements."""
     config.check()
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _run(config, write)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: DemoConfig, write: Callable[[str], None]) -> DemoResult:
+    start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -273,7 +286,8 @@ def run(config: DemoConfig, write: Callable[[str], None] = print) -> DemoResult:
               "(loss and accuracies still are)")
         recorder_writer = None
     recorder = CMDRecorder(optimizer, model, modes=config.modes, samples=config.samples,
-                           warmup=config.warmup, writer=recorder_writer, seed=config.seed)
+                           warmup=config.warmup, freeze_modes_after=config.freeze_modes_after,
+                           writer=recorder_writer, seed=config.seed)
 
     shift = 1 if config.data == "digits" else 3
     generator = torch.Generator().manual_seed(config.seed)
@@ -377,9 +391,10 @@ def summary_table(result: DemoResult) -> str:
         f"  = {result.recorder_bytes / result.model_bytes:.1f} × one model copy ({human_bytes(result.model_bytes)})",
         f"{'full history (N×T×4 B)':<26}{human_bytes(result.history_bytes):>20}"
         f"  = {result.history_bytes / result.model_bytes:.0f} × one model copy",
-        f"{'record overhead':<26}{100 * result.record_share:>19.2f}%  of epoch time "
+        f"{'record overhead':<26}{100 * result.record_share:>19.2f}%  of epoch time, logging included "
         f"({1000 * result.record_seconds / max(len(result.rows) - 1, 1):.2f} ms per record)",
-        f"{'clustering (once)':<26}{result.clustering_seconds:>19.2f}s  at the end of the warm-up",
-        f"{'wall time':<26}{result.wall_seconds:>19.1f}s",
+        f"{'end of warm-up (once)':<26}{result.clustering_seconds:>19.2f}s  clustering"
+        f"{' and first TensorBoard figures' if 'tensorboard' in result.files else ''}",
+        f"{'wall time of the run':<26}{result.wall_seconds:>19.1f}s",
     ]
     return "\n".join(lines)

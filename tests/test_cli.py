@@ -14,7 +14,7 @@ import torch
 
 from cmd_online import CMDTrajectory
 from cmd_online.cli import main
-from cmd_online.demo import accuracy, build_model, load_data
+from cmd_online.demo import DemoConfig, accuracy, build_model, load_data, random_shift, run
 
 EPOCHS, WARMUP, MODES, SAMPLES = 5, 3, 4, 300
 
@@ -168,6 +168,36 @@ def test_decompose_takes_files_in_the_order_given(demo, tmp_path):
     torch.testing.assert_close(traj.references[:, 2], flat[traj.reference_index])
 
 
+def test_random_shift_translates_each_sample_with_zero_fill():
+    x = torch.arange(1.0, 1 + 3 * 2 * 5 * 6).view(3, 2, 5, 6)
+    shifted = random_shift(x, 1, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape
+    for i in range(3):
+        padded = torch.nn.functional.pad(x[i], [1, 1, 1, 1])
+        windows = [padded[:, dy:dy + 5, dx:dx + 6] for dy in range(3) for dx in range(3)]
+        assert sum(torch.equal(shifted[i], w) for w in windows) == 1
+    signal = torch.arange(1.0, 1 + 4 * 40).view(4, 1, 40)
+    moved = random_shift(signal, 3, torch.Generator().manual_seed(1))
+    for i in range(4):
+        padded = torch.nn.functional.pad(signal[i], [3, 3])
+        assert any(torch.equal(moved[i], padded[:, s:s + 40]) for s in range(7))
+
+
+def test_mnist1d_demo_in_compact_memory_exports_a_loadable_model(tmp_path):
+    config = DemoConfig(data="mnist1d", epochs=3, warmup=2, modes=3, samples=200, out=str(tmp_path),
+                        freeze_modes_after=1, batch_size=500, progress=False)
+    lines = []
+    result = run(config, write=lines.append)
+    assert lines[0].startswith("cmd-online demo: mnist1d, 4000 train / 1000 test samples")
+    model = build_model("mnist1d")
+    model.load_state_dict(torch.load(tmp_path / "cmd_model.pt", weights_only=True), strict=True)
+    _, _, x_test, y_test = load_data("mnist1d", seed=0)
+    assert accuracy(model, x_test, y_test) == result.cmd_accuracy
+    # compact form: 4 float32 + 1 int32 per weight, plus the small history/reference tables
+    assert result.recorder_bytes < 5.5 * result.model_bytes
+    assert CMDTrajectory.load(tmp_path / "trajectory.pt").num_records == 3
+
+
 # ------------------------------------------------------------------------------------------- user mistakes
 def _one_line_error(capsys, code: int, *words: str) -> str:
     captured = capsys.readouterr()
@@ -209,6 +239,7 @@ def _one_line_error(capsys, code: int, *words: str) -> str:
     (["demo", "--data", "mnist"], ["--data", "invalid choice"]),
     (["demo", "--samples", "100000000"], ["samples", "number of weights"]),
     (["demo", "--modes", "20", "--samples", "10"], ["modes (20) must be ≤ samples (10)"]),
+    (["demo", "--freeze-modes-after", "0"], ["--freeze-modes-after", "≥ 1"]),
     (["frobnicate"], ["invalid choice"]),
 ])
 def test_user_mistake_gives_one_line_and_nonzero_exit(demo, tmp_path, capsys, argv, words):
