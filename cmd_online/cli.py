@@ -192,6 +192,10 @@ def _inspect(args) -> None:
     print()
     sizes = traj.mode_sizes().tolist()
     r2 = traj.mode_r2.tolist() if traj.mode_r2 is not None else [None] * M
+    if traj.mode_r2 is not None:
+        overall = sum(n * r for n, r in zip(sizes, r2)) / N
+        print(f"mean R²      {overall:.4f} over all weights (1 = every weight an exact affine copy of its reference)")
+        print()
     tensor, offset = layout.locate(traj.reference_index)
     print(f"{'mode':>4}  {'weights':>9}  {'share':>6}  {'mean R²':>7}  reference weight")
     for m in range(M):

@@ -279,6 +279,12 @@ def _run(config: DemoConfig, write: Callable[[str], None]) -> DemoResult:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
     x_train, y_train, x_test, y_test = load_data(config.data, config.seed)
 
+    # files of an earlier run in this folder would mix with this one (doubled curves, extra checkpoints)
+    stale = list(out.glob("events.out.tfevents.*")) + list((out / "checkpoints").glob("epoch_*.pt"))
+    for path in stale:
+        path.unlink()
+    if stale:
+        write(f"note: removed {len(stale)} file(s) of an earlier demo run from {out}")
     writer = _open_writer(out, write)
     recorder_writer = writer
     if writer is not None and not _recorder_logging_available():

@@ -36,6 +36,12 @@ def demo(tmp_path_factory):
     return out, proc.stdout
 
 
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in output:\n{text}"
+    return float(match.group(1))
+
+
 def _claimed_files(stdout: str) -> dict[str, Path]:
     block = stdout.split("\nfiles:\n", 1)[1]
     files = {}
@@ -109,6 +115,9 @@ def test_inspect_reports_modes_sizes_and_layers(demo, capsys):
     assert [int(m) for m, _, _ in mode_rows] == list(range(traj.num_modes))
     assert [int(n.replace(",", "")) for _, n, _ in mode_rows] == traj.mode_sizes().tolist()
     assert [float(r) for _, _, r in mode_rows] == pytest.approx(traj.mode_r2.tolist(), abs=1e-4)
+    sizes, r2 = traj.mode_sizes().double(), traj.mode_r2.double()
+    overall = number(r"mean R²\s+([\d.]+) over all weights", text)
+    assert overall == pytest.approx(float((sizes * r2).sum() / sizes.sum()), abs=1e-4)
     for name in traj.layout.names:
         assert re.search(rf"^{re.escape(name)}\s", text, re.M), name
     history = traj.num_weights * EPOCHS * 4
@@ -196,6 +205,18 @@ def test_mnist1d_demo_in_compact_memory_exports_a_loadable_model(tmp_path):
     # compact form: 4 float32 + 1 int32 per weight, plus the small history/reference tables
     assert result.recorder_bytes < 5.5 * result.model_bytes
     assert CMDTrajectory.load(tmp_path / "trajectory.pt").num_records == 3
+
+
+def test_demo_rerun_in_the_same_folder_replaces_the_earlier_run(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch_0099.pt").write_bytes(b"old")
+    (tmp_path / "events.out.tfevents.1.old").write_bytes(b"old")
+    lines = []
+    run(DemoConfig(epochs=3, warmup=2, modes=2, samples=50, batch_size=500, out=str(tmp_path),
+                   save_checkpoints=True, progress=False), write=lines.append)
+    assert "note: removed 2 file(s) of an earlier demo run" in "\n".join(lines)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"epoch_000{i}.pt" for i in (1, 2, 3)]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
 
 
 # ------------------------------------------------------------------------------------------- user mistakes
