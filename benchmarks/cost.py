@@ -105,11 +105,17 @@ def quartiles(xs):
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
 
 
+_LOADED: list = []
+
+
 def _load_lazy_modules(device: str) -> None:
     """Run a tiny recorder and post-hoc fit once, so that libraries the recorder imports on first use
     (scipy's clustering, …) are resident before the baseline RSS is read and do not count as its memory."""
     from cmd_online import CMDRecorder, decompose
 
+    if _LOADED:
+        return
+    _LOADED.append(device)
     params = make_params(4000, device)
     rec = CMDRecorder(torch.optim.SGD(params, lr=0.0), modes=2, samples=500, warmup=4, freeze_modes_after=2)
     for t in range(7):
