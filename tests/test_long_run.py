@@ -93,6 +93,9 @@ def test_process_memory_is_flat(long_run):
     table_growth = sizes[STEPS]["references"] - sizes[1_000]["references"]
     # 9,000 records later the process holds at most the reference table's growth and 1 MiB of slack
     assert rss[STEPS] - rss[1_000] <= table_growth + (1 << 20), (rss, table_growth)
+    print(f"records 1,000 -> {STEPS:,}: RSS {rss[1_000] / 2**20:.1f} -> {rss[STEPS] / 2**20:.1f} MiB, "
+          f"recorder {sizes[1_000]['total']:,} -> {sizes[STEPS]['total']:,} bytes "
+          f"(statistics {sizes[STEPS]['statistics']:,}, references {sizes[STEPS]['references']:,})")
 
 
 def oracle_moments(history: torch.Tensor, rec):
