@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     decompose = commands.add_parser("decompose", help="post-hoc CMD from saved per-epoch checkpoints",
                                     description="Post-hoc CMD (paper, Algorithm 2) from checkpoints saved "
                                     "once per record, in order. A folder stands for the .pt/.pth files in it, "
-                                    "in natural order (epoch_2 before epoch_10).")
+                                    "in natural order (epoch_2 before epoch_10). A file holds a state_dict, or "
+                                    "a dict with one under 'state_dict' or 'model'.")
     decompose.add_argument("checkpoints", nargs="+", help="checkpoint files (state_dicts), or one folder")
     decompose.add_argument("-o", "--output", required=True, help="trajectory file to write")
     mode_choice = decompose.add_mutually_exclusive_group()
@@ -271,10 +272,13 @@ class _Checkpoints(collections.abc.Sequence):
         obj = safe_load(path, "checkpoint")
         if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith("cmd_online."):
             raise ValueError(f"{str(path)!r} is a {obj['format']} file, not a checkpoint (a model's state_dict)")
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
+        for key in ("state_dict", "model"):  # training checkpoints often nest the model's state_dict
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
         if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{str(path)!r} is not a checkpoint: expected a state_dict (names → tensors)")
+            raise ValueError(f"{str(path)!r} is not a checkpoint: expected a state_dict (names → tensors), "
+                             f"or a dict holding one under 'state_dict' or 'model'")
         return obj
 
 

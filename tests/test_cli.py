@@ -14,7 +14,7 @@ import torch
 
 from cmd_online import CMDTrajectory
 from cmd_online.cli import main
-from cmd_online.demo import DemoConfig, accuracy, build_model, load_data, random_shift, run
+from cmd_online.demo import DemoConfig, _Progress, accuracy, build_model, load_data, random_shift, run
 
 EPOCHS, WARMUP, MODES, SAMPLES = 5, 3, 4, 300
 
@@ -217,6 +217,31 @@ def test_demo_rerun_in_the_same_folder_replaces_the_earlier_run(tmp_path):
     assert "note: removed 2 file(s) of an earlier demo run" in "\n".join(lines)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"epoch_000{i}.pt" for i in (1, 2, 3)]
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+
+
+def test_decompose_reads_state_dicts_nested_in_training_checkpoints(demo, tmp_path):
+    out, _ = demo
+    plain = sorted((out / "checkpoints").glob("epoch_*.pt"))
+    nested = []
+    for i, path in enumerate(plain):
+        nested.append(tmp_path / f"ckpt_{i + 1}.pt")  # natural order: ckpt_2 before ckpt_10
+        torch.save({"model": torch.load(path, weights_only=True), "epoch": i + 1}, nested[-1])
+    assert main(["decompose", str(tmp_path), "-o", str(tmp_path / "nested.traj"), "--modes", "2",
+                 "--samples", "100"]) == 0
+    assert main(["decompose", *map(str, plain), "-o", str(tmp_path / "plain.traj"), "--modes", "2",
+                 "--samples", "100"]) == 0
+    a, b = CMDTrajectory.load(tmp_path / "nested.traj"), CMDTrajectory.load(tmp_path / "plain.traj")
+    assert torch.equal(a.references, b.references) and torch.equal(a.a, b.a) and torch.equal(a.b, b.b)
+
+
+def test_progress_falls_back_to_plain_rows_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    lines = []
+    progress = _Progress(3, True, lines.append)
+    progress.write("row 1")
+    progress.update(loss="0.1")
+    progress.close()
+    assert progress._bar is None and lines == ["row 1"]
 
 
 # ------------------------------------------------------------------------------------------- user mistakes
