@@ -63,7 +63,7 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> 
         raise ValueError(f"{str(path)!r} is not a {what} file, or holds objects that are refused "
                          f"for safety (weights_only load): {first}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, KeyError, ValueError,
-            IndexError, TypeError, UnicodeDecodeError) as e:
+            IndexError, TypeError, UnicodeDecodeError, AssertionError) as e:  # torch asserts on a bad pickle
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): {first}") from None
 
