@@ -276,3 +276,31 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, legacy):
     else:
         torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+def test_damaged_pickle_without_checksums_is_refused_or_loaded_never_another_error(tmp_path):
+    """Files written with CRC-32 off (torch.serialization.set_crc32_options(False)) cannot be checked: a
+    flipped byte in the pickle must still give a ValueError (or load), never an exception of another kind."""
+    import zipfile
+
+    path = tmp_path / "nocrc.cmd"
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        small_trajectory().save(path)
+    finally:
+        torch.serialization.set_crc32_options(before)
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    refused = 0
+    for pos in range(start, start + info.compress_size):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        try:
+            cmdo.CMDTrajectory.load(path)
+        except ValueError:
+            refused += 1
+    assert refused > 0
