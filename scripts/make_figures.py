@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from scipy.cluster.hierarchy import leaves_list, linkage  # noqa: E402
+from scipy.spatial.distance import squareform  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -123,12 +125,16 @@ def plot_references(recorder, trajectory, path):
 
 def plot_correlation(clustering, path):
     labels = clustering.labels[clustering.varying]
-    order = np.argsort(labels, kind="stable")
+    # inside each mode, the dendrogram's leaf order puts similar samples next to each other
+    distance = 1.0 - clustering.abs_corr
+    np.fill_diagonal(distance, 0.0)
+    leaves = leaves_list(linkage(squareform(distance, checks=False), method="complete"))
+    order = leaves[np.argsort(labels[leaves], kind="stable")]
     C = clustering.abs_corr[np.ix_(order, order)]
     sorted_labels = labels[order]
     bounds = np.flatnonzero(np.diff(sorted_labels)) + 1
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
-    image = ax.imshow(C, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    image = ax.imshow(C, cmap="viridis", vmin=0, vmax=1, interpolation="antialiased")  # 500 px into ~450: smooth, small file
     for b in bounds:
         ax.axhline(b - 0.5, color="white", lw=1.2)
         ax.axvline(b - 0.5, color="white", lw=1.2)
@@ -142,7 +148,7 @@ def plot_correlation(clustering, path):
                  f"clustered into {clustering.num_modes} modes (complete linkage on 1 − |corr|)", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="|corr|")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)  # the noisy matrix compresses badly: keep the file small
     plt.close(fig)
 
 
