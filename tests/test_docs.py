@@ -171,3 +171,18 @@ def test_shift_claim_in_concepts_holds_float32_welford_needs_the_shift():
     error = lambda a: ((a.double() - exact).norm() / exact.norm()).item()  # noqa: E731
     assert error(check.plain_welford_slope(W)) > 1e-3
     assert error(check.shifted_welford_slope(W)) < 1e-5
+
+
+def test_make_figures_script_writes_the_three_figures(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the plots extra)")
+    figures = _load_script("make_figures")
+    monkeypatch.setattr("sys.argv", ["make_figures.py", "--epochs", "6", "--warmup", "3", "--modes", "3",
+                                     "--samples", "100", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        figures.main()
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("fig-references.png", "fig-correlation.png", "fig-accuracy.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert re.search(r"modes M = [1-3],", capsys.readouterr().out)
