@@ -86,6 +86,9 @@ class CMDRecorder:
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
         if modes is not None and modes > samples:
             raise ValueError(f"modes ({modes}) must be ≤ samples ({samples})")
+        if warmup == 2:
+            warnings.warn("warmup=2: any two records are perfectly correlated, so the clustering finds a "
+                          "single mode; use warmup ≥ 3 for more than one", UserWarning, stacklevel=2)
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not params:

@@ -18,6 +18,10 @@ def _optimizer(name, params):
         return torch.optim.SGD(params, lr=0.05, momentum=0.9)
     if name == "adam":
         return torch.optim.Adam(params, lr=3e-3)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.05)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
     raise ValueError(name)
 
 
@@ -81,6 +85,12 @@ def _assert_matches_oracle(rec, W, rtol=1e-5):
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
 def test_online_equals_posthoc_oracle(opt_name):
     _, _, rec, W = _run(opt_name)
+    _assert_matches_oracle(rec, W)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_other_optimizers_equal_posthoc_oracle(opt_name):
+    _, _, rec, W = _run(opt_name, epochs=7)
     _assert_matches_oracle(rec, W)
 
 
@@ -438,3 +448,8 @@ def test_compiled_compact_update_equals_the_eager_one():
     assert torch.equal(eager.modes, compiled.modes)
     torch.testing.assert_close(compiled.a, eager.a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled.b, eager.b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_warmup_of_two_records_warns_that_it_finds_one_mode():
+    with pytest.warns(UserWarning, match="single mode"):
+        cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), samples=10, modes=2, warmup=2)

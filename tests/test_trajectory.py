@@ -75,3 +75,14 @@ def test_reconstruct_is_the_affine_model():
     expected = traj.a.double() * traj.references[traj.modes.long(), at].double() + traj.b.double()
     torch.testing.assert_close(traj.reconstruct(at), expected.float(), rtol=0, atol=0)
     assert traj.mode_sizes().sum() == 300
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        _trajectory().save(tmp_path / "t.cmd")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "t.cmd").stat().st_mode & 0o777 == 0o644
