@@ -90,7 +90,7 @@ def test_online_equals_posthoc_oracle(opt_name):
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_other_optimizers_equal_posthoc_oracle(opt_name):
-    _, _, rec, W = _run(opt_name, epochs=7)
+    _, _, rec, W = _run(opt_name, epochs=10)
     _assert_matches_oracle(rec, W)
 
 
