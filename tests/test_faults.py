@@ -117,7 +117,7 @@ def test_huge_but_finite_weights_are_recorded_not_skipped():
     # |w| = 1e20: the squared L2 norm overflows float32, yet every value is finite
     p = torch.nn.Parameter(torch.full((6,), 1e20))
     opt = torch.optim.SGD([p], lr=1.0)
-    rec = cmdo.CMDRecorder(opt, modes=1, samples=2, warmup=2)
+    rec = cmdo.CMDRecorder(opt, modes=1, samples=2, warmup=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for t in range(4):

@@ -44,8 +44,8 @@ def big_recorder():
     torch.manual_seed(1)
     model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4096)) for _ in range(400)])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = cmdo.CMDRecorder(opt, model, modes=1, samples=2, warmup=2)
-    for t in range(3):
+    rec = cmdo.CMDRecorder(opt, model, modes=1, samples=2, warmup=3)
+    for t in range(4):
         with torch.no_grad():
             for p in model:
                 p.add_(0.01 * t)

@@ -14,6 +14,8 @@ import cmd_online as cmdo
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 EPS32 = torch.finfo(torch.float32).eps
+# warmup=2 is drawn on purpose (the smallest allowed); its "single mode" advice is not news here
+pytestmark = pytest.mark.filterwarnings("ignore:warmup=2")
 # CMD_FUZZ_EXAMPLES=500 explores further, with fresh random examples (the default run is reproducible)
 DEEP = int(os.environ.get("CMD_FUZZ_EXAMPLES", 0))
 SETTINGS = dict(max_examples=DEEP or 25, deadline=None, derandomize=not DEEP,
