@@ -7,6 +7,7 @@ mode: r_m = argmax_{j ∈ C_m} Σ_{i ∈ C_m} |C_ij|.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,14 +43,14 @@ def check_mode_arguments(modes: int | None, threshold: float | None) -> tuple[in
     if modes is not None and threshold is not None:
         raise ValueError("give either modes or threshold, not both (threshold cuts by distance instead of a count)")
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
             raise TypeError(f"threshold must be a float in (0, 1]; got {type(threshold).__name__}")
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1]; got {threshold}")
         return None, float(threshold)
     if modes is None:
         modes = 10
-    if isinstance(modes, bool) or not isinstance(modes, (int, np.integer)):
+    if isinstance(modes, bool) or not isinstance(modes, numbers.Integral):
         raise TypeError(f"modes must be an int ≥ 1; got {type(modes).__name__}")
     if modes < 1:
         raise ValueError(f"modes must be ≥ 1; got {modes}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Sequence
@@ -116,7 +117,7 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
     modes, threshold = check_mode_arguments(modes, threshold)
     W = _as_matrix(W)
     N, T = W.shape
-    if isinstance(samples, bool) or not isinstance(samples, int):
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
         raise TypeError(f"samples must be an int; got {type(samples).__name__}")
     if modes is not None and samples < modes:
         raise ValueError(f"samples must be ≥ modes ({modes}); got samples={samples}")
@@ -131,9 +132,9 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
     if warmup is None:
         clustered, window_start = T, 0
     else:
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 2 <= warmup <= T - 1:
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or not 2 <= warmup <= T - 1:
             raise ValueError(f"warmup must be an int in [2, T−1 = {T - 1}]; got {warmup!r}")
-        clustered, window_start = warmup, warmup - 1
+        clustered, window_start = int(warmup), int(warmup) - 1
     sample = sample_indices(layer_sizes, samples, seed)
     history = W[sample.to(W.device), :clustered]
     found = cluster(history, modes, threshold)

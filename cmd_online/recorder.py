@@ -7,6 +7,7 @@ weights, checkpoints and trajectories.
 
 from __future__ import annotations
 
+import numbers
 import contextlib
 import math
 import warnings
@@ -25,17 +26,19 @@ from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
 FORMAT = "cmd_online.CMDRecorder"
 VERSION = 1
+_STATE_KEYS = {"config", "layout", "num_records", "skipped_records", "steps", "sample_index", "history",
+               "reference_index", "references", "stats", "shards"}
 
 
 def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int ≥ {low}{' or None' if allow_none else ''}; "
                         f"got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be ≥ {low}; got {value}")
-    return value
+    return int(value)
 
 
 class CMDRecorder:
@@ -126,6 +129,7 @@ class CMDRecorder:
         self.num_records = 0
         self.skipped_records = 0
         self._steps = 0
+        self._warned_new_params = False
         self.sample_index = sample_indices(self.layout.sizes, samples, seed)
         self._sample_plan = self._shards.gather_plan(self.layout, self.sample_index, self.device)
         self._history = torch.zeros(samples, warmup, dtype=torch.float32, device=self.device)
@@ -170,6 +174,11 @@ class CMDRecorder:
 
     def record(self) -> bool:
         """Take one trajectory point now. Returns False if it was skipped (non-finite weights)."""
+        if not self._warned_new_params and sum(len(g["params"]) for g in self._optimizer.param_groups) != len(self._params):
+            self._warned_new_params = True
+            warnings.warn("CMDRecorder: the optimizer's parameters changed after the recorder was built "
+                          "(add_param_group?); only the original parameters are recorded", RuntimeWarning,
+                          stacklevel=2)
         weights = self._local_weights()
         if self.check_finite and not self._finite(weights):
             return False
@@ -375,6 +384,9 @@ class CMDRecorder:
         if state.get("version") != VERSION:
             raise ValueError(f"CMDRecorder state_dict version {state.get('version')!r} is not supported "
                              f"(expected {VERSION})")
+        missing = sorted(_STATE_KEYS - state.keys())
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}; it is not a complete CMDRecorder state_dict")
         for key, value in self.config.items():
             if state["config"].get(key) != value:
                 raise ValueError(f"state was recorded with {key}={state['config'].get(key)!r}, but this recorder "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ def sample_indices(layer_sizes: Sequence[int], samples: int, seed: int = 0) -> t
     if not sizes or any(s < 0 for s in sizes):
         raise ValueError(f"layer_sizes must be a non-empty list of sizes ≥ 0; got {list(layer_sizes)}")
     total = sum(sizes)
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
         raise TypeError(f"samples must be an int; got {type(samples).__name__}")
     if not 1 <= samples <= total:
         raise ValueError(f"samples must be in [1, N={total}] (N = number of weights); got {samples}")

@@ -7,6 +7,7 @@ The object knows nothing of how it was fitted: post-hoc and online CMD produce t
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -20,12 +21,12 @@ VERSION = 1
 
 def normalize_at(at: int, num_records: int, name: str = "at") -> int:
     """A record index in [0, num_records); negative values count from the end."""
-    if isinstance(at, bool) or not isinstance(at, int):
+    if isinstance(at, bool) or not isinstance(at, numbers.Integral):
         raise TypeError(f"{name} must be an int record index; got {type(at).__name__}")
     if not -num_records <= at < num_records:
         raise ValueError(f"{name}={at} is out of range: there are {num_records} records "
                          f"(valid: {-num_records}..{num_records - 1})")
-    return at % num_records
+    return int(at) % num_records
 
 
 def reconstruct(a: torch.Tensor, b: torch.Tensor, modes: torch.Tensor, column: torch.Tensor) -> torch.Tensor:

@@ -255,13 +255,13 @@ def test_load_state_dict_of_a_damaged_state_is_refused_and_changes_nothing(damag
     assert_same_state(before, tensors_of(target.state_dict()))
 
 
-def test_load_state_dict_missing_an_entry_raises_key_error_and_changes_nothing():
+def test_load_state_dict_missing_an_entry_raises_value_error_and_changes_nothing():
     source, _ = trained_recorder()
     state = source.state_dict()
     del state["config"]
     target, _ = trained_recorder(records=WARMUP + 1)
     before = tensors_of(target.state_dict())
-    with pytest.raises(KeyError, match="config"):
+    with pytest.raises(ValueError, match="missing config"):
         target.load_state_dict(state)
     assert_same_state(before, tensors_of(target.state_dict()))
 

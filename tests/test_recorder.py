@@ -453,3 +453,33 @@ def test_compiled_compact_update_equals_the_eager_one():
 def test_a_warmup_of_two_records_warns_that_it_finds_one_mode():
     with pytest.warns(UserWarning, match="single mode"):
         cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), samples=10, modes=2, warmup=2)
+
+
+def test_integer_arguments_accept_numpy_integers():
+    import numpy as np
+
+    rec = cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), modes=np.int64(2), samples=np.int32(20),
+                           warmup=np.int64(3), seed=np.uint8(1))
+    assert rec.config == dict(modes=2, threshold=None, samples=20, warmup=3, record_every=None,
+                              freeze_modes_after=None, seed=1)
+
+
+def test_an_incomplete_state_is_refused_with_a_value_error():
+    rec = cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), samples=20, modes=2, warmup=3)
+    state = rec.state_dict()
+    del state["history"]
+    with pytest.raises(ValueError, match="missing history"):
+        rec.load_state_dict(state)
+
+
+def test_parameters_added_after_construction_are_reported_once():
+    p, q = torch.nn.Parameter(torch.zeros(50)), torch.nn.Parameter(torch.zeros(5))
+    opt = torch.optim.SGD([p], lr=0.1)
+    rec = cmdo.CMDRecorder(opt, samples=20, modes=2, warmup=3)
+    opt.add_param_group({"params": [q]})
+    with pytest.warns(RuntimeWarning, match="add_param_group"):
+        rec.record()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.record()
+    assert rec.layout.numel == 50
