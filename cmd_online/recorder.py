@@ -89,6 +89,9 @@ class CMDRecorder:
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
         if modes is not None and modes > samples:
             raise ValueError(f"modes ({modes}) must be ≤ samples ({samples})")
+        if freeze_modes_after is not None and freeze_modes_after < 3:
+            warnings.warn(f"freeze_modes_after={freeze_modes_after}: modes fixed from fewer than 3 records of the "
+                          "window are arbitrary (all correlations are 0 or ±1); use ≥ 3", UserWarning, stacklevel=2)
         if warmup == 2:
             warnings.warn("warmup=2: any two records are perfectly correlated, so the clustering finds a "
                           "single mode; use warmup ≥ 3 for more than one", UserWarning, stacklevel=2)
@@ -327,10 +330,11 @@ class CMDRecorder:
         return [f.r2 for f in self._fit()]
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held in tensors by this recorder, by part (statistics, history, references, indices)."""
+        """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references, indices)."""
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         out = {
             "statistics": 0 if self._stats is None else self._stats.nbytes(),
+            "scratch": 0 if self._stats is None else self._stats.scratch_nbytes(),
             "history": size(self._history),
             "references": size(self._references),
             "indices": size(self.sample_index) + size(self.reference_index),
@@ -406,13 +410,7 @@ class CMDRecorder:
             if [t.numel() for t in s["sumsq"]] != local_sizes:
                 raise ValueError("state statistics do not match this process's parameter sizes")
             stats = StreamingMoments(local_sizes, M, self.device, compiled=self.compile_update)
-            stats.count = int(s["count"])
-            for name, value in stats.tensors().items():
-                setattr(stats, name, [t.to(self.device) for t in s[name]] if isinstance(value, list)
-                        else s[name].to(self.device))
-            if "modes" in s:
-                stats.modes = [m.to(self.device, torch.int32) for m in s["modes"]]
-                stats.comoment = [p.to(self.device) for p in s["comoment"]]
+            stats.restore(s)
         # everything checked: now change the recorder
         self.num_records = int(state["num_records"])
         self.skipped_records = int(state["skipped_records"])

@@ -202,8 +202,8 @@ def test_mnist1d_demo_in_compact_memory_exports_a_loadable_model(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "cmd_model.pt", weights_only=True), strict=True)
     _, _, x_test, y_test = load_data("mnist1d", seed=0)
     assert accuracy(model, x_test, y_test) == result.cmd_accuracy
-    # compact form: 4 float32 + 1 int32 per weight, plus the small history/reference tables
-    assert result.recorder_bytes < 5.5 * result.model_bytes
+    # compact form: 4 float32 + 1 int32 per weight, 2 float32 of scratch, plus the small history/reference tables
+    assert result.recorder_bytes < 7.5 * result.model_bytes
     assert CMDTrajectory.load(tmp_path / "trajectory.pt").num_records == 3
 
 
