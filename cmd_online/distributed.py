@@ -15,6 +15,7 @@ Full tensors are gathered only when asked (CMD state dicts, exports, trajectorie
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence
 
 import torch
@@ -22,10 +23,14 @@ import torch.distributed as dist
 
 from .layout import GatherPlan, Layout
 
-try:  # DTensor exists wherever torch.distributed does (torch ≥ 2.4 public path)
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Replicate = Shard = None
+
+
+def _dtensor_module():
+    """torch.distributed.tensor if some code has loaded it (any DTensor implies it), else None.
+
+    Importing it costs about half a second, so a plain single-process run never does.
+    """
+    return sys.modules.get("torch.distributed.tensor")
 
 
 def is_writer() -> bool:
@@ -34,7 +39,8 @@ def is_writer() -> bool:
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(p, DTensor)
+    module = _dtensor_module()
+    return module is not None and isinstance(p, module.DTensor)
 
 
 class ShardInfo:
@@ -130,8 +136,9 @@ class RowShards(ShardInfo):
                                  f"{placements}; CMDRecorder supports a 1-D mesh with Shard(0) or Replicate() "
                                  f"(FSDP2 fully_shard); gather it or record a 1-D sharded model")
             placement = placements[0]
-            row_shard = type(placement) is Shard and placement.dim == 0 and p.dim() >= 1
-            if not (row_shard or type(placement) is Replicate):
+            placement_types = _dtensor_module()
+            row_shard = type(placement) is placement_types.Shard and placement.dim == 0 and p.dim() >= 1
+            if not (row_shard or type(placement) is placement_types.Replicate):
                 raise ValueError(f"{what} is a DTensor with placements {placements}; CMDRecorder supports "
                                  f"only Shard(0) (FSDP2 fully_shard's default) and Replicate(); tensor-parallel "
                                  f"or partial placements are not supported")
