@@ -157,7 +157,7 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
     if form == "compact":
         kwargs["freeze_modes_after"] = 1
     if compile_update:
-        kwargs["compile"] = True
+        kwargs["compile_update"] = True
     rec = CMDRecorder(opt, **kwargs)
     for t in range(warmup):
         perturb(params, t)
@@ -263,7 +263,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="profile one record at N = 1e6, M = 10 (full, compact)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="also measure CMDRecorder(compile=True) if it exists")
+    p.add_argument("--compile", action="store_true", help="also measure CMDRecorder(compile_update=True)")
     p.add_argument("--worker", nargs=4, metavar=("N", "M", "FORM", "ROUNDS"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -279,10 +279,10 @@ def main(argv=None):
 
     forms = ["full", "compact"]
     if a.compile:
-        if "compile" in inspect.signature(CMDRecorder.__init__).parameters:
+        if "compile_update" in inspect.signature(CMDRecorder.__init__).parameters:
             forms.append("compact+compile")
         else:
-            print("CMDRecorder has no compile option in this version: not measured", file=sys.stderr)
+            print("CMDRecorder has no compile_update option in this version: not measured", file=sys.stderr)
     if a.quick:
         grid, naive = [(10_000, 2)], [(10_000, 2)]
     elif a.headline:
