@@ -3,7 +3,7 @@
     python scripts/memory_table.py [--weights-in 1000] [--weights-out 100] [--modes 10] [--samples 1000] [--warmup 20]
 
 Records a ``torch.nn.Linear`` (N = in·out + out weights) for warmup + 10 records in the full form and
-in the compact form (``freeze_modes_after=1``) and prints each part of ``nbytes()`` with its formula.
+in the compact form (``freeze_modes_after=3``) and prints each part of ``nbytes()`` with its formula.
 """
 
 import argparse
@@ -23,7 +23,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     M, K, F = args.modes, args.samples, args.warmup
-    for form, freeze in (("full", None), ("compact", 1)):
+    for form, freeze in (("full", None), ("compact", 3)):
         model = torch.nn.Linear(args.weights_in, args.weights_out)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         rec = cmdo.CMDRecorder(optimizer, model, modes=M, samples=K, warmup=F, freeze_modes_after=freeze)
@@ -36,6 +36,7 @@ def main():
         capacity = max(2 * F, 64)  # columns of the reference table; doubles when full
         formula = {
             "statistics": ((M_found + 3) * N if freeze is None else 5 * N) * 4 + 3 * M_found * 4,
+            "scratch": (1 if freeze is None else 2) * N * 4,
             "history": K * F * 4,
             "references": M_found * capacity * 4,
             "indices": (K + M_found) * 8,
@@ -45,7 +46,8 @@ def main():
         print(f"{form} form: N = {N:,} weights, M = {M_found} modes, K = {K}, F = {F}, "
               f"{rec.num_records} records")
         stats_formula = ("(M+3)·N·4 + 3·M·4" if freeze is None else "(4·N float32 + N int32)·4 B + 3·M·4")
-        rows = [("statistics", stats_formula), ("history", "K·F·4"),
+        rows = [("statistics", stats_formula), ("scratch", "N·4 (dx)" if freeze is None else "2·N·4 (dx, own y−ν)"),
+                ("history", "K·F·4"),
                 ("references", f"M·capacity·4 (capacity {capacity})"), ("indices", "(K+M)·8")]
         for part, text in rows:
             print(f"  {part:<11}{measured[part]:>12,} bytes   formula {text:<36}= {formula[part]:>12,}")
