@@ -133,7 +133,7 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base_rss, base_alloc = rss_bytes(), (torch.cuda.memory_allocated() if device == "cuda" else 0)
-    out = {"N": N, "M": M, "form": form, "device": device, "rounds": rounds}
+    out = {"N": N, "M": M, "form": form + ("+compile" if compile_update else ""), "device": device, "rounds": rounds}
     opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the timed steps leave the weights unchanged
 
     if form == "naive":  # every record kept; post-hoc CMD at the end
@@ -155,7 +155,7 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
     warmup = 8
     kwargs = dict(modes=M, samples=min(1000, N), warmup=warmup)
     if form == "compact":
-        kwargs["freeze_modes_after"] = 1
+        kwargs["freeze_modes_after"] = 3  # frozen during the 3 warm records below, before timing
     if compile_update:
         kwargs["compile_update"] = True
     rec = CMDRecorder(opt, **kwargs)
