@@ -53,7 +53,7 @@ def _train_on(model, opt, g, device):
 
 
 def _assert_matches_oracle(rec, W, rtol=1e-5):
-    traj = rec.trajectory()
+    traj = rec.trajectory().to("cpu")
     oracle = cmdo.fit_affine(W, traj.reference_index.cpu(), window_start=traj.window_start)
     # Modes must agree wherever the choice is clear; a weight whose two best |ρ| are within float32
     # round-off may pick either, and its reconstruction is then equally good.
@@ -82,9 +82,11 @@ def _assert_matches_oracle(rec, W, rtol=1e-5):
     assert ((online_fit - window).norm(dim=1) <= (oracle_fit - window).norm(dim=1) * 1.01 + 1e-6).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
-def test_online_equals_posthoc_oracle(opt_name):
-    _, _, rec, W = _run(opt_name)
+def test_online_equals_posthoc_oracle(opt_name, device):
+    _, _, rec, W = _run(opt_name, device=device)
+    assert all(t.device.type == device for t in rec._stats.mean)
     _assert_matches_oracle(rec, W)
 
 
@@ -190,8 +192,9 @@ def _model_with_numel(N=5001):
     return model
 
 
-def test_memory_after_warmup_equals_the_full_form_formula():
-    model = _model_with_numel()
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_after_warmup_equals_the_full_form_formula(device):
+    model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), modes=6, samples=100, warmup=3)
     for _ in range(3):
         with torch.no_grad():
@@ -204,13 +207,15 @@ def test_memory_after_warmup_equals_the_full_form_formula():
     assert nbytes["statistics"] == (M + 3) * N * 4 + 3 * M * 4  # c, μ, S, P (M × N) + 3 M-vectors
     assert nbytes["history"] == K * F * 4
     assert nbytes["references"] == M * 64 * 4  # preallocated M × T table, grows by doubling
-    owned = sum(t.numel() * t.element_size() for v in rec._stats.tensors().values()
-                for t in (v if isinstance(v, list) else [v]))
-    assert owned == nbytes["statistics"]
+    owned = [t for v in rec._stats.tensors().values() for t in (v if isinstance(v, list) else [v])]
+    assert sum(t.numel() * t.element_size() for t in owned) == nbytes["statistics"]
+    assert all(t.device.type == device and t.dtype == torch.float32 for t in owned)
+    assert nbytes["scratch"] == N * 4  # dx, preallocated once
 
 
-def test_memory_in_the_compact_form_is_four_floats_and_one_int_per_weight():
-    model = _model_with_numel()
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_in_the_compact_form_is_four_floats_and_one_int_per_weight(device):
+    model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), modes=6, samples=100, warmup=3,
                            freeze_modes_after=2)
     for _ in range(5):
@@ -221,6 +226,8 @@ def test_memory_in_the_compact_form_is_four_floats_and_one_int_per_weight():
     assert rec._stats.compact
     N = 5001
     assert rec.nbytes()["statistics"] == 4 * N * 4 + N * 4 + 3 * 6 * 4  # c, μ, S, own P + int32 mode
+    assert rec.nbytes()["scratch"] == 2 * N * 4  # dx and each weight's own y − ν
+    assert all(m.device.type == device and m.dtype == torch.int32 for m in rec._stats.modes)
 
 
 def test_trajectory_reconstruct_equals_cmd_parameters():
