@@ -61,15 +61,19 @@ class CMDRecorder:
         record_every (int): record after every k-th optimizer step; None (default): call :meth:`record`.
         freeze_modes_after (int): after this many records of tracking, fix each weight's mode and keep
             only its own co-moment (compact memory); None (default) keeps the full form.
-        writer (SummaryWriter): a TensorBoard writer to log mode statistics to at each record (default None).
-        log_every (int): log histograms and the mode-by-layer figure every this many records (default 10).
+        writer (SummaryWriter): a TensorBoard writer to log to after each record from the end of the
+            warm-up on: reference values and memory every record, mode statistics on the interval below
+            (default None; see docs/tensorboard.md).
+        log_every (int): log mode sizes, R², residual, histograms and the mode-by-layer map every this
+            many records (default 10): they need an O(M·N) pass over the statistics.
         seed (int): seed of the sampling (default 0).
         check_finite (bool): skip (with a warning) records whose weights hold NaN/Inf (default True).
             This reads one boolean per record on the host: free on CPU, one small synchronisation per
             record on a GPU.
         compile_update (bool): run the compact-form update through ``torch.compile``, fusing it into
-            one loop per tensor (several times faster on CPU), at a one-time compile cost of seconds to
-            a minute; worth it for long runs with ``freeze_modes_after`` (default False).
+            one loop per tensor (about 1.5–2× faster on CPU, ``benchmarks/cost.py``), at a one-time
+            compile cost of seconds to a minute; worth it for long runs with ``freeze_modes_after``
+            (default False).
     """
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,
@@ -111,14 +115,12 @@ class CMDRecorder:
         self._optimizer = optimizer
         self._params = params
         self._model = None if model is None else weakref.ref(model)
-        names = None
-        if model is not None:
+        names = [f"param_groups.{g}.params.{j}"
+                 for g, group in enumerate(optimizer.param_groups) for j in range(len(group["params"]))]
+        if model is not None:  # the model's names where it has the parameter
             by_id = {id(p): n for n, p in model.named_parameters()}
-            names = [by_id.get(id(p), f"param_groups.{g}.params.{j}")
-                     for g, group in enumerate(optimizer.param_groups) for j, p in enumerate(group["params"])]
-        self.layout = Layout.of_tensors(params, names if names is not None else
-                                        [f"param_groups.{g}.params.{j}" for g, group in
-                                         enumerate(optimizer.param_groups) for j in range(len(group["params"]))])
+            names = [by_id.get(id(p), name) for p, name in zip(params, names)]
+        self.layout = Layout.of_tensors(params, names)
         N = self.layout.numel
         if samples > N:
             raise ValueError(f"samples ({samples}) must be ≤ the number of weights N = {N}")
