@@ -197,6 +197,7 @@ class CMDRecorder:
             refs = self._shards.assemble(self._ref_plan(weights))
             self._store_reference(t, refs)
             self._stats.update(weights, refs)
+            self._fit_cache = None  # before the freeze below, which must fit this record's statistics
             if self.config["freeze_modes_after"] == self._stats.count:
                 self._stats.freeze([f.modes for f in self._fit()])
         self.num_records += 1

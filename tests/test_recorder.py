@@ -490,3 +490,22 @@ def test_parameters_added_after_construction_are_reported_once():
         warnings.simplefilter("error")
         rec.record()
     assert rec.layout.numel == 50
+
+
+def test_a_query_before_the_freeze_does_not_change_the_frozen_modes():
+    def run(query_between):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300))]
+        rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), modes=3, samples=100, warmup=3, freeze_modes_after=3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            with torch.no_grad():
+                params[0].add_(torch.randn(300, generator=g))
+            rec.record()
+            if query_between and rec.phase == "tracking":
+                rec.cmd_parameters()  # fills the fit cache between records
+        return rec.trajectory()
+
+    plain, queried = run(False), run(True)
+    assert torch.equal(plain.modes, queried.modes)
+    assert torch.equal(plain.a, queried.a)
