@@ -145,7 +145,8 @@ class StreamingMoments:
         self.count += 1
         n = self.count
         if n == 1:
-            torch._foreach_copy_(self.shift, list(weights))
+            for c, w in zip(self.shift, weights):  # once per run: a loop (``_foreach_copy_`` needs torch ≥ 2.2)
+                c.copy_(w)
             self.ref_shift.copy_(refs)
             return
         dy = refs - self.ref_shift - self.ref_mean
