@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_save
+from .files import atomic_save, atomic_write_text
 from .recorder import CMDRecorder
 
 DATASETS = ("digits", "mnist1d")
@@ -377,13 +377,6 @@ def _run(config: DemoConfig, write: Callable[[str], None]) -> DemoResult:
     metrics = dict(asdict(result), record_share=result.record_share, config=asdict(config))
     atomic_write_text(Path(files["metrics"]), json.dumps(metrics, indent=1))
     return result
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def summary_table(result: DemoResult) -> str:
