@@ -71,7 +71,7 @@ class CMDRecorder:
             This reads one boolean per record on the host: free on CPU, one small synchronisation per
             record on a GPU.
         compile_update (bool): run the compact-form update through ``torch.compile``, fusing it into
-            one loop per tensor (about 1.5–2× faster on CPU, ``benchmarks/cost.py``), at a one-time
+            one loop per tensor (1.4–2.4× faster on CPU in ``benchmarks/cost.py --compile``), at a one-time
             compile cost of seconds to a minute; worth it for long runs with ``freeze_modes_after``
             (default False).
     """
