@@ -30,8 +30,13 @@ def normalize_at(at: int, num_records: int, name: str = "at") -> int:
 
 
 def reconstruct(a: torch.Tensor, b: torch.Tensor, modes: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
-    """ŵ = a · column[modes] + b, for one record's reference values ``column`` (M,)."""
-    return torch.addcmul(b, a, column.to(a.dtype)[modes.long()])
+    """ŵ = a · column[modes] + b, for one record's reference values ``column`` (M,), in a's dtype.
+
+    Computed in float64: a float32 product is then exact and the sum rounds once, so the result does
+    not depend on how the vector is split (per tensor or flat) or on FMA use in the kernel.
+    """
+    picked = column.to(torch.float64).index_select(0, modes.to(torch.int32))
+    return torch.addcmul(b.to(torch.float64), a.to(torch.float64), picked).to(a.dtype)
 
 
 class CMDTrajectory:
