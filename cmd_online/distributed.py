@@ -84,7 +84,7 @@ class ShardInfo:
         """Whole tensors from this process's parts."""
         return list(local)
 
-    def full_flat(self, local: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def full_flat(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
         """One flat vector over all parameters from per-parameter local parts."""
         return torch.cat([t.reshape(-1) for t in local])
 
@@ -229,7 +229,7 @@ class RowShards(ShardInfo):
                 out[i] = flat.view(params[i].shape)
         return out
 
-    def full_flat(self, local: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def full_flat(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
         dtypes = {t.dtype for t in local}
         if len(dtypes) != 1:
             raise TypeError(f"local parts must share one dtype; got {sorted(map(str, dtypes))}")

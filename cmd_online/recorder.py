@@ -112,8 +112,10 @@ class CMDRecorder:
             raise ValueError(f"all parameters must be on one device; got {sorted(map(str, devices))}")
         self.device = devices.pop()
 
-        self._optimizer = optimizer
-        self._params = params
+        # weak references, as torch_ema keeps: dropping the model and optimizer frees the parameters
+        self._optimizer = weakref.ref(optimizer)
+        self._param_refs = [weakref.ref(p) for p in params]
+        self._local_meta = [(w.shape, w.dtype) for w in self._shards.local(params)]  # queries need no live params
         self._model = None if model is None else weakref.ref(model)
         names = [f"param_groups.{g}.params.{j}"
                  for g, group in enumerate(optimizer.param_groups) for j in range(len(group["params"]))]
@@ -164,11 +166,16 @@ class CMDRecorder:
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return self._params
+        """The recorded parameters, in optimizer order (held weakly)."""
+        params = [ref() for ref in self._param_refs]
+        if any(p is None for p in params):
+            raise RuntimeError("the parameters recorded by this CMDRecorder have been deleted (model and optimizer "
+                               "dropped); cmd_parameters(), trajectory(), state_dict() and nbytes() still work")
+        return params
 
     def _local_weights(self) -> list[torch.Tensor]:
         """This process's part of every parameter, flat, in float32 (a view where no cast is needed)."""
-        return [w.detach().reshape(-1).float() for w in self._shards.local(self._params)]
+        return [w.detach().reshape(-1).float() for w in self._shards.local(self.params)]
 
     # ----------------------------------------------------------------------------- recording
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -179,7 +186,9 @@ class CMDRecorder:
 
     def record(self) -> bool:
         """Take one trajectory point now. Returns False if it was skipped (non-finite weights)."""
-        if not self._warned_new_params and sum(len(g["params"]) for g in self._optimizer.param_groups) != len(self._params):
+        optimizer = self._optimizer()
+        if (not self._warned_new_params and optimizer is not None
+                and sum(len(g["params"]) for g in optimizer.param_groups) != len(self._param_refs)):
             self._warned_new_params = True
             warnings.warn("CMDRecorder: the optimizer's parameters changed after the recorder was built "
                           "(add_param_group?); only the original parameters are recorded", RuntimeWarning,
@@ -271,8 +280,8 @@ class CMDRecorder:
         self._require_tracking("cmd_parameters")
         at = normalize_at(at, self.num_records)
         column = self._references[:, at]
-        return [reconstruct(f.a, f.b, f.modes, column).view(w.shape).to(w.dtype)
-                for f, w in zip(self._fit(), self._shards.local(self._params))]
+        return [reconstruct(f.a, f.b, f.modes, column).view(shape).to(dtype)
+                for f, (shape, dtype) in zip(self._fit(), self._local_meta)]
 
     def _live_model(self) -> torch.nn.Module:
         if self._model is None:
@@ -287,8 +296,9 @@ class CMDRecorder:
         """The model's state_dict with CMD weights for the recorded parameters (buffers are live)."""
         model = self._live_model()
         self._require_tracking("cmd_state_dict")
-        full = self._shards.full_tensors(self.cmd_parameters(at), self._params)
-        by_id = {id(p): v for p, v in zip(self._params, full)}
+        params = self.params
+        full = self._shards.full_tensors(self.cmd_parameters(at), params)
+        by_id = {id(p): v for p, v in zip(params, full)}
         sd = model.state_dict(keep_vars=True)
         return {k: (by_id[id(v)] if id(v) in by_id else v).detach() for k, v in sd.items()}
 
@@ -296,7 +306,7 @@ class CMDRecorder:
     def swapped(self, at: int = -1) -> Iterator[None]:
         """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit."""
         cmd = self.cmd_parameters(at)
-        local = self._shards.local(self._params)
+        local = self._shards.local(self.params)
         saved = [p.detach().clone() for p in local]
         try:
             with torch.no_grad():
@@ -321,7 +331,7 @@ class CMDRecorder:
         """The CMD model so far, as a :class:`CMDTrajectory` (full tensors, gathered under FSDP)."""
         self._require_tracking("trajectory")
         fits = self._fit()
-        a, b, modes, r2 = (self._shards.full_flat([getattr(f, k) for f in fits], self._params)
+        a, b, modes, r2 = (self._shards.full_flat([getattr(f, k) for f in fits])
                            for k in ("a", "b", "modes", "r2"))
         M = self.num_modes
         return CMDTrajectory(self._references[:, :self.num_records].clone(), self.reference_index.clone(), a, b,

@@ -276,6 +276,7 @@ def test_load_state_dict_of_a_non_dict_is_refused():
 # ---------------------------------------------------------------------------------- deleted model
 def test_deleted_model_gives_a_clear_error_and_leaves_files_alone(tmp_path):
     rec, model = trained_recorder()
+    parameters = list(model.parameters())  # held here, as an optimizer in a training loop would hold them
     target = tmp_path / "cmd.pt"
     target.write_bytes(b"previous")
     del model
@@ -285,11 +286,12 @@ def test_deleted_model_gives_a_clear_error_and_leaves_files_alone(tmp_path):
     with pytest.raises(RuntimeError, match="has been deleted"):
         rec.export(target)
     assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["cmd.pt"]
-    # what needs no model keeps working: the parameters are held by the optimizer
+    # what needs no model keeps working while the parameters live
     assert rec.trajectory().num_records == WARMUP + 4
     assert len(rec.cmd_parameters()) == 4
     with rec.swapped():
         pass
+    del parameters
 
 
 def test_model_needed_but_never_given_is_a_clear_error():

@@ -509,3 +509,30 @@ def test_a_query_before_the_freeze_does_not_change_the_frozen_modes():
     plain, queried = run(False), run(True)
     assert torch.equal(plain.modes, queried.modes)
     assert torch.equal(plain.a, queried.a)
+
+
+def test_dropping_model_and_optimizer_frees_the_parameters_and_keeps_the_trajectory():
+    import gc
+    import weakref
+
+    model = _model_with_numel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = cmdo.CMDRecorder(opt, model, modes=2, samples=100, warmup=3)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        rec.record()
+    before = rec.trajectory()
+    alive = weakref.ref(model[0].weight)
+    del model, opt, p
+    gc.collect()
+    assert alive() is None  # the recorder did not keep the parameters alive
+    after = rec.trajectory()
+    assert torch.equal(before.a, after.a) and torch.equal(before.references, after.references)
+    assert [c.shape for c in rec.cmd_parameters()] == [torch.Size(s) for s in rec.layout.shapes]
+    with pytest.raises(RuntimeError, match="parameters recorded by this CMDRecorder have been deleted"):
+        rec.record()
+    with pytest.raises(RuntimeError, match="have been deleted"):
+        with rec.swapped():
+            pass
