@@ -145,7 +145,7 @@ class CMDRecorder:
         self._ref_plan: GatherPlan | None = None
         self._references: torch.Tensor | None = None  # M × capacity, columns [0, num_records) valid
         self._stats: StreamingMoments | None = None
-        self._fit_cache: tuple[int, list[AffineFit]] | None = None
+        self._fit_cache: tuple[int, list[AffineFit]] | None = None  # (statistics count, fits)
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
     # ----------------------------------------------------------------------------- state
@@ -206,11 +206,9 @@ class CMDRecorder:
             refs = self._shards.assemble(self._ref_plan(weights))
             self._store_reference(t, refs)
             self._stats.update(weights, refs)
-            self._fit_cache = None  # before the freeze below, which must fit this record's statistics
             if self.config["freeze_modes_after"] == self._stats.count:
                 self._stats.freeze([f.modes for f in self._fit()])
         self.num_records += 1
-        self._fit_cache = None
         if self.writer is not None and t >= F - 1:
             self._log_safely(self.writer, self.num_records - 1)
         return True
@@ -261,8 +259,8 @@ class CMDRecorder:
                                f"needed (warmup={self.config['warmup']}, recorded {self.num_records})")
 
     def _fit(self) -> list[AffineFit]:
-        """Per-tensor fit from the statistics, cached until the next record; a, b in float32."""
-        if self._fit_cache is not None and self._fit_cache[0] == self.num_records:
+        """Per-tensor fit from the statistics, cached until the statistics change; a, b in float32."""
+        if self._fit_cache is not None and self._fit_cache[0] == self._stats.count:  # stale once stats move
             return self._fit_cache[1]
         fits = self._stats.fit()
         tensor, offset = self.layout.locate(self.reference_index)
@@ -272,7 +270,7 @@ class CMDRecorder:
                 f = fits[t]
                 f.modes[o], f.a[o], f.b[o], f.r2[o] = m, 1.0, 0.0, 1.0
         fits = [AffineFit(f.modes.to(torch.int32), f.a.float(), f.b.float(), f.r2.float()) for f in fits]
-        self._fit_cache = (self.num_records, fits)
+        self._fit_cache = (self._stats.count, fits)
         return fits
 
     def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
