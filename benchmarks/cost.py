@@ -16,6 +16,7 @@ peak (clustering, the fit that freezes the modes) is reported apart as ``setup_p
     python benchmarks/cost.py              # full grid, 1 thread
     python benchmarks/cost.py --quick      # smoke run (N = 1e4)
     python benchmarks/cost.py --headline   # N = 1e6, M = 10 only, 3 fresh processes each form
+    python benchmarks/cost.py --headline --flush   # the same, every timed operation starting from memory
     python benchmarks/cost.py --profile    # torch.profiler table of one record at N = 1e6, M = 10
 """
 
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 FRACTIONS = (0.45, 0.001, 0.35, 0.001, 0.197, 0.001)  # four "layers" with weights and biases
+FLUSH_BYTES = 128 << 20  # --flush: 4× the 32 MB L3 of the development machine (and 2.5× an H100's 50 MB L2)
 
 
 def rss_bytes() -> int:
@@ -125,7 +127,7 @@ def _load_lazy_modules(device: str) -> None:
     decompose(torch.randn(4000, 8).cumsum(1), modes=2, samples=500)
 
 
-def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: bool) -> dict:
+def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: bool, flush: bool = False) -> dict:
     from cmd_online import CMDRecorder
 
     _load_lazy_modules(device)
@@ -194,9 +196,15 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
         "adam_step": adam.step,
         "add_floor": lambda: floor_buf.add_(1.0),
     }
+    # --flush: before each timed operation, read a buffer 4× this CPU's last-level cache (clean lines, no
+    # write-backs), so that every operation starts from memory, as after a forward and backward pass
+    flush_buf = torch.ones(FLUSH_BYTES // 4, device=device) if flush else None
+    out["flush"] = flush
     times = {k: [] for k in ops}
     for _ in range(rounds):
         for k, fn in ops.items():
+            if flush_buf is not None:
+                flush_buf.sum()
             times[k].append(timed(fn, device))
     times["record"] = rec_times + times["record"]
     out["times_s"] = {k: quartiles(v) for k, v in times.items()}
@@ -264,6 +272,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also measure CMDRecorder(compile_update=True)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per form with --headline (default 3)")
+    p.add_argument("--flush", action="store_true",
+                   help="evict the caches before every timed operation (each starts from memory)")
     p.add_argument("--worker", nargs=4, metavar=("N", "M", "FORM", "ROUNDS"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -271,7 +282,7 @@ def main(argv=None):
     if a.worker:
         N, M, form, rounds = int(float(a.worker[0])), int(a.worker[1]), a.worker[2], int(a.worker[3])
         compile_update = form.endswith("+compile")
-        print(json.dumps(worker(N, M, form.replace("+compile", ""), rounds, a.device, compile_update)))
+        print(json.dumps(worker(N, M, form.replace("+compile", ""), rounds, a.device, compile_update, a.flush)))
         return None
     if a.profile:
         return profile(a)
@@ -280,13 +291,13 @@ def main(argv=None):
     forms = ["full", "compact"]
     if a.compile:
         if "compile_update" in inspect.signature(CMDRecorder.__init__).parameters:
-            forms.append("compact+compile")
+            forms += ["full+compile", "compact+compile"]
         else:
             print("CMDRecorder has no compile_update option in this version: not measured", file=sys.stderr)
     if a.quick:
         grid, naive = [(10_000, 2)], [(10_000, 2)]
     elif a.headline:
-        grid, naive = [(1_000_000, 10)] * 3, []
+        grid, naive = [(1_000_000, 10)] * a.repeats, []
     else:
         grid = [(N, M) for N in (100_000, 1_000_000, 10_000_000) for M in (2, 10, 32)]
         naive = [(N, 10) for N in (100_000, 1_000_000, 10_000_000)]
@@ -294,10 +305,11 @@ def main(argv=None):
     for N, M in grid:
         for form in forms:
             if a.quick:  # in-process: a smoke run checks the code path, not a clean peak RSS
-                rows.append(worker(N, M, form.replace("+compile", ""), 3, a.device, form.endswith("+compile")))
+                rows.append(worker(N, M, form.replace("+compile", ""), 3, a.device, form.endswith("+compile"),
+                                   a.flush))
             else:
                 rows.append(spawn([str(N), str(M), form, str(rounds_for(N, a.quick)), "--device", a.device,
-                                   "--threads", str(a.threads)]))
+                                   "--threads", str(a.threads)] + (["--flush"] if a.flush else [])))
             r = rows[-1]
             print(f"N={N:.0e} M={M} {form}: record {1e3 * r['times_s']['record']['median']:.3g} ms, "
                   f"record/floor {r['ratios']['record/add_floor']['median']:.2f}, "
@@ -309,7 +321,10 @@ def main(argv=None):
     md = markdown(rows)
     print(md)
     name = "cost_quick" if a.quick else "cost_headline" if a.headline else "cost"
-    common.write_json(name + ".json", dict(settings=dict(threads=a.threads, device=a.device, fractions=FRACTIONS),
+    name += "_flush" if a.flush else ""
+    name += "_cuda" if a.device == "cuda" else ""
+    common.write_json(name + ".json", dict(settings=dict(threads=a.threads, device=a.device, fractions=FRACTIONS,
+                                                         flush=a.flush),
                                            env=common.environment(), runs=rows, ns_per_element=linearity(rows)),
                       a.out)
     return rows

@@ -94,6 +94,20 @@ def mode_means(modes: torch.Tensor, values: torch.Tensor, num_modes: int) -> tor
     return sums / counts
 
 
+def _full_update(w, shift, mean, sumsq, rows, ref_dev, scalars):
+    """One record of the full form for one tensor, written for torch.compile to fuse into one loop.
+
+    ``rows`` are the M rows of P as separate views: written row by row, the compiler computes dx once
+    per element and updates all M + 2 outputs from it (a broadcast ``P += ref_dev ⊗ dx`` instead
+    compiles to a loop over P that recomputes dx per row, slower than eager).
+    """
+    dx = (w - shift) - mean
+    mean.add_(dx * scalars[0])
+    sumsq.add_(dx * dx * scalars[1])
+    for m, row in enumerate(rows):
+        row.add_(dx * ref_dev[m])
+
+
 def _compact_update(w, shift, mean, sumsq, comoment, modes, ref_dev, scalars):
     """One record of the compact form for one tensor, written for torch.compile to fuse into one loop."""
     dx = (w - shift) - mean
@@ -102,9 +116,17 @@ def _compact_update(w, shift, mean, sumsq, comoment, modes, ref_dev, scalars):
     comoment.add_(dx * ref_dev[modes.long()])
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_compact_update():
-    return torch.compile(_compact_update, dynamic=True)
+@functools.lru_cache(maxsize=None)
+def _compiled(update):
+    return torch.compile(update, dynamic=True)
+
+
+def _foreach_copy_(dst: list[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):  # torch ≥ 2.2
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
 
 
 class StreamingMoments:
@@ -120,9 +142,12 @@ class StreamingMoments:
     """
 
     def __init__(self, sizes: Sequence[int], num_modes: int, device: torch.device | str = "cpu",
-                 compiled: bool = False):
+                 compiled: bool = False, foreach: bool | None = None):
         self.num_modes = int(num_modes)
-        self.compiled = bool(compiled)  # torch.compile the compact-form update (one-time compile cost)
+        # multi-tensor (``torch._foreach_*``) passes: by default on accelerators, where each kernel launch
+        # costs more than a pass over a small tensor; on CPU the per-tensor loop keeps dx in cache
+        self.foreach = torch.device(device).type != "cpu" if foreach is None else bool(foreach)
+        self.compiled = bool(compiled)  # torch.compile the update (one-time compile cost)
         self.count = 0  # records in the window; a host int, so the update never syncs
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
         self.shift = [zeros(n) for n in sizes]
@@ -145,35 +170,62 @@ class StreamingMoments:
         self.count += 1
         n = self.count
         if n == 1:
-            for c, w in zip(self.shift, weights):  # once per run: a loop (``_foreach_copy_`` needs torch ≥ 2.2)
-                c.copy_(w)
+            _foreach_copy_(self.shift, weights)
             self.ref_shift.copy_(refs)
             return
         dy = refs - self.ref_shift - self.ref_mean
         self.ref_mean.add_(dy, alpha=1.0 / n)
         self.ref_sumsq.addcmul_(dy, dy, value=(n - 1) / n)
         ref_dev = dy * ((n - 1) / n)  # y − ν after the mean update
-        if self.modes is not None and self.compiled:
+        if self.compiled:
             # scalars as a tensor: one compiled kernel serves every record without recompiling
             scalars = torch.tensor([1.0 / n, (n - 1) / n], dtype=torch.float32).to(ref_dev.device, non_blocking=True)
-            for args in zip(weights, self.shift, self.mean, self.sumsq, self.comoment, self.modes):
-                _compiled_compact_update()(*args, ref_dev, scalars)
+            if self.modes is None:
+                update = _compiled(_full_update)
+                for w, c, mu, S, P in zip(weights, self.shift, self.mean, self.sumsq, self.comoment):
+                    update(w, c, mu, S, P.unbind(0), ref_dev, scalars)
+            else:
+                update = _compiled(_compact_update)
+                for args in zip(weights, self.shift, self.mean, self.sumsq, self.comoment, self.modes):
+                    update(*args, ref_dev, scalars)
             return
 
         inv_n, shrink = 1.0 / n, (n - 1) / n
+        if self.foreach:
+            # a few multi-tensor kernels for all tensors instead of five launches per tensor (GPU)
+            dx = self.scratch
+            _foreach_copy_(dx, weights)
+            torch._foreach_sub_(dx, self.shift)
+            torch._foreach_sub_(dx, self.mean)  # dx = (w − c) − μ
+            torch._foreach_add_(self.mean, dx, alpha=inv_n)
+            torch._foreach_addcmul_(self.sumsq, dx, dx, value=shrink)
+            if self.modes is None:
+                for i in range(len(dx)):
+                    self._add_comoment(i, ref_dev)
+            else:
+                for modes, own in zip(self.modes, self.own_scratch):
+                    torch.index_select(ref_dev, 0, modes, out=own)
+                torch._foreach_addcmul_(self.comoment, dx, self.own_scratch)
+            return
+        # one tensor at a time, so that each tensor's dx is still in cache for its next passes (CPU)
         for i, (w, dx) in enumerate(zip(weights, self.scratch)):
             torch.sub(w, self.shift[i], out=dx)
             dx.sub_(self.mean[i])  # dx = (w − c) − μ
             self.mean[i].add_(dx, alpha=inv_n)
             # S += dx·(w − c − μ_new) = dx²·(n − 1)/n, without forming w − μ_new
             self.sumsq[i].addcmul_(dx, dx, value=shrink)
-            if self.modes is None:
-                # P += (y − ν) ⊗ dx as one broadcast kernel over M × n: no M × n temporary
-                self.comoment[i].addcmul_(ref_dev.unsqueeze(1), dx.unsqueeze(0))
-            else:
-                # each weight's own (y − ν); int32 index_select is ~15× faster on CPU than ref_dev[modes]
-                own = torch.index_select(ref_dev, 0, self.modes[i], out=self.own_scratch[i])
-                self.comoment[i].addcmul_(dx, own)
+            self._add_comoment(i, ref_dev)
+
+    def _add_comoment(self, i: int, ref_dev: torch.Tensor) -> None:
+        """P += (y − ν) ⊗ dx for tensor i, from its dx in the scratch."""
+        dx = self.scratch[i]
+        if self.modes is None:
+            # one broadcast kernel over M × n: no M × n temporary
+            self.comoment[i].addcmul_(ref_dev.unsqueeze(1), dx.unsqueeze(0))
+        else:
+            # each weight's own (y − ν); int32 index_select is ~15× faster on CPU than ref_dev[modes]
+            own = torch.index_select(ref_dev, 0, self.modes[i], out=self.own_scratch[i])
+            self.comoment[i].addcmul_(dx, own)
 
     def freeze(self, modes: Sequence[torch.Tensor]) -> None:
         """Switch to the compact form: keep only each weight's co-moment with its own mode."""

@@ -186,6 +186,48 @@ def test_resume_continues_bit_identically(stop_at, compact):
         assert torch.equal(x, y)
 
 
+def _seeded_motion_run(records, device, state=None, stop_at=None, **kw):
+    """Parameters on ``device`` moved by seeded random steps (the same on every device and every run)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(60, 40).to(device)), torch.nn.Parameter(torch.randn(90).to(device))]
+    rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), modes=3, samples=200, warmup=4, **kw)
+    start = 0
+    if state is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        rec.load_state_dict(state["rec"])
+        start = rec.num_records
+    for t in range(start, records):
+        g = torch.Generator().manual_seed(t)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g).to(device) * 0.1)
+        rec.record()
+        if stop_at == t + 1:
+            buf = io.BytesIO()
+            torch.save({"params": [p.detach() for p in params], "rec": rec.state_dict()}, buf)
+            buf.seek(0)
+            return torch.load(buf, weights_only=True)
+    return rec
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stop_at", [2, 7], ids=["during_warmup", "after_warmup"])
+@pytest.mark.parametrize("compact", [None, 5], ids=["full", "compact"])
+def test_resume_on_the_parameters_device_continues_bit_identically(compact, stop_at, device):
+    whole = _seeded_motion_run(10, device, freeze_modes_after=compact)
+    saved = _seeded_motion_run(10, device, stop_at=stop_at, freeze_modes_after=compact)
+    resumed = _seeded_motion_run(10, device, state=saved, freeze_modes_after=compact)
+    assert resumed._stats.comoment[0].device.type == device
+    a, b = whole.trajectory(), resumed.trajectory()
+    for name in ("references", "reference_index", "a", "b", "modes"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for at in (4, -1):
+        for x, y in zip(whole.cmd_parameters(at), resumed.cmd_parameters(at)):
+            assert torch.equal(x, y)
+
+
 def _model_with_numel(N=5001):
     model = torch.nn.Sequential(torch.nn.Linear(49, 50), torch.nn.Linear(50, 49), torch.nn.Linear(1, 1))
     assert sum(p.numel() for p in model.parameters()) == N
@@ -338,8 +380,9 @@ def test_several_param_groups_and_frozen_parameters_reconstruct_exactly():
         assert torch.equal(rec.cmd_parameters(at)[-1], frozen.detach())
 
 
-def test_nonfinite_weights_skip_the_record_with_a_warning():
-    model = _model_with_numel()
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_weights_skip_the_record_with_a_warning(device):
+    model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=100, warmup=3)
     for _ in range(4):
         with torch.no_grad():
@@ -363,17 +406,18 @@ def test_nonfinite_weights_skip_the_record_with_a_warning():
     assert torch.isfinite(rec.trajectory().a).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_low_and_high_precision_parameters_keep_float32_statistics(dtype):
-    model = _model_with_numel().to(dtype)
+def test_low_and_high_precision_parameters_keep_float32_statistics(dtype, device):
+    model = _model_with_numel().to(device, dtype)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=100, warmup=3)
     for _ in range(5):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         rec.record()
-    assert all(t.dtype == torch.float32 for t in rec._stats.mean)
-    assert all(c.dtype == dtype for c in rec.cmd_parameters())
+    assert all(t.dtype == torch.float32 and t.device.type == device for t in rec._stats.mean)
+    assert all(c.dtype == dtype and c.device.type == device for c in rec.cmd_parameters())
     assert rec.cmd_state_dict()["0.weight"].dtype == dtype
 
 
@@ -437,19 +481,23 @@ def test_at_out_of_range_and_missing_model_are_clear_errors():
         rec.cmd_state_dict()
 
 
-def test_compiled_compact_update_equals_the_eager_one():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compact", [None, 2], ids=["full", "compact"])
+def test_compiled_update_equals_the_eager_one(compact, device):
     def run(compiled):
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(70))]
+        params = [torch.nn.Parameter(torch.randn(40, 30, device=device)),
+                  torch.nn.Parameter(torch.randn(70, device=device))]
         rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), modes=3, samples=100, warmup=3,
-                               freeze_modes_after=2, compile_update=compiled)
+                               freeze_modes_after=compact, compile_update=compiled)
         g = torch.Generator().manual_seed(1)
         for _ in range(8):
             with torch.no_grad():
                 for p in params:
-                    p.add_(torch.randn(p.shape, generator=g))
+                    p.add_(torch.randn(p.shape, generator=g).to(device))
             rec.record()
-        return rec.trajectory()
+        assert rec._stats.compiled is compiled
+        return rec.trajectory().to("cpu")
 
     eager, compiled = run(False), run(True)
     assert torch.equal(eager.modes, compiled.modes)
