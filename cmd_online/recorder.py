@@ -208,6 +208,7 @@ class CMDRecorder:
             self._stats.update(weights, refs)
             if self.config["freeze_modes_after"] == self._stats.count:
                 self._stats.freeze([f.modes for f in self._fit()])
+            self._fit_cache = None  # stale from the next record on: free its 4 floats per weight now
         self.num_records += 1
         if self.writer is not None and t >= F - 1:
             self._log_safely(self.writer, self.num_records - 1)
@@ -341,7 +342,8 @@ class CMDRecorder:
         return [f.r2 for f in self._fit()]
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references, indices)."""
+        """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references, indices)
+        and their ``total``; apart from the total, ``fit``: the fit cached by the last query until the next record."""
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         out = {
             "statistics": 0 if self._stats is None else self._stats.nbytes(),
@@ -351,6 +353,8 @@ class CMDRecorder:
             "indices": size(self.sample_index) + size(self.reference_index),
         }
         out["total"] = sum(out.values())
+        fits = [] if self._fit_cache is None else self._fit_cache[1]
+        out["fit"] = sum(size(f.modes) + size(f.a) + size(f.b) + size(f.r2) for f in fits)  # not in total
         return out
 
     # ----------------------------------------------------------------------------- logging

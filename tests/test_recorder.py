@@ -269,6 +269,14 @@ def test_memory_in_the_compact_form_is_four_floats_and_one_int_per_weight(device
     N = 5001
     assert rec.nbytes()["statistics"] == 4 * N * 4 + N * 4 + 3 * 6 * 4  # c, μ, S, own P + int32 mode
     assert rec.nbytes()["scratch"] == 2 * N * 4  # dx and each weight's own y − ν
+    # a query caches its fit (mode, a, b, R²: 4 × 4 bytes per weight) until the next record frees it
+    assert rec.nbytes()["fit"] == 0
+    rec.cmd_parameters()
+    assert rec.nbytes()["fit"] == 4 * 4 * N
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    rec.record()
+    assert rec.nbytes()["fit"] == 0
     assert all(m.device.type == device and m.dtype == torch.int32 for m in rec._stats.modes)
 
 
