@@ -170,6 +170,9 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
     # one-time peaks: clustering of the K × F history, the fit that freezes the modes (compact form)
     out["setup_peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
     out["hwm_reset"] = reset_peak()
+    if device == "cuda":  # likewise the allocator's peak: the records' own from here on
+        out["cuda_setup_peak_f32_per_weight"] = (torch.cuda.max_memory_allocated() - base_alloc) / (4 * N)
+        torch.cuda.reset_peak_memory_stats()
     rec_times = [timed(rec.record, device) for _ in range(max(3, rounds // 2))]
     out["peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
     if device == "cuda":
