@@ -70,10 +70,11 @@ class CMDRecorder:
         check_finite (bool): skip (with a warning) records whose weights hold NaN/Inf (default True).
             This reads one boolean per record on the host: free on CPU, one small synchronisation per
             record on a GPU.
-        compile_update (bool): run the compact-form update through ``torch.compile``, fusing it into
-            one loop per tensor (1.4–2.4× faster on CPU in ``benchmarks/cost.py --compile``), at a one-time
-            compile cost of seconds to a minute; worth it for long runs with ``freeze_modes_after``
-            (default False).
+        compile_update (bool): run the statistics update (full and compact form) through
+            ``torch.compile``, fusing it into one loop per tensor, at a one-time compile cost of seconds
+            to a minute (default False). On CPU it pays for large models and long runs (N ≳ 10^6, M ≤ 10;
+            see docs/benchmarks.md); on CUDA the eager multi-tensor update was faster in every
+            configuration we measured.
     """
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,

@@ -68,3 +68,9 @@ def test_cost_quick_measures_every_operation(tmp_path):
         assert all(math.isfinite(q["median"]) and q["median"] > 0 for q in r["ratios"].values())
     assert naive["records_kept"] == 20 and naive["posthoc_fit_s"] > 0
     assert json.loads((tmp_path / "cost_quick.json").read_text())["runs"][0]["N"] == 10_000
+
+
+def test_update_variants_quick_times_every_variant():
+    med = load("update_variants").main(["--quick", "--device", "cpu"])["1e4"]
+    assert set(med) == {"floor", "floorc", "ema", "fin", "v0", "vF", "c0", "cF"}
+    assert all(math.isfinite(t) and t > 0 for t in med.values())
