@@ -4,6 +4,8 @@ Measures the implementation choices of ``StreamingMoments.update`` with M = 10 o
 
     v0  per-tensor eager passes (sub, sub_, add_, addcmul_ ×2 per tensor)   full form
     vF  multi-tensor passes (torch._foreach_*) + one broadcast P kernel per tensor   full form
+        (dx from an allocating _foreach_sub; StreamingMoments(foreach=True) writes dx into its
+        preallocated scratch instead, with _foreach_copy_ and two _foreach_sub_: one more pass over N)
     vC  torch.compile of the per-tensor update (cmd_online.stats._full_update)   full form
     c0, cF, cC: the same three for the compact form (index_select of each weight's own reference)
     fin: the finite check of CMDRecorder (one L2 norm per tensor, one boolean to the host)
