@@ -356,6 +356,39 @@ def test_record_every_works_with_scheduler_scaler_and_clipping():
     assert sched.get_last_lr()[0] != 0.05  # the scheduler still drives the optimizer
 
 
+@pytest.mark.parametrize("opt_name", ["sgd", "lbfgs"])
+def test_a_step_with_a_closure_returns_its_loss_and_records_once(opt_name):
+    from _digits import digits
+
+    x, y, _, _ = digits()
+    x = x.flatten(1)[:256]
+    y = y[:256]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)
+    opt = (torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4) if opt_name == "lbfgs"
+           else torch.optim.SGD(model.parameters(), lr=0.5))
+    rec = cmdo.CMDRecorder(opt, model, modes=2, samples=100, warmup=3, record_every=1)
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure) for _ in range(6)]
+    assert all(isinstance(loss, torch.Tensor) and loss.ndim == 0 for loss in losses)  # the step's return value
+    assert losses[-1] < losses[0]
+    assert rec.num_records == 6  # once per step, however often the optimizer evaluates the closure
+    assert calls == 6 if opt_name == "sgd" else calls > 6
+    # the record is taken after the step: its reference values are the live weights
+    flat_now = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    traj = rec.trajectory()
+    assert torch.equal(traj.references[:, -1], flat_now[traj.reference_index])
+
+
 def test_scaler_skipped_step_records_nothing():
     p = torch.nn.Parameter(torch.ones(50))
     opt = torch.optim.SGD([p], lr=0.1)
