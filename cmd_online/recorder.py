@@ -146,7 +146,7 @@ class CMDRecorder:
         self._ref_plan: GatherPlan | None = None
         self._references: torch.Tensor | None = None  # M × capacity, columns [0, num_records) valid
         self._stats: StreamingMoments | None = None
-        self._fit_cache: tuple[int, list[AffineFit]] | None = None  # (statistics count, fits)
+        self._fit_cache: list[AffineFit] | None = None  # the last query's fit, until the statistics change
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
     # ----------------------------------------------------------------------------- state
@@ -207,9 +207,9 @@ class CMDRecorder:
             refs = self._shards.assemble(self._ref_plan(weights))
             self._store_reference(t, refs)
             self._stats.update(weights, refs)
+            self._fit_cache = None  # stale now: free its 4 floats per weight
             if self.config["freeze_modes_after"] == self._stats.count:
-                self._stats.freeze([f.modes for f in self._fit()])
-            self._fit_cache = None  # stale from the next record on: free its 4 floats per weight now
+                self._stats.freeze([f.modes for f in self._compute_fit()])
         self.num_records += 1
         if self.writer is not None and t >= F - 1:
             self._log_safely(self.writer, self.num_records - 1)
@@ -261,9 +261,13 @@ class CMDRecorder:
                                f"needed (warmup={self.config['warmup']}, recorded {self.num_records})")
 
     def _fit(self) -> list[AffineFit]:
-        """Per-tensor fit from the statistics, cached until the statistics change; a, b in float32."""
-        if self._fit_cache is not None and self._fit_cache[0] == self._stats.count:  # stale once stats move
-            return self._fit_cache[1]
+        """Per-tensor fit from the statistics, cached until the next record changes them."""
+        if self._fit_cache is None:
+            self._fit_cache = self._compute_fit()
+        return self._fit_cache
+
+    def _compute_fit(self) -> list[AffineFit]:
+        """Per-tensor fit from the statistics; a, b in float32."""
         fits = self._stats.fit()
         tensor, offset = self.layout.locate(self.reference_index)
         for m, (t, o) in enumerate(zip(tensor.tolist(), offset.tolist())):
@@ -271,9 +275,7 @@ class CMDRecorder:
             if o is not None:  # a reference reproduces itself exactly
                 f = fits[t]
                 f.modes[o], f.a[o], f.b[o], f.r2[o] = m, 1.0, 0.0, 1.0
-        fits = [AffineFit(f.modes.to(torch.int32), f.a.float(), f.b.float(), f.r2.float()) for f in fits]
-        self._fit_cache = (self._stats.count, fits)
-        return fits
+        return [AffineFit(f.modes.to(torch.int32), f.a.float(), f.b.float(), f.r2.float()) for f in fits]
 
     def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
         """CMD weights at record ``at``, one tensor per optimizer parameter (local shards under FSDP)."""
@@ -354,7 +356,7 @@ class CMDRecorder:
             "indices": size(self.sample_index) + size(self.reference_index),
         }
         out["total"] = sum(out.values())
-        fits = [] if self._fit_cache is None else self._fit_cache[1]
+        fits = self._fit_cache or []
         out["fit"] = sum(size(f.modes) + size(f.a) + size(f.b) + size(f.r2) for f in fits)  # not in total
         return out
 

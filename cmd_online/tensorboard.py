@@ -154,7 +154,7 @@ def mode_summary(rec, state: _WriterState | None = None, exact: bool = False) ->
         (layers × M), and per-tensor lists ``a`` and ``r2``.
     """
     stats, M = rec._stats, rec.num_modes
-    fresh = rec._fit_cache is not None and rec._fit_cache[0] == rec._stats.count
+    fresh = rec._fit_cache is not None
     if exact or fresh:
         fits = [(f.modes.long(), f.r2, f.a) for f in rec._fit()]
     else:
