@@ -82,40 +82,35 @@ def measure(case: str, device: str, rounds: int, compiled: bool) -> dict[str, fl
     floorc = torch.zeros(N * 5, device=device)
     ema = [w.clone() for w in W]
 
+    def per_tensor_passes(i):  # dx = (w − c) − μ into the scratch, then μ and S, for tensor i
+        dx = DX[i]
+        torch.sub(W[i], C[i], out=dx)
+        dx.sub_(MU[i])
+        MU[i].add_(dx, alpha=0.1)
+        S[i].addcmul_(dx, dx, value=0.9)
+        return dx
+
+    def multi_tensor_passes():  # the same for all tensors at once, dx freshly allocated
+        dx = torch._foreach_sub(W, C)
+        torch._foreach_sub_(dx, MU)
+        torch._foreach_add_(MU, dx, alpha=0.1)
+        torch._foreach_addcmul_(S, dx, dx, value=0.9)
+        return dx
+
     def v0():
-        for i, w in enumerate(W):
-            dx = DX[i]
-            torch.sub(w, C[i], out=dx)
-            dx.sub_(MU[i])
-            MU[i].add_(dx, alpha=0.1)
-            S[i].addcmul_(dx, dx, value=0.9)
-            P[i].addcmul_(dr.unsqueeze(1), dx.unsqueeze(0))
+        for i in range(len(W)):
+            P[i].addcmul_(dr.unsqueeze(1), per_tensor_passes(i).unsqueeze(0))
 
     def vF():
-        dx = torch._foreach_sub(W, C)
-        torch._foreach_sub_(dx, MU)
-        torch._foreach_add_(MU, dx, alpha=0.1)
-        torch._foreach_addcmul_(S, dx, dx, value=0.9)
-        for i in range(len(W)):
-            P[i].addcmul_(dr.unsqueeze(1), dx[i].unsqueeze(0))
+        for P_i, dx in zip(P, multi_tensor_passes()):
+            P_i.addcmul_(dr.unsqueeze(1), dx.unsqueeze(0))
 
     def c0():
-        for i, w in enumerate(W):
-            dx = DX[i]
-            torch.sub(w, C[i], out=dx)
-            dx.sub_(MU[i])
-            MU[i].add_(dx, alpha=0.1)
-            S[i].addcmul_(dx, dx, value=0.9)
-            own = torch.index_select(dr, 0, MO[i], out=OWN[i])
-            PC[i].addcmul_(dx, own)
+        for i in range(len(W)):
+            PC[i].addcmul_(per_tensor_passes(i), torch.index_select(dr, 0, MO[i], out=OWN[i]))
 
     def cF():
-        dx = torch._foreach_sub(W, C)
-        torch._foreach_sub_(dx, MU)
-        torch._foreach_add_(MU, dx, alpha=0.1)
-        torch._foreach_addcmul_(S, dx, dx, value=0.9)
-        own = [dr[m] for m in MO]
-        torch._foreach_addcmul_(PC, dx, own)
+        torch._foreach_addcmul_(PC, multi_tensor_passes(), [dr[m] for m in MO])
 
     def fin():
         torch.stack(torch._foreach_norm(W)).isfinite().all().item()
