@@ -7,10 +7,8 @@ import pytest
 import torch
 
 import cmd_online as cmdo
+from _devices import DEVICES
 from _digits import accuracy, flat, small_cnn, train_epoch
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
 def _optimizer(name, params):
@@ -228,6 +226,15 @@ def test_resume_on_the_parameters_device_continues_bit_identically(compact, stop
             assert torch.equal(x, y)
 
 
+def _random_records(rec, model, records):
+    """``records`` times: move every parameter by a standard normal step, then record."""
+    for _ in range(records):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        rec.record()
+
+
 def _model_with_numel(N=5001):
     model = torch.nn.Sequential(torch.nn.Linear(49, 50), torch.nn.Linear(50, 49), torch.nn.Linear(1, 1))
     assert sum(p.numel() for p in model.parameters()) == N
@@ -238,11 +245,7 @@ def _model_with_numel(N=5001):
 def test_memory_after_warmup_equals_the_full_form_formula(device):
     model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), modes=6, samples=100, warmup=3)
-    for _ in range(3):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        rec.record()
+    _random_records(rec, model, 3)
     M, N, K, F = rec.num_modes, 5001, 100, 3
     assert M == 6
     nbytes = rec.nbytes()
@@ -260,11 +263,7 @@ def test_memory_in_the_compact_form_is_four_floats_and_one_int_per_weight(device
     model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), modes=6, samples=100, warmup=3,
                            freeze_modes_after=2)
-    for _ in range(5):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        rec.record()
+    _random_records(rec, model, 5)
     assert rec._stats.compact
     N = 5001
     assert rec.nbytes()["statistics"] == 4 * N * 4 + N * 4 + 3 * 6 * 4  # c, μ, S, own P + int32 mode
@@ -425,11 +424,7 @@ def test_several_param_groups_and_frozen_parameters_reconstruct_exactly():
 def test_nonfinite_weights_skip_the_record_with_a_warning(device):
     model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=100, warmup=3)
-    for _ in range(4):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        rec.record()
+    _random_records(rec, model, 4)
     before = rec.trajectory()
     saved = model[2].bias.detach().clone()
     with torch.no_grad():
@@ -452,11 +447,7 @@ def test_nonfinite_weights_skip_the_record_with_a_warning(device):
 def test_low_and_high_precision_parameters_keep_float32_statistics(dtype, device):
     model = _model_with_numel().to(device, dtype)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=100, warmup=3)
-    for _ in range(5):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        rec.record()
+    _random_records(rec, model, 5)
     assert all(t.dtype == torch.float32 and t.device.type == device for t in rec._stats.mean)
     assert all(c.dtype == dtype and c.device.type == device for c in rec.cmd_parameters())
     assert rec.cmd_state_dict()["0.weight"].dtype == dtype
@@ -607,14 +598,10 @@ def test_dropping_model_and_optimizer_frees_the_parameters_and_keeps_the_traject
     model = _model_with_numel()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = cmdo.CMDRecorder(opt, model, modes=2, samples=100, warmup=3)
-    for _ in range(4):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        rec.record()
+    _random_records(rec, model, 4)
     before = rec.trajectory()
     alive = weakref.ref(model[0].weight)
-    del model, opt, p
+    del model, opt
     gc.collect()
     assert alive() is None  # the recorder did not keep the parameters alive
     after = rec.trajectory()

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
+from _devices import DEVICES
 from cmd_online.stats import StreamingMoments
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
