@@ -37,36 +37,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
+def _number(expected: str, ok, convert=float):
+    """An argparse type: ``convert(text)`` for which ``ok(value)`` holds, else an error saying what was expected."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
     return parse
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
+def _int_at_least(low: int):
+    return _number(f"an integer ≥ {low}", lambda value: value >= low, int)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+_threshold = _number("a number in (0, 1]", lambda value: 0 < value <= 1)
+_positive_float = _number("a positive number", lambda value: value > 0 and math.isfinite(value))
 
 
 def build_parser() -> argparse.ArgumentParser:
