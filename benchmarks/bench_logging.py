@@ -47,6 +47,7 @@ def run(figures: str, freeze: int | None, records: int, modes: int, log_every: i
     loadings = [torch.randn(4, p.numel(), generator=gen) for p in params]
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
+        logger = tb.TensorBoardLogger(writer, every=log_every)
         rec_times, light, full, logged_rec, summary = [], [], [], [], []
         for t in range(rec.config["warmup"] + records):
             drive = torch.randn(4, generator=gen)
@@ -60,16 +61,16 @@ def run(figures: str, freeze: int | None, records: int, modes: int, log_every: i
             t2 = time.perf_counter()
             if rec.phase == "warmup":
                 continue
-            before = tb._state(rec, writer).last_full
-            rec.log(writer, rec.num_records - 1)
+            before = logger.last_summary
+            logger.log(rec, rec.num_records - 1)
             t3 = time.perf_counter()
             if t >= rec.config["warmup"] + 2:  # skip the warm-up-end figures (once per run)
                 rec_times.append(t1 - t0)
                 logged_rec.append(t2 - t1)
-                (full if tb._state(rec, writer).last_full != before else light).append(t3 - t2)
-                if tb._state(rec, writer).last_full != before:  # the O(M·N) summary alone, no writer
+                (full if logger.last_summary != before else light).append(t3 - t2)
+                if logger.last_summary != before:  # the O(M·N) summary alone, no writer
                     t4 = time.perf_counter()
-                    tb.mode_summary(rec, tb._state(rec, writer))["totals"].cpu()
+                    tb.mode_summary(rec)["totals"].cpu()
                     summary.append(time.perf_counter() - t4)
         t0 = time.perf_counter()
         writer.flush()

@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cmd_online.stats import _compact_update, _full_update  # noqa: E402
+from cmd_online.stats import _fused_compact as _compact_update, _fused_full as _full_update  # noqa: E402
 
 M = 10
 FRACTIONS = (0.45, 0.001, 0.35, 0.001, 0.197, 0.001)

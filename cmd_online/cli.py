@@ -255,20 +255,9 @@ class _Checkpoints(collections.abc.Sequence):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from .files import safe_load
+        from .files import read_checkpoint
 
-        path = self.paths[i]
-        obj = safe_load(path, "checkpoint")
-        if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith("cmd_online."):
-            raise ValueError(f"{str(path)!r} is a {obj['format']} file, not a checkpoint (a model's state_dict)")
-        for key in ("state_dict", "model"):  # training checkpoints often nest the model's state_dict
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{str(path)!r} is not a checkpoint: expected a state_dict (names → tensors), "
-                             f"or a dict holding one under 'state_dict' or 'model'")
-        return obj
+        return read_checkpoint(self.paths[i])
 
 
 def _decompose(args) -> None:

@@ -7,13 +7,14 @@ mode: r_m = argmax_{j ∈ C_m} Σ_{i ∈ C_m} |C_ij|.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
+
+from .config import check_modes
 
 
 @dataclass
@@ -38,25 +39,6 @@ class Clustering:
         return len(self.reference)
 
 
-def check_mode_arguments(modes: int | None, threshold: float | None) -> tuple[int | None, float | None]:
-    """Validate the ``modes`` / ``threshold`` pair; ``modes`` defaults to 10 when neither is given."""
-    if modes is not None and threshold is not None:
-        raise ValueError("give either modes or threshold, not both (threshold cuts by distance instead of a count)")
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-            raise TypeError(f"threshold must be a float in (0, 1]; got {type(threshold).__name__}")
-        if not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1]; got {threshold}")
-        return None, float(threshold)
-    if modes is None:
-        modes = 10
-    if isinstance(modes, bool) or not isinstance(modes, numbers.Integral):
-        raise TypeError(f"modes must be an int ≥ 1; got {type(modes).__name__}")
-    if modes < 1:
-        raise ValueError(f"modes must be ≥ 1; got {modes}")
-    return int(modes), None
-
-
 def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None,
             threshold: float | None = None) -> Clustering:
     """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
@@ -67,7 +49,7 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None,
         threshold (float): or cut at this distance (criterion ``distance``): every pair inside a
             mode then has |corr| ≥ 1 − threshold, the paper's hypothesis with ε = threshold.
     """
-    modes, threshold = check_mode_arguments(modes, threshold)
+    modes, threshold = check_modes(modes, threshold)
     h = torch.as_tensor(history).detach().to("cpu", torch.float64).numpy()
     if h.ndim != 2 or h.shape[1] < 2:
         raise ValueError(f"history must be K × T with T ≥ 2; got shape {h.shape}")

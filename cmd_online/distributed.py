@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .layout import GatherPlan, Layout
-
+from .references import ReferenceSlots
 
 
 def _dtensor_module():
@@ -80,6 +80,24 @@ class ShardInfo:
         """Offset of a parameter element inside this process's part, or None if another rank holds it."""
         return offset
 
+    def local_sizes(self, layout: Layout) -> list[int]:
+        """Number of weights of each parameter this process holds."""
+        return layout.sizes
+
+    def reference_slots(self, layout: Layout, reference_index: torch.Tensor) -> ReferenceSlots:
+        """Where the reference weights this process holds sit in its local flat index."""
+        tensor, offset = layout.locate(reference_index)
+        starts = [0]
+        for size in self.local_sizes(layout)[:-1]:
+            starts.append(starts[-1] + size)
+        slots = []
+        for m, (t, o) in enumerate(zip(tensor.tolist(), offset.tolist())):
+            local = self.local_offset(t, o)
+            if local is not None:
+                slots.append((starts[t] + local, m))
+        slots.sort()
+        return ReferenceSlots(tuple(p for p, _ in slots), tuple(m for _, m in slots))
+
     def full_tensors(self, local: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Whole tensors from this process's parts."""
         return list(local)
@@ -102,10 +120,11 @@ class _ShardPlan:
         self.device = device
 
     def __call__(self, flat_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat_tensors) else torch.float32
+        out = torch.zeros(self.size, dtype=dtype, device=self.device)  # the same dtype on every rank
         if self.positions is not None:
             values = torch.cat([flat_tensors[t].index_select(0, idx) for t, idx, _ in self.parts])
-            out.index_copy_(0, self.positions, values.to(torch.float32))
+            out.index_copy_(0, self.positions, values.to(dtype))
         return out
 
 
@@ -198,6 +217,9 @@ class RowShards(ShardInfo):
         as_int = flags.to(torch.int32)  # gloo and NCCL reduce int32, not bool
         dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.group)
         return as_int.bool()
+
+    def local_sizes(self, layout: Layout) -> list[int]:
+        return [(stop - start) * size for (start, stop), size in zip(self.held, self.row_sizes)]
 
     def local_offset(self, tensor: int, offset: int) -> int | None:
         start, stop = self.held[tensor]

@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -83,6 +84,35 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> 
             IndexError, TypeError, UnicodeDecodeError, AssertionError) as e:  # torch asserts on a bad pickle
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): {first}") from None
+
+
+def read_checkpoint(item: Any, what: str = "checkpoint") -> Mapping:
+    """A model's state_dict from a checkpoint: a mapping itself, or a file holding one.
+
+    A file may hold the state_dict itself or nest it under ``"state_dict"`` or ``"model"`` (as
+    training checkpoints often do); a dict given directly is taken as the state_dict. Files written
+    by this library (trajectories, recorder states) are refused: they are not checkpoints.
+
+    Args:
+        item (mapping, str or path): the state_dict, or the path of a file holding one.
+        what (str): how to name the item in an error, e.g. ``"checkpoints[3]"`` (default "checkpoint").
+    """
+    if isinstance(item, (str, os.PathLike)):
+        path, item = item, safe_load(item, "checkpoint")
+        if isinstance(item, Mapping) and isinstance(item.get("format"), str) and item["format"].startswith("cmd_online."):
+            raise ValueError(f"{str(path)!r} is a {item['format']} file, not a checkpoint (a model's state_dict)")
+        for key in ("state_dict", "model"):
+            if isinstance(item, Mapping) and isinstance(item.get(key), Mapping):
+                item = item[key]
+                break
+        if not isinstance(item, Mapping) or not any(isinstance(v, torch.Tensor) for v in item.values()):
+            raise ValueError(f"{str(path)!r} is not a checkpoint: expected a state_dict (names → tensors), "
+                             f"or a dict holding one under 'state_dict' or 'model'")
+        return item
+    if not isinstance(item, Mapping):
+        raise TypeError(f"{what} must be a state_dict (a mapping of names to tensors) or a path; "
+                        f"got {type(item).__name__}")
+    return item
 
 
 def _verify_checksums(path: Path) -> None:

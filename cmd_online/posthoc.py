@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping
 from typing import Sequence
@@ -10,11 +9,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clustering import check_mode_arguments, cluster
-from .files import safe_load
+from .clustering import cluster
+from .config import CMDConfig, check_int
+from .files import read_checkpoint
 from .layout import Layout
 from .sampling import sample_indices
-from .stats import affine_fit, mode_means
+from .stats import AffineFit, affine_fit, mode_means, pin_references
 from .trajectory import CMDTrajectory
 
 # Bound on the float64 temporaries of one chunk of rows (elements).
@@ -59,7 +59,10 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     """
     W = _as_matrix(W)
     N, T = W.shape
-    ref = torch.as_tensor(reference_index, dtype=torch.int64).cpu()
+    ref = torch.as_tensor(reference_index).cpu()
+    if ref.is_floating_point() or ref.is_complex() or ref.dtype == torch.bool:
+        raise TypeError(f"reference_index must hold integer indices; got dtype {ref.dtype}")
+    ref = ref.long()
     if ref.dim() != 1 or ref.numel() < 1 or int(ref.min()) < 0 or int(ref.max()) >= N:
         raise ValueError(f"reference_index must be a non-empty vector of indices in [0, {N})")
     if not 0 <= window_start <= T - 2:
@@ -80,20 +83,12 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
         S = torch.where(moving, (centred * centred).sum(dim=1), torch.zeros_like(mean))
         P = Rc @ centred.T  # M × rows
         fits.append(affine_fit(P, S, Q, mean, ref_mean))
-    modes = torch.cat([f.modes for f in fits])
-    a = torch.cat([f.a for f in fits])
-    b = torch.cat([f.b for f in fits])
-    r2 = torch.cat([f.r2 for f in fits])
-    # A reference reproduces itself exactly (a = 1, b = 0), whatever the rounding above.
+    fit = AffineFit(*(torch.cat(parts) for parts in zip(*((f.modes, f.a, f.b, f.r2) for f in fits))))
     M = ref.numel()
-    ref_dev = ref.to(modes.device)
-    modes[ref_dev] = torch.arange(M, device=modes.device)
-    a[ref_dev] = 1.0
-    b[ref_dev] = 0.0
-    r2[ref_dev] = 1.0
+    pin_references(fit, ref.tolist(), range(M))
     dtype = _result_dtype(W)
-    return CMDTrajectory(references.to(dtype), ref, a.to(dtype), b.to(dtype), modes, window_start,
-                         layout if layout is not None else Layout.flat(N, W.dtype), mode_means(modes, r2, M))
+    return CMDTrajectory(references.to(dtype), ref, fit.a.to(dtype), fit.b.to(dtype), fit.modes, window_start,
+                         layout if layout is not None else Layout.flat(N, W.dtype), mode_means(fit.modes, fit.r2, M))
 
 
 def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,
@@ -114,43 +109,27 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
             recorder does with ``warmup=F``.
         layout (Layout): names, shapes and dtypes of the tensors the rows come from.
     """
-    modes, threshold = check_mode_arguments(modes, threshold)
+    config = CMDConfig(modes=modes, threshold=threshold, samples=samples, seed=seed, warmup=warmup)
     W = _as_matrix(W)
     N, T = W.shape
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
-        raise TypeError(f"samples must be an int; got {type(samples).__name__}")
-    if modes is not None and samples < modes:
-        raise ValueError(f"samples must be ≥ modes ({modes}); got samples={samples}")
-    if not 1 <= samples <= N:
-        raise ValueError(f"samples must be in [1, N = {N}] (N = number of weights); got {samples}")
+    if config.samples > N:
+        raise ValueError(f"samples must be in [1, N = {N}] (N = number of weights); got {config.samples}")
     if layer_sizes is None:
         layer_sizes = layout.sizes if layout is not None else [N]
     if sum(layer_sizes) != N:
         raise ValueError(f"layer_sizes must sum to N = {N}; got {sum(layer_sizes)}")
     if layout is not None and layout.numel != N:
         raise ValueError(f"layout covers {layout.numel} weights but W has N = {N} rows")
-    if warmup is None:
+    if config.warmup is None:
         clustered, window_start = T, 0
     else:
-        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or not 2 <= warmup <= T - 1:
-            raise ValueError(f"warmup must be an int in [2, T−1 = {T - 1}]; got {warmup!r}")
-        clustered, window_start = int(warmup), int(warmup) - 1
-    sample = sample_indices(layer_sizes, samples, seed)
+        check_int("warmup", config.warmup, 2, T - 1)
+        clustered, window_start = config.warmup, config.warmup - 1
+    sample = sample_indices(layer_sizes, config.samples, config.seed)
     history = W[sample.to(W.device), :clustered]
-    found = cluster(history, modes, threshold)
+    found = cluster(history, config.modes, config.threshold)
     reference_index = sample[torch.from_numpy(found.reference)]
     return fit_affine(W, reference_index, window_start, layout)
-
-
-def _load_checkpoint(item, i: int) -> Mapping:
-    if isinstance(item, (str, os.PathLike)):
-        item = safe_load(item, "checkpoint")
-        if isinstance(item, Mapping) and "state_dict" in item and isinstance(item["state_dict"], Mapping):
-            item = item["state_dict"]
-    if not isinstance(item, Mapping):
-        raise TypeError(f"checkpoints[{i}] must be a state_dict (a mapping of names to tensors) or a path; "
-                        f"got {type(item).__name__}")
-    return item
 
 
 def _floating_entries(sd: Mapping) -> dict[str, torch.Tensor]:
@@ -162,22 +141,23 @@ def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
 
     The floating-point entries of each state_dict are flattened in order into one column of the
     N × T trajectory; the result's ``state_dict(at)`` has the checkpoints' names, shapes and dtypes.
-    Paths are read with ``torch.load(weights_only=True)``; a file holding ``{"state_dict": ...}``
-    is accepted too. Keyword arguments are those of :func:`decompose` (``layer_sizes`` defaults to
+    Paths are read with ``torch.load(weights_only=True)`` (:func:`cmd_online.files.read_checkpoint`);
+    a file may nest the state_dict under ``"state_dict"`` or ``"model"``. Every checkpoint must have
+    the same floating-point entries (in any order) with the same shapes. Keyword arguments are those of :func:`decompose` (``layer_sizes`` defaults to
     the entries' sizes).
     """
     if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
         raise TypeError("checkpoints must be a list of state_dicts or file paths, one per record")
     if len(checkpoints) < 2:
         raise ValueError(f"checkpoints must hold at least 2 records; got {len(checkpoints)}")
-    first = _floating_entries(_load_checkpoint(checkpoints[0], 0))
+    first = _floating_entries(read_checkpoint(checkpoints[0], "checkpoints[0]"))
     if not first:
         raise ValueError("checkpoints[0] has no floating-point tensors")
     layout = Layout.of_tensors(list(first.values()), first.keys())
     W = torch.empty(layout.numel, len(checkpoints), dtype=torch.float32)
     for t, item in enumerate(checkpoints):
-        entries = first if t == 0 else _floating_entries(_load_checkpoint(item, t))
-        if list(entries) != list(layout.names):
+        entries = first if t == 0 else _floating_entries(read_checkpoint(item, f"checkpoints[{t}]"))
+        if entries.keys() != first.keys():  # the same entries, in any order: taken in checkpoints[0]'s
             raise ValueError(f"checkpoints[{t}] has different entries from checkpoints[0] "
                              f"(missing: {sorted(set(layout.names) - set(entries))[:5]}, "
                              f"extra: {sorted(set(entries) - set(layout.names))[:5]})")

@@ -1,44 +1,45 @@
 """CMDRecorder: online CMD of a training run, attached to any torch optimizer.
 
-The recorder owns no math: sampling, clustering and the streaming statistics live in their own
-modules. It turns optimizer steps into records, records into statistics, and statistics into CMD
-weights, checkpoints and trajectories.
+The recorder owns no math: sampling, clustering, the streaming statistics and the fit live in their
+own modules. It turns optimizer steps into records, records into statistics, and statistics into
+CMD weights, checkpoints and trajectories, and tells its observers (``cmd_online.observers``).
 """
 
 from __future__ import annotations
 
-import numbers
 import contextlib
-import math
+import threading
 import warnings
 import weakref
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
 from . import distributed as dist_utils
-from .clustering import Clustering, check_mode_arguments, cluster
+from .clustering import Clustering, cluster
+from .config import CMDConfig, check_bool, check_choice, check_int
 from .files import atomic_save
 from .layout import GatherPlan, Layout
+from .observers import check_observers, notify, tensorboard_logger
+from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
-from .stats import AffineFit, StreamingMoments, mode_means
+from .stats import BLOCK, KERNELS, AffineFit, StreamingMoments, mode_dtype, mode_means, pin_references
 from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
 FORMAT = "cmd_online.CMDRecorder"
-VERSION = 1
+VERSION = 2
 _STATE_KEYS = {"config", "layout", "num_records", "skipped_records", "steps", "sample_index", "history",
                "reference_index", "references", "stats", "shards"}
 
 
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int ≥ {low}{' or None' if allow_none else ''}; "
-                        f"got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be ≥ {low}; got {value}")
-    return int(value)
+class FitBlock(NamedTuple):
+    """The fit of one block of weights: parameter ``tensor``, the block's ``local`` slice inside that
+    parameter's (local, flat) weights, its ``flat`` slice of the local flat index, and the ``fit``."""
+
+    tensor: int
+    local: slice
+    flat: slice
+    fit: AffineFit
 
 
 class CMDRecorder:
@@ -53,7 +54,7 @@ class CMDRecorder:
     Args:
         optimizer (torch.optim.Optimizer): the optimizer whose parameters are recorded, in its order.
         model (torch.nn.Module): the model, for ``cmd_state_dict``, ``export`` and names (default None).
-            Only a weak reference is kept.
+            Every recorded parameter must be one of its parameters. Only a weak reference is kept.
         modes (int): number of modes M (default 10 when ``threshold`` is None).
         threshold (float): or the in-mode distance t ∈ (0, 1]; M then follows from the data.
         samples (int): K, weights whose warm-up history is clustered; modes ≤ K ≤ N (default 1000).
@@ -61,54 +62,47 @@ class CMDRecorder:
         record_every (int): record after every k-th optimizer step; None (default): call :meth:`record`.
         freeze_modes_after (int): after this many records of tracking, fix each weight's mode and keep
             only its own co-moment (compact memory); None (default) keeps the full form.
-        writer (SummaryWriter): a TensorBoard writer to log to after each record from the end of the
-            warm-up on: reference values and memory every record, mode statistics on the interval below
+        writer (SummaryWriter): shortcut for ``callbacks=[TensorBoardLogger(writer, every=log_every)]``
             (default None; see docs/tensorboard.md).
-        log_every (int): log mode sizes, R², residual, histograms and the mode-by-layer map every this
-            many records (default 10): they need an O(M·N) pass over the statistics.
+        log_every (int): the shortcut logger's interval for mode statistics, in records (default 10).
+        callbacks (list): observers told about the records (``cmd_online.observers``; default none).
         seed (int): seed of the sampling (default 0).
         check_finite (bool): skip (with a warning) records whose weights hold NaN/Inf (default True).
-            This reads one boolean per record on the host: free on CPU, one small synchronisation per
-            record on a GPU.
-        compile_update (bool): run the statistics update (full and compact form) through
-            ``torch.compile``, fusing it into one loop per tensor, at a one-time compile cost of seconds
-            to a minute (default False). On CPU it pays for large models and long runs (N ≳ 10^6, M ≤ 10;
-            see docs/benchmarks.md); on CUDA the eager multi-tensor update was faster in every
-            configuration we measured.
+        compile_update (bool): the statistics update through ``torch.compile`` (``kernel="compiled"``;
+            default False).
+        kernel (str): the statistics kernel: ``"blocks"`` (CPU default), ``"flat"`` (accelerator
+            default; the finite check and record count stay on the device, so a record after the
+            warm-up never synchronises), ``"compiled"``; None picks by device (default None).
     """
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,
                  threshold: float | None = None, samples: int = 1000, warmup: int = 20,
                  record_every: int | None = None, freeze_modes_after: int | None = None, writer=None,
-                 log_every: int = 10, seed: int = 0, check_finite: bool = True, compile_update: bool = False):
+                 log_every: int = 10, callbacks=None, seed: int = 0, check_finite: bool = True,
+                 compile_update: bool = False, kernel: str | None = None):
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
-        modes, threshold = check_mode_arguments(modes, threshold)
-        samples = _check_int("samples", samples, 1)
-        warmup = _check_int("warmup", warmup, 2)
-        record_every = _check_int("record_every", record_every, 1, allow_none=True)
-        freeze_modes_after = _check_int("freeze_modes_after", freeze_modes_after, 1, allow_none=True)
-        log_every = _check_int("log_every", log_every, 1)
-        seed = _check_int("seed", seed, 0)
+        if warmup is None:
+            raise TypeError("warmup must be an int ≥ 2; got NoneType")
+        self.config = CMDConfig(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
+                                record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed)
+        self.check_finite = check_bool("check_finite", check_finite)
+        self.compile_update = check_bool("compile_update", compile_update)
+        if kernel is not None:
+            check_choice("kernel", kernel, KERNELS)
+            if self.compile_update and kernel != "compiled":
+                raise ValueError(f"compile_update=True asks for kernel='compiled'; got kernel={kernel!r}")
+        self._kernel = "compiled" if self.compile_update else kernel
+        log_every = check_int("log_every", log_every, 1)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
-        if modes is not None and modes > samples:
-            raise ValueError(f"modes ({modes}) must be ≤ samples ({samples})")
-        if freeze_modes_after is not None and freeze_modes_after < 3:
-            warnings.warn(f"freeze_modes_after={freeze_modes_after}: modes fixed from fewer than 3 records of the "
-                          "window are arbitrary (all correlations are 0 or ±1); use ≥ 3", UserWarning, stacklevel=2)
-        if warmup == 2:
-            warnings.warn("warmup=2: any two records are perfectly correlated, so the clustering finds a "
-                          "single mode; use warmup ≥ 3 for more than one", UserWarning, stacklevel=2)
+        self._warn_about_tiny_settings()
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not params:
-            raise ValueError("optimizer has no parameters to record")
-        for i, p in enumerate(params):
-            if not p.is_floating_point():
-                raise TypeError(f"optimizer parameter {i} has dtype {p.dtype}; CMD records floating-point parameters")
+        self._check_params(params, model)
         self._shards = dist_utils.ShardInfo.of(params, model)
-        devices = {p.device for p in self._shards.local(params)}
+        local = self._shards.local(params)
+        devices = {p.device for p in local}
         if len(devices) != 1:
             raise ValueError(f"all parameters must be on one device; got {sorted(map(str, devices))}")
         self.device = devices.pop()
@@ -116,44 +110,92 @@ class CMDRecorder:
         # weak references, as torch_ema keeps: dropping the model and optimizer frees the parameters
         self._optimizer = weakref.ref(optimizer)
         self._param_refs = [weakref.ref(p) for p in params]
-        self._local_meta = [(w.shape, w.dtype) for w in self._shards.local(params)]  # queries need no live params
+        self._local_shapes = [w.shape for w in local]  # queries need no live parameters
         self._model = None if model is None else weakref.ref(model)
+        self.layout = Layout.of_tensors(params, self._names(optimizer, params, model))
+        if self.config.samples > self.layout.numel:
+            raise ValueError(f"samples ({self.config.samples}) must be ≤ the number of weights N = {self.layout.numel}")
+
+        self.sample_index = sample_indices(self.layout.sizes, self.config.samples, self.config.seed)
+        self._sample_plan = self._shards.gather_plan(self.layout, self.sample_index, self.device)
+        self._history = torch.zeros(self.config.samples, self.config.warmup, dtype=self._coefficient_dtype,
+                                    device=self.device)
+        self._warmup_records = 0  # records of the warm-up taken so far
+        self._skipped = 0  # records skipped by a host-side finite check
+        self._device_attempts = 0  # tracking records handed to the flat kernel (their skips are counted there)
+        self._skips_reported = 0
+        self._steps = 0
+        self._warned_new_params = False
+        self.clustering: Clustering | None = None
+        self.reference_index: torch.Tensor | None = None
+        self._ref_plan: GatherPlan | None = None
+        self._slots: ReferenceSlots | None = None
+        self._table: ReferenceTable | None = None
+        self._stats: StreamingMoments | None = None
+
+        self.callbacks = check_observers(callbacks)
+        self._writer_logger = None if writer is None else tensorboard_logger(writer, log_every)
+        self._log_every = log_every
+        self._loggers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # for log(writer)
+        self._lock = threading.RLock()  # records, queries and state changes happen one at a time
+        self._hook = optimizer.register_step_post_hook(self._after_step)
+
+    def _warn_about_tiny_settings(self) -> None:
+        freeze = self.config.freeze_modes_after
+        if freeze is not None and freeze < 3:
+            warnings.warn(f"freeze_modes_after={freeze}: modes fixed from fewer than 3 records of the "
+                          "window are arbitrary (all correlations are 0 or ±1); use ≥ 3", UserWarning, stacklevel=3)
+        if self.config.warmup == 2:
+            warnings.warn("warmup=2: any two records are perfectly correlated, so the clustering finds a "
+                          "single mode; use warmup ≥ 3 for more than one", UserWarning, stacklevel=3)
+
+    @staticmethod
+    def _check_params(params: list, model: torch.nn.Module | None) -> None:
+        if not params:
+            raise ValueError("optimizer has no parameters to record")
+        for i, p in enumerate(params):
+            if not p.is_floating_point():
+                raise TypeError(f"optimizer parameter {i} has dtype {p.dtype}; CMD records floating-point parameters")
+            if p.layout != torch.strided:
+                raise TypeError(f"optimizer parameter {i} has layout {p.layout}; CMD records dense (strided) "
+                                f"parameters")
+        if model is not None:
+            owned = {id(p) for p in model.parameters()}
+            foreign = [i for i, p in enumerate(params) if id(p) not in owned]
+            if foreign:
+                raise ValueError(f"model is not the optimizer's model: optimizer parameter(s) {foreign[:5]}"
+                                 f"{' …' if len(foreign) > 5 else ''} are not parameters of model; pass the "
+                                 f"model whose parameters the optimizer steps")
+
+    @staticmethod
+    def _names(optimizer, params: list, model: torch.nn.Module | None) -> list[str]:
         names = [f"param_groups.{g}.params.{j}"
                  for g, group in enumerate(optimizer.param_groups) for j in range(len(group["params"]))]
         if model is not None:  # the model's names where it has the parameter
             by_id = {id(p): n for n, p in model.named_parameters()}
             names = [by_id.get(id(p), name) for p, name in zip(params, names)]
-        self.layout = Layout.of_tensors(params, names)
-        N = self.layout.numel
-        if samples > N:
-            raise ValueError(f"samples ({samples}) must be ≤ the number of weights N = {N}")
-
-        self.config = dict(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
-                           record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed)
-        self.check_finite = bool(check_finite)
-        self.compile_update = bool(compile_update)
-        self.writer = writer
-        self.log_every = log_every
-        self.num_records = 0
-        self.skipped_records = 0
-        self._steps = 0
-        self._warned_new_params = False
-        self.sample_index = sample_indices(self.layout.sizes, samples, seed)
-        self._sample_plan = self._shards.gather_plan(self.layout, self.sample_index, self.device)
-        self._history = torch.zeros(samples, warmup, dtype=torch.float32, device=self.device)
-        self.clustering: Clustering | None = None
-        self.reference_index: torch.Tensor | None = None
-        self._ref_plan: GatherPlan | None = None
-        self._references: torch.Tensor | None = None  # M × capacity, columns [0, num_records) valid
-        self._stats: StreamingMoments | None = None
-        self._fit_cache: list[AffineFit] | None = None  # the last query's fit, until the statistics change
-        self._hook = optimizer.register_step_post_hook(self._after_step)
+        return names
 
     # ----------------------------------------------------------------------------- state
     @property
     def phase(self) -> str:
         """``"warmup"`` until the clustering is done, then ``"tracking"``."""
-        return "warmup" if self.num_records < self.config["warmup"] else "tracking"
+        return "warmup" if self._stats is None else "tracking"
+
+    @property
+    def num_records(self) -> int:
+        """Records taken, skipped ones not counted (with the flat kernel, reading it synchronises)."""
+        if self._stats is None:
+            return self._warmup_records
+        self._report_skips()
+        return self.window_start + self._stats.window_count()
+
+    @property
+    def skipped_records(self) -> int:
+        """Records skipped because of NaN/Inf weights (with the flat kernel, reading it synchronises)."""
+        if self._stats is None or self._stats.kernel != "flat":
+            return self._skipped
+        return self._skipped + self._device_attempts + 1 - self._stats.window_count()
 
     @property
     def num_modes(self) -> int | None:
@@ -163,7 +205,7 @@ class CMDRecorder:
     @property
     def window_start(self) -> int:
         """First record of the fit window (the last warm-up record, F − 1)."""
-        return self.config["warmup"] - 1
+        return self.config.warmup - 1
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -174,116 +216,247 @@ class CMDRecorder:
                                "dropped); cmd_parameters(), trajectory(), state_dict() and nbytes() still work")
         return params
 
-    def _local_weights(self) -> list[torch.Tensor]:
-        """This process's part of every parameter, flat, in float32 (a view where no cast is needed)."""
-        return [w.detach().reshape(-1).float() for w in self._shards.local(self.params)]
+    @property
+    def writer(self):
+        """The ``writer=`` shortcut's SummaryWriter (None if none); may be set between records."""
+        return None if self._writer_logger is None else self._writer_logger.writer
+
+    @writer.setter
+    def writer(self, writer) -> None:
+        self._writer_logger = None if writer is None else tensorboard_logger(writer, self._log_every)
+
+    @property
+    def log_every(self) -> int:
+        """The ``writer=`` shortcut's interval of mode statistics, in records; may be set between records."""
+        return self._log_every
+
+    @log_every.setter
+    def log_every(self, every: int) -> None:
+        self._log_every = check_int("log_every", every, 1)
+        if self._writer_logger is not None:
+            self._writer_logger.every = self._log_every
+
+    @property
+    def observers(self) -> list:
+        """Everything told about the records: ``callbacks``, then the ``writer=`` shortcut's logger."""
+        return self.callbacks + ([self._writer_logger] if self._writer_logger is not None else [])
+
+    # ----------------------------------------------------------------------------- read-only views
+    @property
+    def references(self) -> torch.Tensor:
+        """The reference values, M × num_records (a view: do not modify; it changes with the next record)."""
+        self._require_tracking("references")
+        return self._table.columns(self.num_records)
+
+    @property
+    def reference_slots(self) -> ReferenceSlots | None:
+        """Where the reference weights this process holds sit in its flat index (None during the warm-up)."""
+        return self._slots
+
+    @property
+    def moments(self) -> StreamingMoments | None:
+        """The streaming statistics (None during the warm-up). Read-only: observers must not change them."""
+        return self._stats
+
+    def fit_blocks(self, block: int | None = None, tensors: list[int] | None = None) -> Iterator[FitBlock]:
+        """The fit of every local weight, block by block: extra memory of a few blocks, whatever N.
+
+        Each block lies inside one parameter; references are pinned to a = 1, b = 0 in their mode.
+
+        Args:
+            block (int): weights per block (default: a cache-sized block on CPU, larger on accelerators).
+            tensors (list of int): only the blocks of these parameters (default all).
+        """
+        self._require_tracking("fit_blocks")
+        self._report_skips()
+        stats = self._stats
+        size = block or (BLOCK if self.device.type == "cpu" else 1 << 22)
+        for tensor, local, flat in stats.block_plan(size):
+            if tensors is not None and tensor not in tensors:
+                continue
+            fit = stats.fit(flat)
+            pin_references(fit, *self._slots.within(flat.start, flat.stop))
+            yield FitBlock(tensor, local, flat, fit)
 
     # ----------------------------------------------------------------------------- recording
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._steps += 1
-        every = self.config["record_every"]
+        every = self.config.record_every
         if every is not None and self._steps % every == 0:
             self.record()
 
     def record(self) -> bool:
-        """Take one trajectory point now. Returns False if it was skipped (non-finite weights)."""
+        """Take one trajectory point now.
+
+        Returns False if the record was skipped because a weight is NaN/Inf. With the flat kernel
+        (accelerators) records after the warm-up are checked on the device, without waiting: they
+        return True, and a skipped one shows in ``skipped_records`` and a warning at the next query.
+        Records work under ``torch.no_grad()``, ``torch.inference_mode()`` or neither, from any thread
+        (one at a time).
+        """
+        with self._lock, torch.inference_mode(False), torch.no_grad():
+            self._warn_if_params_changed()
+            weights = self._local_weights()
+            started = self._stats is not None
+            taken = self._tracking_record(weights) if started else self._warmup_record(weights)
+            if not taken:
+                return False
+            if not started and self._stats is not None:
+                notify(self.observers, "on_tracking_start", self)
+            if self.observers:
+                notify(self.observers, "on_record", self, self.num_records - 1)
+            return True
+
+    def _warn_if_params_changed(self) -> None:
         optimizer = self._optimizer()
         if (not self._warned_new_params and optimizer is not None
                 and sum(len(g["params"]) for g in optimizer.param_groups) != len(self._param_refs)):
             self._warned_new_params = True
             warnings.warn("CMDRecorder: the optimizer's parameters changed after the recorder was built "
                           "(add_param_group?); only the original parameters are recorded", RuntimeWarning,
-                          stacklevel=2)
-        weights = self._local_weights()
-        if self.check_finite and not self._finite(weights):
+                          stacklevel=4)
+
+    def _local_weights(self) -> list[torch.Tensor]:
+        """This process's part of every parameter, flat, in its own dtype (views: nothing is copied)."""
+        return [w.detach().reshape(-1) for w in self._shards.local(self.params)]
+
+    def _warmup_record(self, weights: list[torch.Tensor]) -> bool:
+        if self.check_finite and not self._finite_now(weights):
             return False
-        t = self.num_records
-        F = self.config["warmup"]
-        if t < F:
-            self._history[:, t] = self._shards.assemble(self._sample_plan(weights))
-        if t == F - 1:
-            self._start_tracking()
-        if t >= F - 1:
-            refs = self._shards.assemble(self._ref_plan(weights))
-            self._store_reference(t, refs)
-            self._stats.update(weights, refs)
-            self._fit_cache = None  # stale now: free its 4 floats per weight
-            if self.config["freeze_modes_after"] == self._stats.count:
-                self._stats.freeze([f.modes for f in self._compute_fit()])
-        self.num_records += 1
-        if self.writer is not None and t >= F - 1:
-            self._log_safely(self.writer, self.num_records - 1)
+        t = self._warmup_records
+        self._history[:, t] = self._shards.assemble(self._sample_plan(weights))
+        self._warmup_records += 1
+        if t == self.config.warmup - 1:
+            self._start_tracking(weights)
         return True
 
-    def _finite(self, weights: list[torch.Tensor]) -> bool:
-        norms = torch.stack(torch._foreach_norm(weights)) if weights else torch.zeros(0)
-        finite = self._shards.all_ranks(torch.isfinite(norms))
+    def _tracking_record(self, weights: list[torch.Tensor]) -> bool:
+        stats = self._stats
+        refs = self._shards.assemble(self._ref_plan(weights))
+        if stats.kernel == "flat":  # nothing here waits for the device
+            ok = self._finite_flags(weights, exact=True)[0].all() if self.check_finite else None
+            self._table.reserve(self.window_start + self._device_attempts + 2)
+            self._table.write(stats.count_t.long() + self.window_start, refs)  # overwritten if skipped
+            stats.update(weights, refs, ok)
+            self._device_attempts += 1
+        else:
+            if self.check_finite and not self._finite_now(weights):
+                return False
+            self._table.write(self.window_start + stats.count, refs)
+            stats.update(weights, refs)
+        self._freeze_when_due()
+        return True
+
+    def _finite_flags(self, weights: list[torch.Tensor], exact: bool) -> tuple[torch.Tensor, list[int]]:
+        """Device flags, one per parameter, that all its values on every rank are finite, and the
+        parameter of each flag (one multi-tensor kernel per dtype).
+
+        ``exact``: read the largest |w| of each tensor, which never overflows (the flat kernel's check,
+        fast on accelerators); else the L2 norm, fast everywhere, which also flags finite values of
+        |w| ≳ 1e19 in float32: :meth:`_finite_now` then looks at those tensors again, exactly.
+        """
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, w in enumerate(weights):
+            groups.setdefault(w.dtype, []).append(i)
+        order = [i for group in groups.values() for i in group]
+        flags = []
+        for group in groups.values():
+            nonempty = [weights[i] if weights[i].numel() else weights[i].new_zeros(1) for i in group]
+            norms = torch._foreach_norm(nonempty, float("inf")) if exact else torch._foreach_norm(nonempty)
+            flags.append(torch.isfinite(torch.stack(norms)))
+        return self._shards.all_ranks(torch.cat(flags)), order
+
+    def _finite_now(self, weights: list[torch.Tensor]) -> bool:
+        """The finite check on the host: False (and a warning naming the parameters) for a skipped record."""
+        finite, order = self._finite_flags(weights, exact=False)
         if bool(finite.all()):
             return True
-        # rare path: the L2 norm overflows for |w| ≳ 1e19 although every value is finite; decide exactly
-        finite = self._shards.all_ranks(torch.stack([torch.isfinite(w).all() for w in weights]))
+        finite, order = self._finite_flags(weights, exact=True)  # rare: an overflowing norm, or a real NaN/Inf
         if bool(finite.all()):
             return True
-        bad = [self.layout.names[i] for i in torch.nonzero(~finite).flatten().tolist()]
-        self.skipped_records += 1
+        bad = [self.layout.names[order[j]] for j in torch.nonzero(~finite).flatten().tolist()]
+        self._skipped += 1
+        self._skips_reported += 1
         warnings.warn(f"CMDRecorder: record {self.num_records} skipped: non-finite (NaN/Inf) values in "
                       f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the statistics are unchanged",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return False
 
-    def _start_tracking(self) -> None:
+    def _report_skips(self) -> None:
+        """Warn about records the flat kernel skipped since the last report (reads its count)."""
+        if self._stats is None or self._stats.kernel != "flat":
+            return
+        skipped = self.skipped_records
+        if skipped > self._skips_reported:
+            warnings.warn(f"CMDRecorder: {skipped - self._skips_reported} record(s) skipped since the last report: "
+                          f"non-finite (NaN/Inf) weights; the statistics are unchanged", RuntimeWarning, stacklevel=4)
+            self._skips_reported = skipped
+
+    def _start_tracking(self, weights: list[torch.Tensor]) -> None:
         """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4)."""
-        found = cluster(self._history, self.config["modes"], self.config["threshold"])
+        found = cluster(self._history, self.config.modes, self.config.threshold)
         self.clustering = found
         position = torch.from_numpy(found.reference)
-        self.reference_index = self.sample_index[position]
-        self._ref_plan = self._shards.gather_plan(self.layout, self.reference_index, self.device)
-        M = len(position)
-        capacity = max(2 * self.config["warmup"], 64)
-        self._references = torch.zeros(M, capacity, dtype=torch.float32, device=self.device)
-        self._references[:, :self.config["warmup"]] = self._history[position.to(self.device)]
-        self._stats = StreamingMoments([w.numel() for w in self._local_weights()], M, self.device,
-                                       compiled=self.compile_update)
+        self._set_references(self.sample_index[position], self._history[position.to(self.device)])
+        self._stats.update(weights, self._table.columns(self.config.warmup)[:, -1])
 
-    def _store_reference(self, t: int, refs: torch.Tensor) -> None:
-        if t >= self._references.shape[1]:
-            grown = torch.zeros(self._references.shape[0], 2 * self._references.shape[1],
-                                dtype=self._references.dtype, device=self.device)
-            grown[:, :t] = self._references[:, :t]
-            self._references = grown
-        self._references[:, t] = refs
+    def _set_references(self, reference_index: torch.Tensor, values: torch.Tensor) -> None:
+        """References, their table and fresh statistics (end of warm-up, or a resumed state)."""
+        self.reference_index = reference_index.long().cpu()
+        self._ref_plan = self._shards.gather_plan(self.layout, self.reference_index, self.device)
+        self._slots = self._shards.reference_slots(self.layout, self.reference_index)
+        self._table = ReferenceTable(values.to(self.device, self._coefficient_dtype))
+        self._stats = StreamingMoments([s.numel() for s in self._local_shapes], self.num_modes, self.device,
+                                       shift_dtype=self._coefficient_dtype, kernel=self._kernel)
+        self._device_attempts = 0
+
+    def _freeze_when_due(self) -> None:
+        stats, due = self._stats, self.config.freeze_modes_after
+        if due is None or stats.compact:
+            return
+        if stats.kernel == "flat":  # read the device count only once the freeze can be due
+            if self._device_attempts + 1 < due or stats.window_count() < due:
+                return
+        elif stats.count < due:
+            return
+        modes = torch.empty(sum(stats.sizes), dtype=mode_dtype(self.num_modes), device=self.device)
+        for block in self.fit_blocks():
+            modes[block.flat] = block.fit.modes.to(modes.dtype)
+        stats.freeze(modes)
 
     # ----------------------------------------------------------------------------- queries
     def _require_tracking(self, what: str) -> None:
-        if self.phase == "warmup":
-            remaining = self.config["warmup"] - self.num_records
+        if self._stats is None:
+            remaining = self.config.warmup - self._warmup_records
             raise RuntimeError(f"{what} is not available during the warm-up: {remaining} more record(s) "
-                               f"needed (warmup={self.config['warmup']}, recorded {self.num_records})")
+                               f"needed (warmup={self.config.warmup}, recorded {self._warmup_records})")
 
-    def _fit(self) -> list[AffineFit]:
-        """Per-tensor fit from the statistics, cached until the next record changes them."""
-        if self._fit_cache is None:
-            self._fit_cache = self._compute_fit()
-        return self._fit_cache
+    @property
+    def _coefficient_dtype(self) -> torch.dtype:
+        """dtype of a and b: float32, or float64 if a parameter is (its weights then come back exactly)."""
+        return torch.float64 if torch.float64 in self.layout.dtypes else torch.float32
 
-    def _compute_fit(self) -> list[AffineFit]:
-        """Per-tensor fit from the statistics; a, b in float32."""
-        fits = self._stats.fit()
-        tensor, offset = self.layout.locate(self.reference_index)
-        for m, (t, o) in enumerate(zip(tensor.tolist(), offset.tolist())):
-            o = self._shards.local_offset(t, o)
-            if o is not None:  # a reference reproduces itself exactly
-                f = fits[t]
-                f.modes[o], f.a[o], f.b[o], f.r2[o] = m, 1.0, 0.0, 1.0
-        return [AffineFit(f.modes.to(torch.int32), f.a.float(), f.b.float(), f.r2.float()) for f in fits]
+    def _output_dtypes(self) -> list[torch.dtype]:
+        """Each parameter's current dtype (the recorded one once the parameters are gone)."""
+        params = [ref() for ref in self._param_refs]
+        return [self.layout.dtypes[i] if p is None else p.dtype for i, p in enumerate(params)]
+
+    def _cmd_tensors(self, at: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(parameter, its CMD weights at record ``at``), one parameter at a time."""
+        self._require_tracking("cmd_parameters")
+        at = normalize_at(at, self.num_records)
+        column = self._table.columns(self.num_records)[:, at]
+        dtypes = self._output_dtypes()
+        for i, shape in enumerate(self._local_shapes):
+            out = torch.empty(shape.numel(), dtype=dtypes[i], device=self.device)
+            for block in self.fit_blocks(tensors=[i]):
+                a, b = (x.to(self._coefficient_dtype) for x in (block.fit.a, block.fit.b))  # as trajectory() holds them
+                out[block.local] = reconstruct(a, b, block.fit.modes, column).to(out.dtype)
+            yield i, out.view(shape)
 
     def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
         """CMD weights at record ``at``, one tensor per optimizer parameter (local shards under FSDP)."""
-        self._require_tracking("cmd_parameters")
-        at = normalize_at(at, self.num_records)
-        column = self._references[:, at]
-        return [reconstruct(f.a, f.b, f.modes, column).view(shape).to(dtype)
-                for f, (shape, dtype) in zip(self._fit(), self._local_meta)]
+        return [tensor for _, tensor in self._cmd_tensors(at)]
 
     def _live_model(self) -> torch.nn.Module:
         if self._model is None:
@@ -294,7 +467,7 @@ class CMDRecorder:
                                "keep a reference to it while you use the recorder")
         return model
 
-    def cmd_state_dict(self, at: int = -1) -> dict[str, torch.Tensor]:
+    def cmd_state_dict(self, at: int = -1) -> dict[str, Any]:
         """The model's state_dict with CMD weights for the recorded parameters (buffers are live)."""
         model = self._live_model()
         self._require_tracking("cmd_state_dict")
@@ -302,18 +475,19 @@ class CMDRecorder:
         full = self._shards.full_tensors(self.cmd_parameters(at), params)
         by_id = {id(p): v for p, v in zip(params, full)}
         sd = model.state_dict(keep_vars=True)
-        return {k: (by_id[id(v)] if id(v) in by_id else v).detach() for k, v in sd.items()}
+        return {k: by_id[id(v)] if id(v) in by_id else v.detach() if isinstance(v, torch.Tensor) else v
+                for k, v in sd.items()}
 
     @contextlib.contextmanager
     def swapped(self, at: int = -1) -> Iterator[None]:
         """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit."""
-        cmd = self.cmd_parameters(at)
+        self._require_tracking("swapped")
         local = self._shards.local(self.params)
         saved = [p.detach().clone() for p in local]
         try:
             with torch.no_grad():
-                for p, value in zip(local, cmd):
-                    p.copy_(value)
+                for i, value in self._cmd_tensors(at):
+                    local[i].copy_(value)
             yield
         finally:
             with torch.no_grad():
@@ -329,89 +503,107 @@ class CMDRecorder:
         if dist_utils.is_writer():
             atomic_save(sd, path)
 
+    def _flat_fit(self) -> tuple[torch.Tensor, ...]:
+        """a, b, modes, R² of every local weight as flat tensors (a, b float64 if a parameter is)."""
+        N, dtype = sum(self._stats.sizes), self._coefficient_dtype
+        a, b, r2 = (torch.empty(N, dtype=d, device=self.device) for d in (dtype, dtype, torch.float32))
+        modes = torch.empty(N, dtype=torch.int32, device=self.device)
+        for block in self.fit_blocks():
+            fit = block.fit
+            a[block.flat], b[block.flat], modes[block.flat], r2[block.flat] = fit.a, fit.b, fit.modes, fit.r2
+        return a, b, modes, r2
+
     def trajectory(self) -> CMDTrajectory:
         """The CMD model so far, as a :class:`CMDTrajectory` (full tensors, gathered under FSDP)."""
         self._require_tracking("trajectory")
-        fits = self._fit()
-        a, b, modes, r2 = (self._shards.full_flat([getattr(f, k) for f in fits])
-                           for k in ("a", "b", "modes", "r2"))
-        M = self.num_modes
-        return CMDTrajectory(self._references[:, :self.num_records].clone(), self.reference_index.clone(), a, b,
-                             modes, self.window_start, self.layout, mode_means(modes, r2, M).float())
+        with self._lock:
+            a, b, modes, r2 = (self._shards.full_flat(self._stats.views(x)) for x in self._flat_fit())
+            references = self._table.columns(self.num_records).clone()
+            return CMDTrajectory(references, self.reference_index.clone(), a, b, modes, self.window_start,
+                                 self.layout, mode_means(modes, r2, self.num_modes).float())
 
     def r2(self) -> list[torch.Tensor]:
         """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""
         self._require_tracking("r2")
-        return [f.r2 for f in self._fit()]
+        with self._lock:
+            out = torch.empty(sum(self._stats.sizes), dtype=torch.float32, device=self.device)
+            for block in self.fit_blocks():
+                out[block.flat] = block.fit.r2
+            return self._stats.views(out)
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references, indices)
-        and their ``total``; apart from the total, ``fit``: the fit cached by the last query until the next record."""
+        """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references,
+        indices) and their ``total``."""
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         out = {
             "statistics": 0 if self._stats is None else self._stats.nbytes(),
             "scratch": 0 if self._stats is None else self._stats.scratch_nbytes(),
             "history": size(self._history),
-            "references": size(self._references),
+            "references": 0 if self._table is None else self._table.nbytes(),
             "indices": size(self.sample_index) + size(self.reference_index),
         }
         out["total"] = sum(out.values())
-        fits = self._fit_cache or []
-        out["fit"] = sum(size(f.modes) + size(f.a) + size(f.b) + size(f.r2) for f in fits)  # not in total
         return out
 
     # ----------------------------------------------------------------------------- logging
     def log(self, writer, step: int | None = None) -> None:
-        """Log mode statistics to a TensorBoard ``writer`` at ``step`` (default: the last record)."""
-        from .tensorboard import log_record
+        """Log mode statistics to a TensorBoard ``writer`` now, at ``step`` (default: the last record).
 
-        if dist_utils.is_writer():
-            log_record(self, writer, self.num_records - 1 if step is None else step)
-
-    def _log_safely(self, writer, step: int) -> None:
-        try:
-            self.log(writer, step)
-        except Exception as e:  # logging must never stop training
-            warnings.warn(f"CMDRecorder: logging at record {step} failed and was skipped: {e!r}",
-                          RuntimeWarning, stacklevel=3)
+        Mode statistics are written every ``log_every`` calls' records, as with ``writer=``; one
+        logger per writer keeps that schedule (held weakly with the writer).
+        """
+        if not dist_utils.is_writer():
+            return
+        logger = self._loggers.get(writer)
+        if logger is None:
+            logger = self._loggers[writer] = tensorboard_logger(writer, self._log_every)
+        logger.log(self, self.num_records - 1 if step is None else step)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: config, counters, samples, history, references, statistics."""
-        stats = None
-        if self._stats is not None:
-            stats = {"count": self._stats.count}
-            for name, value in self._stats.tensors().items():
-                stats[name] = [t.clone() for t in value] if isinstance(value, list) else value.clone()
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "config": dict(self.config),
-            "layout": self.layout.to_dict(),
-            "num_records": self.num_records,
-            "skipped_records": self.skipped_records,
-            "steps": self._steps,
-            "sample_index": self.sample_index.clone(),
-            "history": self._history.clone(),
-            "reference_index": None if self.reference_index is None else self.reference_index.clone(),
-            "references": None if self._references is None else self._references[:, :self.num_records].clone(),
-            "stats": stats,
-            "shards": self._shards.describe(),
-        }
+        """Everything needed to resume: config, counters, samples, history, references, statistics.
+
+        As a module's ``state_dict`` does, it holds references to the recorder's tensors, not copies:
+        save it (``torch.save``) before the next record changes them.
+        """
+        with self._lock:
+            stats = None
+            if self._stats is not None:
+                stats = {"count": self._stats.window_count(), **self._stats.tensors()}
+            return {
+                "format": FORMAT,
+                "version": VERSION,
+                "config": self.config.to_dict(),
+                "layout": self.layout.to_dict(),
+                "num_records": self.num_records,
+                "skipped_records": self.skipped_records,
+                "steps": self._steps,
+                "sample_index": self.sample_index,
+                "history": self._history,
+                "reference_index": self.reference_index,
+                "references": None if self._table is None else self._table.columns(self.num_records),
+                "stats": stats,
+                "shards": self._shards.describe(),
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Refuses (changing nothing) a state of another configuration."""
+        with self._lock:
+            self._load_state_dict(state)
+
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("state is not a CMDRecorder state_dict")
-        if state.get("version") != VERSION:
+        if state.get("version") not in (1, VERSION):
             raise ValueError(f"CMDRecorder state_dict version {state.get('version')!r} is not supported "
-                             f"(expected {VERSION})")
+                             f"(expected 1 or {VERSION})")
         missing = sorted(_STATE_KEYS - state.keys())
         if missing:
             raise ValueError(f"state is missing {', '.join(missing)}; it is not a complete CMDRecorder state_dict")
+        saved = CMDConfig.from_dict(state["config"])
         for key, value in self.config.items():
-            if state["config"].get(key) != value:
-                raise ValueError(f"state was recorded with {key}={state['config'].get(key)!r}, but this recorder "
+            if saved[key] != value:
+                raise ValueError(f"state was recorded with {key}={saved[key]!r}, but this recorder "
                                  f"has {key}={value!r}; build the recorder with the same configuration")
         if Layout.from_dict(state["layout"]).shapes != self.layout.shapes:
             raise ValueError("state was recorded for parameters of other shapes than this optimizer's")
@@ -420,45 +612,49 @@ class CMDRecorder:
                              f"but this recorder has {self._shards.describe()}")
         if not torch.equal(state["sample_index"].cpu(), self.sample_index):
             raise ValueError("state has other sampled weights than this recorder (different seed or layout)")
-        stats = None
-        if state["stats"] is not None:
-            s = state["stats"]
-            M = s["ref_sumsq"].numel()
-            local_sizes = [w.numel() for w in self._local_weights()]
-            if [t.numel() for t in s["sumsq"]] != local_sizes:
-                raise ValueError("state statistics do not match this process's parameter sizes")
-            stats = StreamingMoments(local_sizes, M, self.device, compiled=self.compile_update)
-            stats.restore(s)
+        stats = state["stats"]
+        if stats is not None and state["version"] == 1:
+            stats = _stats_from_version_1(stats)
+        local_n = sum(s.numel() for s in self._local_shapes)
+        if stats is not None and stats["sumsq"].numel() != local_n:
+            raise ValueError("state statistics do not match this process's parameter sizes")
         # everything checked: now change the recorder
-        self.num_records = int(state["num_records"])
-        self.skipped_records = int(state["skipped_records"])
+        self._history = state["history"].to(self.device, self._coefficient_dtype).clone()
         self._steps = int(state["steps"])
-        self._history = state["history"].to(self.device, torch.float32).clone()
-        self._stats = stats
-        self._fit_cache = None
+        self._skipped = self._skips_reported = int(state["skipped_records"])
+        self.clustering = None
         if state["reference_index"] is None:
-            self.reference_index = self._ref_plan = self._references = self.clustering = None
-        else:
-            self.reference_index = state["reference_index"].cpu().long()
-            self._ref_plan = self._shards.gather_plan(self.layout, self.reference_index, self.device)
-            refs = state["references"].to(self.device, torch.float32)
-            capacity = max(2 * refs.shape[1], 64)
-            self._references = torch.zeros(refs.shape[0], capacity, dtype=torch.float32, device=self.device)
-            self._references[:, :refs.shape[1]] = refs
+            self._warmup_records = int(state["num_records"])
+            self.reference_index = self._ref_plan = self._slots = self._table = self._stats = None
+            return
+        self._warmup_records = self.config.warmup
+        self._set_references(state["reference_index"], state["references"])
+        self._stats.restore(stats)
+        self._device_attempts = self._stats.window_count() - 1
 
     def close(self) -> None:
-        """Detach from the optimizer (no more records on step); flushes a writer if one was given."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self.writer is not None and self.phase == "tracking" and dist_utils.is_writer():
-            try:
-                from .tensorboard import log_close
-
-                log_close(self, self.writer)
-            except Exception as e:
-                warnings.warn(f"CMDRecorder: final logging failed and was skipped: {e!r}", RuntimeWarning)
+        """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed)."""
+        with self._lock:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            notify(self.observers, "on_close", self)
 
     def __repr__(self) -> str:
+        modes = self.num_modes if self.num_modes is not None else self.config.modes
         return (f"CMDRecorder(weights={self.layout.numel}, phase={self.phase!r}, records={self.num_records}, "
-                f"modes={self.num_modes if self.num_modes is not None else self.config['modes']})")
+                f"modes={modes})")
+
+
+def _stats_from_version_1(stats: dict) -> dict:
+    """Version-1 statistics (one tensor per parameter; P as M × n blocks) as version 2's flat tensors."""
+    flat = {name: torch.cat([t.reshape(-1) for t in stats[name]]) for name in ("shift", "mean", "sumsq")}
+    blocks = stats["comoment"]
+    if "modes" in stats:
+        flat["comoment"] = [torch.cat([p.reshape(-1) for p in blocks])]
+        flat["modes"] = torch.cat([m.reshape(-1) for m in stats["modes"]])
+    else:
+        flat["comoment"] = [torch.cat([P[m] for P in blocks]) for m in range(stats["ref_sumsq"].numel())]
+    return {**stats, **flat}
+
+

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from .config import check_int
 
 
 def sample_indices(layer_sizes: Sequence[int], samples: int, seed: int = 0) -> torch.Tensor:
@@ -25,10 +26,7 @@ def sample_indices(layer_sizes: Sequence[int], samples: int, seed: int = 0) -> t
     if not sizes or any(s < 0 for s in sizes):
         raise ValueError(f"layer_sizes must be a non-empty list of sizes ≥ 0; got {list(layer_sizes)}")
     total = sum(sizes)
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
-        raise TypeError(f"samples must be an int; got {type(samples).__name__}")
-    if not 1 <= samples <= total:
-        raise ValueError(f"samples must be in [1, N={total}] (N = number of weights); got {samples}")
+    samples = check_int("samples", samples, 1, total)
     rng = np.random.default_rng(seed)
     chosen = np.empty(0, dtype=np.int64)
     if samples / 2 > len(sizes):

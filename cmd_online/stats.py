@@ -10,31 +10,27 @@ and the centred co-moments P (M × N). Given these,
     b_i    = mean_i − a_i · mean_ref[mode_i]       (the least-squares intercept)
 
 and ρ² is each weight's R². :func:`affine_fit` is that computation; :class:`StreamingMoments` keeps
-the moments up to date one record at a time (Welford's update), so the fit is available at any time
-without the history.
-
-Precision: float32 Welford on raw weights fails when a weight's mean is large against its motion (a
-mean of 1e3 moving by 1e-3 is only ~16 float32 ulps, and rounding of the running mean then swamps
-the co-moments). The moments are therefore taken of w − c, where the shift c is the weight at the
-start of the window, stored exactly: w − c is exact or nearly so, and small numbers keep their
-precision. That costs one more float32 per weight than the centred form alone.
+the moments up to date one record at a time, so the fit is available at any time without the
+history; :func:`two_pass_moments` is the plain float64 computation from a full history that the
+streaming update is tested against.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-# Columns per chunk in affine_fit: bounds the M × chunk float64 temporaries of a query.
-_FIT_CHUNK = 1 << 18
+# Weights per block of the CPU record path and of a fit: the block's temporaries stay in cache, and a
+# query's extra memory is a few blocks, whatever N (benchmarks/cost.py measures the choice).
+BLOCK = 1 << 17
 
 
 @dataclass
 class AffineFit:
-    """Per-weight fit: mode (int64), slope a, intercept b and R² (float64), one entry per weight."""
+    """The fit of n weights: mode (int64), slope a, intercept b and R² (float64), one entry per weight."""
 
     modes: torch.Tensor
     a: torch.Tensor
@@ -42,48 +38,76 @@ class AffineFit:
     r2: torch.Tensor
 
 
-def affine_fit(P: torch.Tensor, S: torch.Tensor, Q: torch.Tensor, mean: torch.Tensor,
+def affine_fit(P: torch.Tensor | Sequence[torch.Tensor], S: torch.Tensor, Q: torch.Tensor, mean: torch.Tensor,
                ref_mean: torch.Tensor, modes: torch.Tensor | None = None) -> AffineFit:
-    """The least-squares CMD fit of n weights from their moments (computed in float64).
+    """The least-squares CMD fit of n weights from their moments.
+
+    The assignment compares |P_mi| / √Q_m, which orders the modes as |ρ_mi| does (S_i is common to
+    every m), in P's own dtype: float64 for the post-hoc oracle, float32 for the streaming moments
+    (so a weight whose two best |ρ| agree to float32 round-off may take either mode). Ties go to the
+    lower mode. a, b and R² are computed in float64.
 
     Args:
-        P (tensor): co-moments, M × n (or, with ``modes`` given, the n co-moments with their own mode).
+        P (tensor or list of tensors): co-moments, M × n, or its M rows (or, with ``modes`` given,
+            the n co-moments with their own mode).
         S (tensor): centred sums of squares of the weights (n,).
         Q (tensor): centred sums of squares of the references (M,).
-        mean (tensor): mean of each weight over the window (n,), float64 preferred.
+        mean (tensor): mean of each weight over the window (n,).
         ref_mean (tensor): mean of each reference over the window (M,).
         modes (tensor): fixed modes (n,), for the compact form; None chooses argmax |ρ|.
     """
-    Q = Q.double()
-    ref_mean = ref_mean.double()
-    mean = mean.double()
-    S = S.double()
-    out = []
-    for start in range(0, S.numel(), _FIT_CHUNK):
-        part = slice(start, start + _FIT_CHUNK)
-        s = S[part]
-        if modes is None:
-            p_all = P[:, part].double()
-            denom = torch.sqrt(s.unsqueeze(0) * Q.unsqueeze(1))
-            rho_all = torch.where(denom > 0, p_all / denom, torch.zeros_like(p_all))
-            mode = rho_all.abs().argmax(dim=0)
-            p = p_all.gather(0, mode.unsqueeze(0)).squeeze(0)
-            rho = rho_all.gather(0, mode.unsqueeze(0)).squeeze(0)
-        else:
-            mode = modes[part].long()
-            p = P[part].double()
-            denom = torch.sqrt(s * Q[mode])
-            rho = torch.where(denom > 0, p / denom, torch.zeros_like(p))
-        q = Q[mode]
-        a = torch.where(q > 0, p / q, torch.zeros_like(p))
-        # A weight that does not move in the window is exactly its mean: a = 0, b = mean.
-        a = torch.where(s > 0, a, torch.zeros_like(a))
-        b = mean[part] - a * ref_mean[mode]
-        out.append((mode, a, b, rho * rho))
-    if not out:
-        empty = torch.empty(0, dtype=torch.float64, device=S.device)
-        return AffineFit(empty.long(), empty, empty, empty)
-    return AffineFit(*(torch.cat(x) for x in zip(*out)))
+    if modes is None:
+        mode, p = _best_mode(list(P), Q)
+    else:
+        mode, p = modes.long(), P
+    # elementwise arithmetic only (masks are slow on CPU): a = 0 where the weight does not move in the
+    # window (S = 0, its value is its mean) or its reference does not (Q = 0; P is then 0 too)
+    p = p.double()
+    moving = S.double().sign()
+    a = p / torch.index_select(Q.double(), 0, mode)
+    a.mul_(moving).nan_to_num_(0.0, 0.0, 0.0)
+    r2 = (a * p).div_(S.double()).nan_to_num_(0.0, 0.0, 0.0)  # ρ² = P² / (S Q)
+    b = torch.index_select(ref_mean.double(), 0, mode).mul_(a).neg_().add_(mean.double())
+    return AffineFit(mode, a, b, r2)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmax_m |P_m| / √Q_m of each weight (score 0 where Q_m = 0; the lowest m on ties), and P there.
+
+    Exact in the rows' dtype, in integer arithmetic: scores are ≥ 0, and non-negative floats order as
+    their bit patterns do, so a running maximum of the bits with a 0/1 "strictly better" step finds
+    the first best mode. (On CPU ``argmax(dim=0)`` of an M × n tensor, or boolean masks, are many
+    times slower.)
+    """
+    bits = _BITS[rows[0].dtype]
+    scale = torch.where(Q > 0, Q.double().rsqrt(), torch.zeros((), dtype=torch.float64)).tolist()
+    best = torch.abs(rows[0]).mul_(scale[0]).view(bits)
+    mode = torch.zeros(best.shape, dtype=bits, device=best.device)
+    score, better, step = torch.empty_like(rows[0]), torch.empty_like(best), torch.empty_like(best)
+    for m in range(1, len(rows)):
+        key = torch.abs(rows[m], out=score).mul_(scale[m]).view(bits)
+        torch.sub(key, best, out=better).clamp_(0, 1)  # 1 where mode m scores strictly higher
+        torch.maximum(best, key, out=best)
+        mode.add_(torch.sub(m, mode, out=step).mul_(better))  # m there, unchanged elsewhere
+    mode = mode.long()
+    return mode, torch.stack(rows).gather(0, mode.unsqueeze(0)).squeeze(0)
+
+
+def pin_references(fit: AffineFit, positions: Sequence[int], modes: Sequence[int]) -> None:
+    """A reference weight reproduces itself exactly: mode m, a = 1, b = 0, R² = 1 at its position.
+
+    Args:
+        fit (AffineFit): the fit of a run of weights, changed in place.
+        positions (sequence of int): positions of reference weights inside that run.
+        modes (sequence of int): the mode each of them is the reference of.
+    """
+    if len(positions):
+        where = torch.as_tensor(positions, dtype=torch.int64, device=fit.a.device)
+        fit.modes[where] = torch.as_tensor(modes, dtype=fit.modes.dtype, device=fit.modes.device)
+        fit.a[where], fit.b[where], fit.r2[where] = 1.0, 0.0, 1.0
 
 
 def mode_means(modes: torch.Tensor, values: torch.Tensor, num_modes: int) -> torch.Tensor:
@@ -94,12 +118,135 @@ def mode_means(modes: torch.Tensor, values: torch.Tensor, num_modes: int) -> tor
     return sums / counts
 
 
-def _full_update(w, shift, mean, sumsq, rows, ref_dev, scalars):
-    """One record of the full form for one tensor, written for torch.compile to fuse into one loop.
+@dataclass
+class Moments:
+    """Moments of weights against references over a window, as :func:`two_pass_moments` returns them.
 
-    ``rows`` are the M rows of P as separate views: written row by row, the compiler computes dx once
-    per element and updates all M + 2 outputs from it (a broadcast ``P += ref_dev ⊗ dx`` instead
-    compiles to a loop over P that recomputes dx per row, slower than eager).
+    Attributes: ``mean`` (n,), ``sumsq`` S (n,), ``comoment`` P (M × n), ``ref_mean`` (M,),
+    ``ref_sumsq`` Q (M,).
+    """
+
+    mean: torch.Tensor
+    sumsq: torch.Tensor
+    comoment: torch.Tensor
+    ref_mean: torch.Tensor
+    ref_sumsq: torch.Tensor
+
+
+def two_pass_moments(W: torch.Tensor, R: torch.Tensor) -> Moments:
+    """The reference computation: moments of W (n × T) against R (M × T) in float64, two passes.
+
+    The plain definition — means first, then sums of products of deviations — that
+    :class:`StreamingMoments` computes one record at a time; the tests compare every update variant
+    with it.
+    """
+    W, R = W.double(), R.double()
+    mean, ref_mean = W.mean(dim=1), R.mean(dim=1)
+    Wc, Rc = W - mean.unsqueeze(1), R - ref_mean.unsqueeze(1)
+    return Moments(mean, (Wc * Wc).sum(dim=1), Rc @ Wc.T, ref_mean, (Rc * Rc).sum(dim=1))
+
+
+# ---------------------------------------------------------------------------------------- record steps
+# One record of the Welford update (see StreamingMoments) in three kernels × two forms. Each step is a
+# pure function of the state object ``st`` and one record; StreamingMoments chooses one at
+# construction and again at freeze(), never per record.
+
+def _host_ref_update(st: "StreamingMoments", refs: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """The references' moments with host scalars; returns ((n−1)/n · dy, 1/n, (n−1)/n)."""
+    st.count += 1
+    n = st.count
+    dy = (refs - st.ref_shift).float().sub_(st.ref_mean)  # the shift in its own dtype, then float32
+    st.ref_mean.add_(dy, alpha=1.0 / n)
+    st.ref_sumsq.addcmul_(dy, dy, value=(n - 1) / n)
+    return dy.mul_((n - 1) / n), 1.0 / n, (n - 1) / n
+
+
+def _block_dx(st: "StreamingMoments", w: torch.Tensor, flat: slice, inv_n: float, shrink: float) -> torch.Tensor:
+    """dx = (w − c) − μ of one block into the scratch; μ and S updated from it."""
+    dx = st.scratch[:flat.stop - flat.start]
+    torch.sub(w, st.shift[flat], out=dx)
+    mean = st.mean[flat]
+    dx.sub_(mean)
+    mean.add_(dx, alpha=inv_n)
+    st.sumsq[flat].addcmul_(dx, dx, value=shrink)  # S += dx·(x − μ_new) = dx²·(n − 1)/n
+    return dx
+
+
+def _full_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
+    """CPU: block by block, so that dx is still in cache for the M + 2 passes that read it."""
+    ref_dev, inv_n, shrink = _host_ref_update(st, refs)
+    coefficients = ref_dev.tolist()
+    for i, local, flat in st.blocks:
+        dx = _block_dx(st, weights[i][local], flat, inv_n, shrink)
+        for row, coefficient in zip(st.comoment, coefficients):
+            row[flat].add_(dx, alpha=coefficient)  # P_m += (y − ν)_m · dx
+
+
+def _compact_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
+    ref_dev, inv_n, shrink = _host_ref_update(st, refs)
+    for i, local, flat in st.blocks:
+        dx = _block_dx(st, weights[i][local], flat, inv_n, shrink)
+        index = st.index_scratch[:dx.numel()]
+        index.copy_(st.modes[flat])  # int32: what index_select takes
+        own = torch.index_select(ref_dev, 0, index, out=st.own_scratch[:dx.numel()])
+        st.comoment[0][flat].addcmul_(dx, own)  # p += dx · (y − ν)_{mode}
+
+
+def _device_ref_update(st: "StreamingMoments", refs: torch.Tensor, ok: torch.Tensor | None):
+    """The references' moments with device scalars (no host sync); a record with ``ok`` False changes nothing.
+
+    Returns (√((n−1)/n)·dy, 1/n, √((n−1)/n), mask of a skipped record or None).
+    """
+    skip = None if ok is None else ok.logical_not()
+    grown = st.count_t + (1.0 if ok is None else ok.to(st.count_t.dtype))
+    inv_n = (grown - st.count_t) / grown  # 1/n, or 0 for a skipped record
+    root = torch.sqrt((grown - 1) / grown)
+    st.count_t.copy_(grown)
+    dy = (refs - st.ref_shift).float().sub_(st.ref_mean)
+    if skip is not None:
+        dy.masked_fill_(skip, 0.0)
+    st.ref_mean.addcmul_(dy, inv_n.float())
+    dy.mul_(root.float())
+    st.ref_sumsq.addcmul_(dy, dy)
+    return dy, inv_n.float(), root.float(), skip
+
+
+def _flat_dx(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok):
+    """Accelerators: dx of all N weights in a few multi-tensor kernels, scaled by √((n−1)/n)."""
+    dy, inv_n, root, skip = _device_ref_update(st, refs, ok)
+    dx = st.scratch
+    if st.copy_exact:  # float32/16 weights: copying to float32 first changes nothing
+        _foreach_copy_(st.scratch_views, weights)
+        dx.sub_(st.shift)
+    else:  # float64 weights against a float64 shift: subtract before rounding
+        for w, c, d in zip(weights, st.views(st.shift), st.scratch_views):
+            torch.sub(w, c, out=d)
+    dx.sub_(st.mean)
+    if skip is not None:
+        dx.masked_fill_(skip, 0.0)
+    st.mean.addcmul_(dx, inv_n)
+    dx.mul_(root)
+    st.sumsq.addcmul_(dx, dx)  # S += (√((n−1)/n)·dx)²
+    return dx, dy
+
+
+def _full_flat(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
+    dx, dy = _flat_dx(st, weights, refs, ok)
+    for m, row in enumerate(st.comoment):
+        row.addcmul_(dx, dy[m])  # P_m += (√s·dy_m)(√s·dx) = (n−1)/n · dy_m · dx
+
+
+def _compact_flat(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
+    dx, dy = _flat_dx(st, weights, refs, ok)
+    own = torch.index_select(dy, 0, st.modes, out=st.own_scratch)
+    st.comoment[0].addcmul_(dx, own)
+
+
+def _fused_full(w, shift, mean, sumsq, rows, ref_dev, scalars):
+    """One record of the full form for one tensor, for torch.compile to fuse into one loop.
+
+    ``rows`` are the M rows of P as separate tensors: written row by row, the compiler computes dx
+    once per element and updates all M + 2 outputs from it.
     """
     dx = (w - shift) - mean
     mean.add_(dx * scalars[0])
@@ -108,8 +255,8 @@ def _full_update(w, shift, mean, sumsq, rows, ref_dev, scalars):
         row.add_(dx * ref_dev[m])
 
 
-def _compact_update(w, shift, mean, sumsq, comoment, modes, ref_dev, scalars):
-    """One record of the compact form for one tensor, written for torch.compile to fuse into one loop."""
+def _fused_compact(w, shift, mean, sumsq, comoment, modes, ref_dev, scalars):
+    """One record of the compact form for one tensor, for torch.compile to fuse into one loop."""
     dx = (w - shift) - mean
     mean.add_(dx * scalars[0])
     sumsq.add_(dx * dx * scalars[1])
@@ -117,8 +264,40 @@ def _compact_update(w, shift, mean, sumsq, comoment, modes, ref_dev, scalars):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(update):
+def _compiled(update: Callable) -> Callable:
     return torch.compile(update, dynamic=True)
+
+
+def _compiled_scalars(st: "StreamingMoments", refs: torch.Tensor):
+    ref_dev, inv_n, shrink = _host_ref_update(st, refs)
+    # scalars as a tensor: one compiled kernel serves every record without recompiling
+    scalars = torch.tensor([inv_n, shrink], dtype=torch.float32).to(ref_dev.device, non_blocking=True)
+    return ref_dev, scalars
+
+
+def _full_compiled(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
+    ref_dev, scalars = _compiled_scalars(st, refs)
+    update = _compiled(_fused_full)
+    shift, mean, sumsq = (st.views(t) for t in (st.shift, st.mean, st.sumsq))
+    rows = [st.views(row) for row in st.comoment]
+    for i, w in enumerate(weights):
+        update(w, shift[i], mean[i], sumsq[i], [r[i] for r in rows], ref_dev, scalars)
+
+
+def _compact_compiled(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
+    ref_dev, scalars = _compiled_scalars(st, refs)
+    update = _compiled(_fused_compact)
+    views = [st.views(t) for t in (st.shift, st.mean, st.sumsq, st.comoment[0], st.modes)]
+    for i, w in enumerate(weights):
+        update(w, *(v[i] for v in views), ref_dev, scalars)
+
+
+_STEPS = {
+    ("blocks", False): _full_blocks, ("blocks", True): _compact_blocks,
+    ("flat", False): _full_flat, ("flat", True): _compact_flat,
+    ("compiled", False): _full_compiled, ("compiled", True): _compact_compiled,
+}
+KERNELS = ("blocks", "flat", "compiled")
 
 
 def _foreach_copy_(dst: list[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
@@ -129,196 +308,192 @@ def _foreach_copy_(dst: list[torch.Tensor], src: Sequence[torch.Tensor]) -> None
             d.copy_(s)
 
 
+def _block_plan(sizes: Sequence[int], block: int) -> list[tuple[int, slice, slice]]:
+    """(tensor, slice inside the tensor, slice of the flat index) of each block; no block spans two tensors."""
+    plan, offset = [], 0
+    for i, size in enumerate(sizes):
+        for start in range(0, size, block):
+            stop = min(start + block, size)
+            plan.append((i, slice(start, stop), slice(offset + start, offset + stop)))
+        offset += size
+    return plan
+
+
+def mode_dtype(num_modes: int) -> torch.dtype:
+    """The smallest integer dtype that holds mode labels 0 … M − 1."""
+    return torch.uint8 if num_modes <= 256 else torch.int16 if num_modes <= 32768 else torch.int32
+
+
 class StreamingMoments:
-    """Welford moments of N weights, held as one flat float32 tensor per parameter, against M references.
+    """Welford moments of N weights (flat, over all tensors) against M references, one record at a time.
 
-    Full form: per weight the shift c, the shifted mean μ, S and one column of P (M + 3 floats).
-    Compact form (after :meth:`freeze`): c, μ, S, the co-moment with the weight's own mode, and
-    the mode as int32 (4 floats + 1 int32).
+    The moments are taken of the weights shifted by their value at the window start, c, so that
+    float32 keeps its precision for weights whose mean is large against their motion
+    (`concepts.md <../docs/concepts.md#the-streaming-statistics>`_). Record n of the window:
 
-    Each :meth:`update` is a handful of fused kernels per tensor into preallocated scratch (fresh
-    N-sized temporaries cost page faults on CPU: 2.7× vs 1.9× the memory floor at N = 10^7); it
-    never moves a value to the host.
+    .. math::
+
+        n = 1:&\\quad c ← w,\\; c_{ref} ← y \\qquad (μ = S = P = 0,\\; ν = Q = 0) \\\\
+        n ≥ 2:&\\quad dx = (w − c) − μ,\\quad μ ← μ + dx/n,\\quad S ← S + dx^2 (n−1)/n \\\\
+              &\\quad dy = (y − c_{ref}) − ν,\\quad ν ← ν + dy/n,\\quad Q ← Q + dy^2 (n−1)/n \\\\
+              &\\quad P ← P + ((n−1)/n · dy) ⊗ dx \\qquad\\text{(full form, M × N)} \\\\
+              &\\quad p ← p + dx ⊙ ((n−1)/n · dy)_{mode} \\qquad\\text{(compact form, N)}
+
+    After n records μ = mean(w) − c, S = Σ(w − w̄)², Q = Σ(y − ȳ)², P_mi = Σ(w_i − w̄_i)(y_m − ȳ_m).
+
+    State, as flat tensors over the N weights (:meth:`views` splits one per parameter): ``shift`` c
+    (float32; float64 when a parameter is float64, so that its never-moving weights come back bit
+    for bit), ``mean`` μ and ``sumsq`` S (float32); ``comoment``, the M rows of P (float32), or after
+    :meth:`freeze` the one row p of each weight's co-moment with its own mode, and ``modes``;
+    ``ref_shift`` (the shift's dtype), ``ref_mean``, ``ref_sumsq`` (float32), M each.
+
+    Kernels (chosen once; the step function is chosen again at :meth:`freeze`):
+
+    - ``"blocks"`` (CPU default): block by block of :data:`BLOCK` weights, each block's dx in a
+      fixed scratch that stays in cache. Held per weight: M + 3 float32 (full), 4 float32 and the
+      mode in one byte (compact, M ≤ 256).
+    - ``"flat"`` (accelerator default): a few kernels over all N weights at once, with the record
+      count and the Welford scalars on the device, so a record never waits for the host; ``update``
+      takes a device flag ``ok`` and a record with ``ok`` False changes nothing. Holds N float32 of
+      scratch (dx), and in the compact form N more (each weight's own y − ν) with int32 modes.
+    - ``"compiled"``: ``torch.compile`` of one fused loop per tensor (a one-time compile cost).
+
+    Args:
+        sizes (sequence of int): number of weights of each tensor, in flat order.
+        num_modes (int): M.
+        device: where the state lives (default "cpu").
+        shift_dtype (torch.dtype): dtype of the shift c (default float32).
+        kernel (str): ``"blocks"``, ``"flat"`` or ``"compiled"``; None: blocks on CPU, flat elsewhere.
     """
 
-    def __init__(self, sizes: Sequence[int], num_modes: int, device: torch.device | str = "cpu",
-                 compiled: bool = False, foreach: bool | None = None):
+    def __init__(self, sizes: Sequence[int], num_modes: int, device: torch.device | str = "cpu", *,
+                 shift_dtype: torch.dtype = torch.float32, kernel: str | None = None):
+        self.device = torch.device(device)
+        self.kernel = kernel or ("blocks" if self.device.type == "cpu" else "flat")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+        self.sizes = [int(n) for n in sizes]
         self.num_modes = int(num_modes)
-        # multi-tensor (``torch._foreach_*``) passes: by default on accelerators, where each kernel launch
-        # costs more than a pass over a small tensor; on CPU the per-tensor loop keeps dx in cache
-        self.foreach = torch.device(device).type != "cpu" if foreach is None else bool(foreach)
-        self.compiled = bool(compiled)  # torch.compile the update (one-time compile cost)
-        self.count = 0  # records in the window; a host int, so the update never syncs
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
-        self.shift = [zeros(n) for n in sizes]
-        self.mean = [zeros(n) for n in sizes]
-        self.sumsq = [zeros(n) for n in sizes]
-        self.comoment = [zeros(self.num_modes, n) for n in sizes]  # M × n each; (n,) when compact
-        self.modes: list[torch.Tensor] | None = None  # set by freeze()
-        self.ref_shift = zeros(self.num_modes)
-        self.ref_mean = zeros(self.num_modes)
-        self.ref_sumsq = zeros(self.num_modes)
-        self.scratch = [torch.empty(n, dtype=torch.float32, device=device) for n in sizes]  # dx, not state
-        self.own_scratch: list[torch.Tensor] = []  # compact form: each weight's own (y − ν)
+        N = sum(self.sizes)
+        zeros = lambda n, dtype=torch.float32: torch.zeros(n, dtype=dtype, device=self.device)  # noqa: E731
+        self.count = 0  # records in the window (host); the flat kernel keeps it on the device, count_t
+        self.count_t = torch.zeros((), dtype=torch.float64, device=self.device) if self.kernel == "flat" else None
+        self.shift = zeros(N, shift_dtype)
+        self.mean = zeros(N)
+        self.sumsq = zeros(N)
+        self.comoment = [zeros(N) for _ in range(self.num_modes)]
+        self.modes: torch.Tensor | None = None  # set by freeze()
+        self.ref_shift = zeros(self.num_modes, shift_dtype)
+        self.ref_mean, self.ref_sumsq = zeros(self.num_modes), zeros(self.num_modes)
+        self.copy_exact = shift_dtype != torch.float64
+        self.blocks = _block_plan(self.sizes, BLOCK)
+        self._allocate_scratch(compact=False)
+        self._step = _STEPS[(self.kernel, False)]
+
+    def _allocate_scratch(self, compact: bool) -> None:
+        """dx (and, compact, each weight's own y − ν and its mode as int32): N floats for the flat kernel,
+        one block for the blocks kernel, none for the compiled one."""
+        size = {"flat": sum(self.sizes), "blocks": min(BLOCK, sum(self.sizes)), "compiled": 0}[self.kernel]
+        empty = lambda n, dtype=torch.float32: torch.empty(n, dtype=dtype, device=self.device)  # noqa: E731
+        self.scratch = empty(size)
+        self.scratch_views = self.views(self.scratch) if self.kernel == "flat" else []
+        self.own_scratch = empty(size if compact else 0)
+        self.index_scratch = empty(size if compact and self.kernel == "blocks" else 0, torch.int32)
 
     @property
     def compact(self) -> bool:
         return self.modes is not None
 
-    def update(self, weights: Sequence[torch.Tensor], refs: torch.Tensor) -> None:
-        """Add one record: ``weights`` are flat float32 tensors (one per parameter), ``refs`` the M reference values."""
-        self.count += 1
-        n = self.count
-        if n == 1:
-            _foreach_copy_(self.shift, weights)
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A flat per-weight tensor as one flat view per parameter tensor."""
+        return list(torch.split(flat, self.sizes))
+
+    def window_count(self) -> int:
+        """Records in the window (reads the device count of the flat kernel: one synchronisation)."""
+        return int(self.count_t.item()) if self.count_t is not None else self.count
+
+    def update(self, weights: Sequence[torch.Tensor], refs: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Add one record.
+
+        Args:
+            weights (list of tensors): one flat tensor per parameter (any float dtype).
+            refs (tensor): the M reference values (float32).
+            ok (tensor): for the flat kernel, a device bool; False leaves every statistic unchanged
+                (default None: the record is taken). The first record of the window must be taken.
+        """
+        if self.count == 0:  # the window's first record fixes the shift: μ = S = P = 0
+            _foreach_copy_(self.views(self.shift), weights)
             self.ref_shift.copy_(refs)
+            self.count = 1
+            if self.count_t is not None:
+                self.count_t.fill_(1.0)
             return
-        dy = refs - self.ref_shift - self.ref_mean
-        self.ref_mean.add_(dy, alpha=1.0 / n)
-        self.ref_sumsq.addcmul_(dy, dy, value=(n - 1) / n)
-        ref_dev = dy * ((n - 1) / n)  # y − ν after the mean update
-        if self.compiled:
-            # scalars as a tensor: one compiled kernel serves every record without recompiling
-            scalars = torch.tensor([1.0 / n, (n - 1) / n], dtype=torch.float32).to(ref_dev.device, non_blocking=True)
-            if self.modes is None:
-                update = _compiled(_full_update)
-                for w, c, mu, S, P in zip(weights, self.shift, self.mean, self.sumsq, self.comoment):
-                    update(w, c, mu, S, P.unbind(0), ref_dev, scalars)
-            else:
-                update = _compiled(_compact_update)
-                for args in zip(weights, self.shift, self.mean, self.sumsq, self.comoment, self.modes):
-                    update(*args, ref_dev, scalars)
-            return
+        self._step(self, weights, refs, ok)
 
-        inv_n, shrink = 1.0 / n, (n - 1) / n
-        if self.foreach:
-            # a few multi-tensor kernels for all tensors instead of five launches per tensor (GPU)
-            dx = self.scratch
-            _foreach_copy_(dx, weights)
-            torch._foreach_sub_(dx, self.shift)
-            torch._foreach_sub_(dx, self.mean)  # dx = (w − c) − μ
-            torch._foreach_add_(self.mean, dx, alpha=inv_n)
-            torch._foreach_addcmul_(self.sumsq, dx, dx, value=shrink)
-            if self.modes is None:
-                for i in range(len(dx)):
-                    self._add_comoment(i, ref_dev)
-            else:
-                for modes, own in zip(self.modes, self.own_scratch):
-                    torch.index_select(ref_dev, 0, modes, out=own)
-                torch._foreach_addcmul_(self.comoment, dx, self.own_scratch)
-            return
-        # one tensor at a time, so that each tensor's dx is still in cache for its next passes (CPU)
-        for i, (w, dx) in enumerate(zip(weights, self.scratch)):
-            torch.sub(w, self.shift[i], out=dx)
-            dx.sub_(self.mean[i])  # dx = (w − c) − μ
-            self.mean[i].add_(dx, alpha=inv_n)
-            # S += dx·(w − c − μ_new) = dx²·(n − 1)/n, without forming w − μ_new
-            self.sumsq[i].addcmul_(dx, dx, value=shrink)
-            self._add_comoment(i, ref_dev)
+    def freeze(self, modes: torch.Tensor) -> None:
+        """Switch to the compact form: keep only each weight's co-moment with its own mode.
 
-    def _add_comoment(self, i: int, ref_dev: torch.Tensor) -> None:
-        """P += (y − ν) ⊗ dx for tensor i, from its dx in the scratch."""
-        dx = self.scratch[i]
-        if self.modes is None:
-            # one broadcast kernel over M × n: no M × n temporary
-            self.comoment[i].addcmul_(ref_dev.unsqueeze(1), dx.unsqueeze(0))
-        else:
-            # each weight's own (y − ν); int32 index_select is ~15× faster on CPU than ref_dev[modes]
-            own = torch.index_select(ref_dev, 0, self.modes[i], out=self.own_scratch[i])
-            self.comoment[i].addcmul_(dx, own)
+        The co-moments are gathered into the first row of P block by block, in place, and the other
+        rows are freed: freezing needs no more memory than the modes themselves.
 
-    def freeze(self, modes: Sequence[torch.Tensor]) -> None:
-        """Switch to the compact form: keep only each weight's co-moment with its own mode."""
-        self.modes = [m.to(torch.int32) for m in modes]
-        self.comoment = [P.gather(0, m.long().unsqueeze(0)).squeeze(0) for P, m in zip(self.comoment, modes)]
-        self.own_scratch = [torch.empty_like(s) for s in self.scratch]
+        Args:
+            modes (tensor): the mode of every weight, flat (N,).
+        """
+        kept = self.comoment[0]
+        for _, _, flat in self.blocks:
+            chosen = modes[flat].long()
+            rows = torch.stack([row[flat] for row in self.comoment])
+            kept[flat] = rows.gather(0, chosen.unsqueeze(0)).squeeze(0)
+        self.comoment = [kept]
+        self.modes = modes.to(torch.int32 if self.kernel == "flat" else mode_dtype(self.num_modes))
+        self._allocate_scratch(compact=True)
+        self._step = _STEPS[(self.kernel, True)]
 
-    def restore(self, state: dict) -> None:
-        """Take the count and tensors of a ``{"count": …, **tensors()}`` dict (as saved), on this device."""
-        device = self.ref_mean.device
-        self.count = int(state["count"])
-        if "modes" in state:
-            self.freeze([m.to(device) for m in state["modes"]])
-        for name, value in self.tensors().items():
-            setattr(self, name, [t.to(device) for t in state[name]] if isinstance(value, list)
-                    else state[name].to(device))
-
-    def fit(self) -> list[AffineFit]:
-        """The affine fit of every tensor (see :func:`affine_fit`)."""
+    def fit(self, flat: slice = slice(None)) -> AffineFit:
+        """The affine fit (:func:`affine_fit`) of the weights in ``flat``, a slice of the flat index."""
         ref_mean = self.ref_shift.double() + self.ref_mean.double()
-        return [
-            affine_fit(P, S, self.ref_sumsq, c.double() + mu.double(), ref_mean,
-                       None if self.modes is None else self.modes[i])
-            for i, (P, S, c, mu) in enumerate(zip(self.comoment, self.sumsq, self.shift, self.mean))
-        ]
+        mean = self.shift[flat].double() + self.mean[flat].double()
+        if self.modes is None:
+            return affine_fit([row[flat] for row in self.comoment], self.sumsq[flat], self.ref_sumsq, mean, ref_mean)
+        return affine_fit(self.comoment[0][flat], self.sumsq[flat], self.ref_sumsq, mean, ref_mean, self.modes[flat])
 
-    def tensors(self) -> dict[str, list[torch.Tensor] | torch.Tensor]:
-        """Every tensor this object owns, by name (for state_dict and memory accounting)."""
+    def block_plan(self, size: int = BLOCK) -> list[tuple[int, slice, slice]]:
+        """Blocks of ``size`` weights: (tensor, slice inside it, slice of the flat index); none spans two tensors."""
+        return self.blocks if size == BLOCK else _block_plan(self.sizes, size)
+
+    # ------------------------------------------------------------------------------- state
+    def tensors(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Every tensor of the state, by name: flat per-weight tensors, M-vectors, the rows of P."""
         out = {"shift": self.shift, "mean": self.mean, "sumsq": self.sumsq, "comoment": self.comoment,
                "ref_shift": self.ref_shift, "ref_mean": self.ref_mean, "ref_sumsq": self.ref_sumsq}
         if self.modes is not None:
             out["modes"] = self.modes
         return out
 
+    def restore(self, state: dict) -> None:
+        """Take the count and tensors of a ``{"count": …, **tensors()}`` dict (as saved), on this device."""
+        count = int(state["count"])
+        if "modes" in state:
+            self.comoment = [self.comoment[0]]
+            self.modes = state["modes"].to(self.device, torch.int32 if self.kernel == "flat"
+                                           else mode_dtype(self.num_modes))
+            self._allocate_scratch(compact=True)
+            self._step = _STEPS[(self.kernel, True)]
+        for name in ("shift", "mean", "sumsq", "ref_shift", "ref_mean", "ref_sumsq"):
+            getattr(self, name).copy_(state[name])
+        for row, saved in zip(self.comoment, state["comoment"]):
+            row.copy_(saved)
+        self.count = count
+        if self.count_t is not None:
+            self.count_t.fill_(float(count))
+
     def nbytes(self) -> int:
         """Bytes of the statistics (the state; scratch not included)."""
-        total = 0
-        for value in self.tensors().values():
-            for t in value if isinstance(value, list) else [value]:
-                total += t.numel() * t.element_size()
-        return total
+        tensors = [self.shift, self.mean, self.sumsq, *self.comoment, self.ref_shift, self.ref_mean, self.ref_sumsq]
+        if self.modes is not None:
+            tensors.append(self.modes)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def scratch_nbytes(self) -> int:
-        """Bytes of the preallocated temporaries."""
-        return sum(t.numel() * t.element_size() for t in self.scratch + self.own_scratch)
-
-
-# Columns per chunk in quick_fit: an M × chunk float32 scratch stays small (≈ 1.3 MB at M = 10).
-_QUICK_CHUNK = 1 << 15
-
-
-def quick_fit(P: torch.Tensor, S: torch.Tensor, Q: torch.Tensor,
-              modes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float32 mode, R² and slope a of n weights from their moments: a cheap summary, not the fit.
-
-    Same assignment as :func:`affine_fit` (mode = argmax_m ρ²_mi = argmax_m P²_mi / Q_m, since S_i
-    is common to all m), at a few float32 passes over P instead of float64 temporaries. The argmax
-    packs each mode's code into the lowest ⌈log2 M⌉ mantissa bits of P²/Q (positive floats order
-    like their int32 bits), so one fast ``amax`` gives value and index; ties go to the lower mode, as
-    in ``argmax``. The mode can thus differ from the float64 fit only for a weight whose two best ρ²
-    agree to ~2^(⌈log2 M⌉ − 23) relative. R² and a are then exact float32 from P[mode].
-
-    Args:
-        P (tensor): co-moments, M × n (or, with ``modes``, the n co-moments with their own mode).
-        S (tensor): centred sums of squares of the weights (n,).
-        Q (tensor): centred sums of squares of the references (M,).
-        modes (tensor): fixed modes (n,), for the compact form; None chooses argmax |ρ|.
-
-    Returns:
-        (modes int64, r2 float32, a float32), each (n,).
-    """
-    Q = Q.float()
-    inv_q = torch.where(Q > 0, 1.0 / Q, torch.zeros_like(Q))
-    if modes is not None:
-        mode = modes.long()
-        p = P.float()
-    else:
-        M, n = P.shape
-        bits = max(1, (M - 1).bit_length())
-        low = (1 << bits) - 1
-        code = (M - 1 - torch.arange(M, dtype=torch.int32, device=P.device)).unsqueeze(1)
-        scratch = torch.empty(M, min(n, _QUICK_CHUNK), dtype=torch.float32, device=P.device)
-        mode = torch.empty(n, dtype=torch.int64, device=P.device)
-        for start in range(0, n, _QUICK_CHUNK):
-            part = P[:, start:start + _QUICK_CHUNK]
-            buf = scratch[:, :part.shape[1]]
-            torch.mul(part, part, out=buf)
-            buf.mul_(inv_q.unsqueeze(1))
-            packed = buf.view(torch.int32)
-            packed.bitwise_and_(~low).bitwise_or_(code)
-            mode[start:start + part.shape[1]] = (M - 1) - (packed.amax(0) & low)
-        p = P.gather(0, mode.unsqueeze(0)).squeeze(0)
-    q_inv = inv_q[mode]
-    a = torch.where(S > 0, p * q_inv, torch.zeros_like(p))
-    r2 = torch.where(S > 0, p * a / S.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(p))
-    return mode, r2, a
+        """Bytes of the preallocated temporaries of the record path."""
+        return sum(t.numel() * t.element_size() for t in (self.scratch, self.own_scratch, self.index_scratch))

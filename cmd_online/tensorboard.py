@@ -1,12 +1,13 @@
 """TensorBoard logging of a CMDRecorder: mode statistics, histograms and figures.
 
-The recorder calls :func:`log_record` after every record from the end of the warm-up on (when it
-was given ``writer=``, or through ``rec.log(writer, step)``) and :func:`log_close` from ``close()``.
-Everything goes under one tag tree, ``cmd/``, in the writer's own run directory:
+:class:`TensorBoardLogger` is an observer (``cmd_online.observers``): pass it in
+``CMDRecorder(..., callbacks=[TensorBoardLogger(writer, every=10)])``, or give the recorder
+``writer=`` and ``log_every=``, which builds one. It reads the recorder through its public,
+read-only API only. Everything goes under one tag tree, ``cmd/``, in the writer's own run directory:
 
     cmd/reference/mode_XX      value of mode XX's reference weight, every record
     cmd/memory/bytes           bytes held by the recorder, every record
-    cmd/mode_size/mode_XX      number of weights in mode XX           } every ``log_every`` records
+    cmd/mode_size/mode_XX      number of weights in mode XX           } every ``every`` records
     cmd/mode_share/mode_XX     their share of all weights             } and at ``close()`` (every
     cmd/mode_r2/mode_XX        mean R² (ρ²) of its members            } record in the compact form
     cmd/fit/mean_r2            mean R² over all weights               } for size and share)
@@ -18,29 +19,28 @@ Everything goes under one tag tree, ``cmd/``, in the writer's own run directory:
     cmd/figures/mode_by_layer  fraction of each mode in each layer (warm-up end, interval, close)
     cmd/config                 text: the recorder's configuration (warm-up end)
 
-Cost: the mode statistics need every weight's mode, an O(M·N) pass over the co-moments (a few
-float32 record-equivalents on a CPU; see benchmarks/bench_logging.py), so they are taken every
-``log_every`` records, not every record. Per record only O(M) values reach the host; at the interval
-O(M·layers + bins). Figures use matplotlib when it is installed (the ``plots`` extra) and
-``FIGURES == "auto"``; otherwise, and always for the interval mode-by-layer map (a matplotlib figure
-costs far more than a record), they are drawn directly as uint8 images from the recorder's tensors.
+Cost: the mode statistics need every weight's mode, the fit: an O(M·N) pass over the statistics,
+block by block (see benchmarks/bench_logging.py), so they are taken every ``every`` records, not
+every record. Per record only O(M) values reach the host; at the interval O(M·layers + bins).
+Figures use matplotlib when it is installed (the ``plots`` extra) and ``FIGURES == "auto"``;
+otherwise, and always for the interval mode-by-layer map (a matplotlib figure costs far more than a
+record), they are drawn directly as uint8 images from the recorder's tensors. When torch.distributed
+is initialised only rank 0 writes; under FSDP its statistics are those of its own shard.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from .stats import quick_fit
+import torch.distributed as dist
 
 TAG = "cmd"
 HIST_BINS = 64
 FIGURES = "auto"  # "auto": matplotlib if importable, else native images; "native": never matplotlib
 DPI = 100
+QUANTILE_SAMPLES = 16384  # weights whose slopes set the range of the a-histogram
 
 # tab10, so native images and matplotlib figures colour modes alike
 _PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -49,209 +49,212 @@ _PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
-@dataclass
-class _WriterState:
-    started: bool = False
-    last_full: int | None = None  # record of the last full (mode statistics) log
-    last_sizes: int | None = None  # record whose mode sizes were last written
-    reference_slots: list = field(default_factory=list)  # (tensor, offsets, modes) of the references
-
-
-_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _state(rec, writer) -> _WriterState:
-    per_writer = _STATE.setdefault(rec, {})
-    return per_writer.setdefault(id(writer), _WriterState())
-
-
 def _mode_tag(kind: str, m: int, num_modes: int) -> str:
     return f"{TAG}/{kind}/mode_{m:0{max(2, len(str(num_modes - 1)))}d}"
 
 
-# --------------------------------------------------------------------------------- entry points
-def log_record(rec, writer, step: int) -> None:
-    """Log the per-record scalars and, on the interval, mode statistics, histograms and figures.
+def _is_writer() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class TensorBoardLogger:
+    """Logs a CMDRecorder's mode statistics to a TensorBoard ``SummaryWriter`` (an observer).
+
+    Per record: the reference values and the recorder's memory. Every ``every`` records from the
+    third record of the fit window on (with two, every affine fit is exact), and at ``close()``:
+    mode sizes, shares and R², the fit's mean R² and relative residual, histograms of a and R², and
+    the mode-by-layer map. At the end of the warm-up: the configuration, the clustered correlation,
+    the references over the warm-up and the sampled mode-by-layer map. Only rank 0 writes.
 
     Args:
-        rec (CMDRecorder): the recorder.
         writer (SummaryWriter): a ``torch.utils.tensorboard.SummaryWriter`` (or one with its methods).
-        step (int): the TensorBoard step (the recorder passes the record index).
+        every (int): records between two logs of the mode statistics (default 10).
+
+    Attributes:
+        last_summary (int or None): the record whose mode statistics were logged last.
     """
-    if rec.phase == "warmup":
-        _write_scalars(writer, [(f"{TAG}/memory/bytes", float(rec.nbytes()["total"]))], step)
-        return
-    state = _state(rec, writer)
-    if not state.started:
-        log_warmup_end(rec, writer, step)
-        state.started = True
-    record = rec.num_records - 1
-    # with two records in the window every affine fit is exact (R² = 1): nothing to show yet
-    full = rec._stats.count >= 3 and (state.last_full is None or record - state.last_full >= rec.log_every)
-    _log(rec, writer, step, state, full=full, exact=False)
 
+    def __init__(self, writer, every: int = 10):
+        from .config import check_int
 
-def log_close(rec, writer) -> None:
-    """At ``close()``: the mode statistics at the last record from the exact (float64) fit, then flush."""
-    if rec.phase == "tracking" and rec._stats.count >= 2:
-        state = _state(rec, writer)
+        if writer is None or not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must be a SummaryWriter; got {type(writer).__name__}")
+        self.writer = writer
+        self.every = check_int("every", every, 1)
+        self._started = False
+        self.last_summary: int | None = None  # record of the last log of the mode statistics (read-only)
+        self._last_sizes: int | None = None  # record whose mode sizes were last written
+        self._frozen = None  # (modes tensor, its sizes) of the compact form: fixed after the freeze
+
+    # ------------------------------------------------------------------------- observer events
+    def on_tracking_start(self, rec) -> None:
+        if _is_writer():
+            self._log_warmup_end(rec, rec.num_records - 1)
+            self._started = True
+
+    def on_record(self, rec, index: int) -> None:
+        if _is_writer() and rec.phase == "tracking":
+            self.log(rec, index)
+
+    def on_close(self, rec) -> None:
+        """The mode statistics at the last record (unless the last record logged them), then flush."""
+        if not _is_writer():
+            return
+        if rec.phase == "tracking" and rec.moments.window_count() >= 2:
+            record = rec.num_records - 1
+            if self.last_summary != record:
+                self._log(rec, record, full=True, per_record=False)
+        self.writer.flush()
+
+    def log(self, rec, step: int) -> None:
+        """Log now, at TensorBoard step ``step``: the per-record values, and the mode statistics when due."""
+        if rec.phase == "warmup":
+            _write_scalars(self.writer, [(f"{TAG}/memory/bytes", float(rec.nbytes()["total"]))], step)
+            return
+        if not self._started:
+            self._log_warmup_end(rec, step)
+            self._started = True
         record = rec.num_records - 1
-        if state.last_full != record:
-            _log(rec, writer, record, state, full=True, exact=True, per_record=False)
-    writer.flush()
+        due = self.last_summary is None or record - self.last_summary >= self.every
+        self._log(rec, step, full=rec.moments.window_count() >= 3 and due)
 
+    # ------------------------------------------------------------------------- writing
+    def _log(self, rec, step: int, full: bool, per_record: bool = True) -> None:
+        M, record = rec.num_modes, rec.num_records - 1
+        device_values = [rec.references[:, record]]
+        summary = None
+        if full:
+            summary = mode_summary(rec)
+            device_values += [summary["sizes"].float(), summary["r2_sum"], summary["totals"].float()]
+        elif rec.moments.compact:  # frozen modes: sizes are known without a pass over the weights
+            device_values.append(self._frozen_sizes(rec).float())
+        host = torch.cat([v.to(torch.float32) for v in device_values]).cpu().double().numpy()  # O(M)
+        refs, rest = host[:M], host[M:]
+        items = []
+        if per_record:  # on_close comes after the last record's own log: don't write these twice
+            items += [(_mode_tag("reference", m, M), refs[m]) for m in range(M)]
+            items.append((f"{TAG}/memory/bytes", float(rec.nbytes()["total"])))
+        if len(rest):
+            sizes = rest[:M]
+            n = max(sizes.sum(), 1.0)
+            if self._last_sizes != record:  # the compact form wrote them already at this record
+                items += [(_mode_tag("mode_size", m, M), sizes[m]) for m in range(M)]
+                items += [(_mode_tag("mode_share", m, M), sizes[m] / n) for m in range(M)]
+                self._last_sizes = record
+        if summary is not None:
+            r2_sum, (total_r2, total_s, total_explained) = rest[M:2 * M], rest[2 * M:]
+            items += [(_mode_tag("mode_r2", m, M), r2_sum[m] / max(sizes[m], 1.0)) for m in range(M)]
+            items.append((f"{TAG}/fit/mean_r2", total_r2 / n))
+            residual = math.sqrt(max(total_s - total_explained, 0.0) / total_s) if total_s > 0 else 0.0
+            items.append((f"{TAG}/fit/relative_residual", residual))
+        _write_scalars(self.writer, items, step)
+        if summary is not None:
+            _write_histograms(self.writer, summary, step)
+            # a matplotlib figure costs far more than a record: only the one-off figures at close use it
+            _add_figure(self.writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
+                        summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
+            self.last_summary = record
 
-def _log(rec, writer, step: int, state: _WriterState, full: bool, exact: bool, per_record: bool = True) -> None:
-    M = rec.num_modes
-    record = rec.num_records - 1
-    device_values = [rec._references[:, record]]
-    summary = None
-    if full:
-        summary = mode_summary(rec, state, exact=exact)
-        device_values += [summary["sizes"].float(), summary["r2_sum"], summary["totals"]]
-    elif rec._stats.compact:  # frozen modes: sizes are known without a pass over the weights
-        device_values.append(_frozen_sizes(rec).float())
-    host = torch.cat(device_values).cpu().double().numpy()  # the one transfer of this record: O(M)
-    refs, rest = host[:M], host[M:]
-    items = []
-    if per_record:  # log_close comes after the last record's own log: don't write these twice
-        items += [(_mode_tag("reference", m, M), refs[m]) for m in range(M)]
-        items.append((f"{TAG}/memory/bytes", float(rec.nbytes()["total"])))
-    if len(rest):
-        sizes = rest[:M]
-        n = max(sizes.sum(), 1.0)
-        if state.last_sizes != record:  # the compact form wrote them already at this record
-            items += [(_mode_tag("mode_size", m, M), sizes[m]) for m in range(M)]
-            items += [(_mode_tag("mode_share", m, M), sizes[m] / n) for m in range(M)]
-            state.last_sizes = record
-    if summary is not None:
-        r2_sum, (total_r2, total_s, total_explained) = rest[M:2 * M], rest[2 * M:]
-        items += [(_mode_tag("mode_r2", m, M), r2_sum[m] / max(sizes[m], 1.0)) for m in range(M)]
-        items.append((f"{TAG}/fit/mean_r2", total_r2 / n))
-        residual = math.sqrt(max(total_s - total_explained, 0.0) / total_s) if total_s > 0 else 0.0
-        items.append((f"{TAG}/fit/relative_residual", residual))
-    _write_scalars(writer, items, step)
-    if summary is not None:
-        _write_histograms(writer, summary, step)
-        # a matplotlib figure costs far more than a record: only the one-off figures at close use it
-        _add_figure(writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
-                    summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
-        state.last_full = record
+    def _frozen_sizes(self, rec) -> torch.Tensor:
+        modes = rec.moments.modes
+        if self._frozen is None or self._frozen[0] is not modes:
+            self._frozen = (modes, torch.bincount(modes.long(), minlength=rec.num_modes))
+        return self._frozen[1]
+
+    def _log_warmup_end(self, rec, step: int) -> None:
+        """The warm-up figures and the configuration text (once per logger)."""
+        writer = self.writer
+        writer.add_text(f"{TAG}/config", config_markdown(rec, self.every), step)
+        c = rec.clustering
+        if c is not None:  # None after load_state_dict: the sample correlations are not kept
+            _add_figure(writer, f"{TAG}/figures/correlation", correlation_figure, c.abs_corr, c.labels[c.varying],
+                        step)
+            layer = rec.layout.locate(rec.sample_index)[0].numpy()
+            counts = np.zeros((len(rec.layout.names), rec.num_modes))
+            keep = c.labels >= 0
+            np.add.at(counts, (layer[keep], c.labels[keep]), 1)
+            _add_figure(writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure, counts,
+                        list(rec.layout.names), step)
+        F = rec.config["warmup"]
+        _add_figure(writer, f"{TAG}/figures/references", references_figure,
+                    rec.references[:, :F].cpu().numpy(), step)
 
 
 # --------------------------------------------------------------------------------- statistics
-def mode_summary(rec, state: _WriterState | None = None, exact: bool = False) -> dict[str, torch.Tensor]:
-    """Per-mode sizes, R² sums, layer counts and histogram inputs, on the recorder's device.
+def mode_summary(rec) -> dict[str, torch.Tensor]:
+    """Per-mode sizes, R² sums, layer counts and histogram inputs, from the recorder's fit, on its device.
+
+    One pass over the fit blocks (``rec.fit_blocks()``): the extra memory is a few blocks plus the
+    histogram counts, whatever N.
 
     Args:
         rec (CMDRecorder): a recorder in the tracking phase.
-        state: the writer's state (caches where the references sit) (default None).
-        exact (bool): use the recorder's float64 fit (cached until the next record) instead of
-            :func:`cmd_online.stats.quick_fit` (default False).
 
     Returns:
-        dict with ``sizes`` (M,), ``r2_sum`` (M,), ``totals`` (Σ R², Σ S, Σ S·R²), ``layer_counts``
-        (layers × M), and per-tensor lists ``a`` and ``r2``.
+        dict with ``sizes`` (M,), ``r2_sum`` (M,), ``totals`` (Σ R², Σ S, Σ S·R², float64),
+        ``layer_counts`` (layers × M), ``a_range`` and ``a_moments``/``r2_moments`` (min, max, sum,
+        sum of squares) and ``a_counts``/``r2_counts`` (HIST_BINS each).
     """
-    stats, M = rec._stats, rec.num_modes
-    fresh = rec._fit_cache is not None
-    if exact or fresh:
-        fits = [(f.modes.long(), f.r2, f.a) for f in rec._fit()]
-    else:
-        frozen = stats.modes if stats.compact else [None] * len(stats.sumsq)
-        fits = [quick_fit(P, S, stats.ref_sumsq, m) for P, S, m in zip(stats.comoment, stats.sumsq, frozen)]
-        slots = _reference_slots(rec, state)
-        for t, offsets, modes in slots:  # a reference reproduces itself exactly, as in the fit
-            mode, r2, a = fits[t]
-            mode[offsets], r2[offsets], a[offsets] = modes, 1.0, 1.0
-    layer_counts = torch.stack([torch.bincount(mode, minlength=M) for mode, _, _ in fits])
-    r2_sum = torch.zeros(M, dtype=torch.float32, device=rec.device)
-    totals = torch.zeros(3, dtype=torch.float64, device=rec.device)
-    for (mode, r2, _), S in zip(fits, stats.sumsq):
-        r2_sum.index_add_(0, mode, r2.float())
-        totals += torch.stack([r2.sum(), S.sum(), torch.dot(S, r2.float())]).double()
-    return {"sizes": layer_counts.sum(0), "r2_sum": r2_sum, "totals": totals.float(),
-            "layer_counts": layer_counts, "a": [f[2] for f in fits], "r2": [f[1] for f in fits]}
+    M, device, sumsq = rec.num_modes, rec.device, rec.moments.sumsq
+    low, high = _slope_range(rec)
+    layer_counts = torch.zeros(len(rec.layout.names), M, dtype=torch.int64, device=device)
+    r2_sum = torch.zeros(M, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    moments = {k: torch.tensor([math.inf, -math.inf, 0.0, 0.0], dtype=torch.float64, device=device)
+               for k in ("a", "r2")}
+    counts = {k: torch.zeros(HIST_BINS, dtype=torch.float32, device=device) for k in ("a", "r2")}
+    ranges = {"a": (low, high), "r2": (0.0, 1.0)}
+    for block in rec.fit_blocks():
+        fit, S = block.fit, sumsq[block.flat].double()
+        layer_counts[block.tensor] += torch.bincount(fit.modes, minlength=M)
+        r2_sum.index_add_(0, fit.modes, fit.r2)
+        totals += torch.stack([fit.r2.sum(), S.sum(), torch.dot(S, fit.r2)])
+        for key, x in (("a", fit.a), ("r2", fit.r2)):
+            acc = moments[key]
+            acc[0], acc[1] = torch.minimum(acc[0], x.min()), torch.maximum(acc[1], x.max())
+            acc[2:] += torch.stack([x.sum(), torch.dot(x, x)])
+            counts[key] += torch.histc(x.float().clamp(*ranges[key]), HIST_BINS, *ranges[key])
+    return {"sizes": layer_counts.sum(0), "r2_sum": r2_sum, "totals": totals, "layer_counts": layer_counts,
+            "a_range": (low, high), "a_moments": moments["a"], "r2_moments": moments["r2"],
+            "a_counts": counts["a"], "r2_counts": counts["r2"]}
 
 
-def _reference_slots(rec, state: _WriterState | None) -> list:
-    if state is not None and state.reference_slots:
-        return state.reference_slots
-    tensor, offset = rec.layout.locate(rec.reference_index)
-    by_tensor: dict[int, tuple[list, list]] = {}
-    for m, (t, o) in enumerate(zip(tensor.tolist(), offset.tolist())):
-        o = rec._shards.local_offset(t, o)
-        if o is not None:
-            by_tensor.setdefault(t, ([], []))[0].append(o)
-            by_tensor[t][1].append(m)
-    slots = [(t, torch.tensor(o, device=rec.device), torch.tensor(m, device=rec.device))
-             for t, (o, m) in by_tensor.items()]
-    if state is not None:
-        state.reference_slots = slots
-    return slots
+def _slope_range(rec) -> tuple[float, float]:
+    """Bins of the a-histogram: between the 0.5 % and 99.5 % quantiles of the slopes of a spread-out
+    subsample of the weights (a few weights whose reference barely moves get huge slopes)."""
+    N = sum(rec.moments.sizes)
+    index = torch.linspace(0, N - 1, min(N, QUANTILE_SAMPLES), device=rec.device).long()
+    a = rec.moments.fit(index).a
+    low, high = torch.quantile(a, torch.tensor([0.005, 0.995], dtype=a.dtype, device=a.device)).tolist()
+    return (low - 0.5, high + 0.5) if not high > low else (low, high)
 
 
-def _frozen_sizes(rec) -> torch.Tensor:
-    cache = _STATE.setdefault(rec, {})
-    key = ("frozen_sizes", id(rec._stats.modes[0]))
-    if key not in cache:
-        cache.pop(next((k for k in cache if isinstance(k, tuple)), None), None)
-        cache[key] = sum(torch.bincount(m.long(), minlength=rec.num_modes) for m in rec._stats.modes)
-    return cache[key]
-
-
-# --------------------------------------------------------------------------------- writing
 def _write_scalars(writer, items: list[tuple[str, float]], step: int) -> None:
     """All scalars of one record as one event (one add_scalar per tag costs ~10× more)."""
-    file_writer = getattr(writer, "_get_file_writer", None)
-    if file_writer is None:  # a writer without torch's internals: the public, slower path
+    file_writer = getattr(writer, "file_writer", None)
+    if file_writer is None:  # a closed SummaryWriter, or another writer: the public, slower path
         for tag, value in items:
             writer.add_scalar(tag, float(value), step)
         return
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in items])
-    file_writer().add_summary(summary, step)
+    file_writer.add_summary(summary, step)
 
 
 def _write_histograms(writer, summary: dict, step: int) -> None:
     """Histograms of a and R², binned on the device: only moments and bin counts reach the host."""
-    a, r2 = (torch.cat([x.float().reshape(-1) for x in summary[k]]) for k in ("a", "r2"))
-    # a few weights whose reference barely moves get huge slopes: bin a between its 0.5 % and 99.5 %
-    # quantiles (of a strided subsample, so the cost stays O(N)); the rest lands in the edge bins
-    sub = a[::max(1, a.numel() // 16384)]
-    quantiles = torch.quantile(sub, torch.tensor([0.005, 0.995], device=sub.device))
-    moments = torch.cat([torch.stack([x.min(), x.max(), x.sum(), torch.dot(x, x)]) for x in (a, r2)] + [quantiles])
-    values = moments.double().cpu().tolist()
-    (lo, hi, s, ss), raw_r2, (low, high) = values[:4], values[4:8], values[8:]
-    n = a.numel()
-    if not high > low:
-        low, high = low - 0.5, high + 0.5
-    ranges = ((low, high), (0.0, 1.0))
-    counts = torch.stack([torch.histc(x.clamp(*r), HIST_BINS, *r) for x, r in zip((a, r2), ranges)]).cpu().tolist()
-    for key, raw, r, bins in zip(("a", "r2"), ((lo, hi, s, ss), raw_r2), ranges, counts):
-        writer.add_histogram_raw(f"{TAG}/hist/{key}", min=raw[0], max=raw[1], num=n, sum=raw[2], sum_squares=raw[3],
-                                 bucket_limits=np.linspace(*r, HIST_BINS + 1)[1:].tolist(), bucket_counts=bins,
-                                 global_step=step)
+    n = float(summary["sizes"].sum())
+    ranges = {"a": summary["a_range"], "r2": (0.0, 1.0)}
+    for key in ("a", "r2"):
+        low, high, total, squares = summary[f"{key}_moments"].tolist()
+        writer.add_histogram_raw(f"{TAG}/hist/{key}", min=low, max=high, num=n, sum=total, sum_squares=squares,
+                                 bucket_limits=np.linspace(*ranges[key], HIST_BINS + 1)[1:].tolist(),
+                                 bucket_counts=summary[f"{key}_counts"].tolist(), global_step=step)
 
 
-def log_warmup_end(rec, writer, step: int) -> None:
-    """The warm-up figures and the configuration text (the recorder logs them once per writer)."""
-    writer.add_text(f"{TAG}/config", config_markdown(rec), step)
-    c = rec.clustering
-    if c is not None:  # None after load_state_dict: the sample correlations are not kept
-        _add_figure(writer, f"{TAG}/figures/correlation", correlation_figure, c.abs_corr, c.labels[c.varying], step)
-        layer = rec.layout.locate(rec.sample_index)[0].numpy()
-        counts = np.zeros((len(rec.layout.names), rec.num_modes))
-        keep = c.labels >= 0
-        np.add.at(counts, (layer[keep], c.labels[keep]), 1)
-        _add_figure(writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure, counts, list(rec.layout.names), step)
-    F = rec.config["warmup"]
-    _add_figure(writer, f"{TAG}/figures/references", references_figure, rec._references[:, :F].cpu().numpy(), step)
-
-
-def config_markdown(rec) -> str:
-    """The recorder's configuration as a markdown table."""
+def config_markdown(rec, log_every: int) -> str:
+    """The recorder's configuration as a markdown table (``log_every``: the logger's interval)."""
     cfg = rec.config
     form = "full" if cfg["freeze_modes_after"] is None else f"compact after {cfg['freeze_modes_after']} records"
     rows = [("modes M", rec.num_modes if rec.num_modes is not None else cfg["modes"]),
@@ -259,7 +262,7 @@ def config_markdown(rec) -> str:
             ("samples K", cfg["samples"]), ("warm-up F", cfg["warmup"]),
             ("record_every", cfg["record_every"] if cfg["record_every"] is not None else "manual (rec.record())"),
             ("form", form), ("parameters N", rec.layout.numel), ("tensors", len(rec.layout.names)),
-            ("log_every", rec.log_every), ("seed", cfg["seed"]), ("device", str(rec.device))]
+            ("log_every", log_every), ("seed", cfg["seed"]), ("device", str(rec.device))]
     table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     layers = "\n".join(f"| {i} | {name} | {tuple(shape)} | {math.prod(shape)} |"
                        for i, (name, shape) in enumerate(zip(rec.layout.names, rec.layout.shapes)))

@@ -56,7 +56,7 @@ def shifted_welford_slope(W: torch.Tensor) -> torch.Tensor:
     stats = StreamingMoments([W.shape[0]], 1)
     for w in W.T:
         stats.update([w.clone()], w[:1].clone())
-    return stats.fit()[0].a
+    return stats.fit().a
 
 
 def main():

@@ -11,6 +11,7 @@ import argparse
 import torch
 
 import cmd_online as cmdo
+from cmd_online.stats import BLOCK
 
 
 def main():
@@ -34,9 +35,10 @@ def main():
             rec.record()
         N, M_found = rec.layout.numel, rec.num_modes
         capacity = max(2 * F, 64)  # columns of the reference table; doubles when full
+        block = min(BLOCK, N)  # the CPU record path works block by block
         formula = {
-            "statistics": ((M_found + 3) * N if freeze is None else 5 * N) * 4 + 3 * M_found * 4,
-            "scratch": (1 if freeze is None else 2) * N * 4,
+            "statistics": ((M_found + 3) * N * 4 if freeze is None else 4 * N * 4 + N) + 3 * M_found * 4,
+            "scratch": (1 if freeze is None else 3) * block * 4,
             "history": K * F * 4,
             "references": M_found * capacity * 4,
             "indices": (K + M_found) * 8,
@@ -45,8 +47,9 @@ def main():
         rec.close()
         print(f"{form} form: N = {N:,} weights, M = {M_found} modes, K = {K}, F = {F}, "
               f"{rec.num_records} records")
-        stats_formula = ("(M+3)·N·4 + 3·M·4" if freeze is None else "(4·N float32 + N int32)·4 B + 3·M·4")
-        rows = [("statistics", stats_formula), ("scratch", "N·4 (dx)" if freeze is None else "2·N·4 (dx, own y−ν)"),
+        stats_formula = ("(M+3)·N·4 + 3·M·4" if freeze is None else "4·N·4 + N (uint8 mode) + 3·M·4")
+        scratch_formula = f"B·4 (dx), B = {block:,}" if freeze is None else f"3·B·4 (dx, y−ν, mode), B = {block:,}"
+        rows = [("statistics", stats_formula), ("scratch", scratch_formula),
                 ("history", "K·F·4"),
                 ("references", f"M·capacity·4 (capacity {capacity})"), ("indices", "(K+M)·8")]
         for part, text in rows:

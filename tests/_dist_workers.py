@@ -225,7 +225,7 @@ def replicated(rank, world_size, out: Path):
             rec.record()
             oracle.record()
         skip_warnings += sum("skipped" in str(w.message) for w in caught)
-    torch.save({"sharded": {**summary(rec), "skipped": rec.skipped_records, "compact": rec._stats.compact},
+    torch.save({"sharded": {**summary(rec), "skipped": rec.skipped_records, "compact": rec.moments.compact},
                 "plain": {**summary(oracle), "skipped": oracle.skipped_records}, "skip_warnings": skip_warnings},
                out / f"replicated_rank{rank}.pt")
 

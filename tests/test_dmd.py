@@ -80,3 +80,15 @@ def test_bad_arguments_name_the_argument():
         dmd(W[:, :2], 1)
     with pytest.raises(ValueError, match="groups"):
         node_dmd(W, [torch.tensor([7])], 1)
+
+
+def test_node_groups_offsets_skip_empty_tensors_as_the_layout_does():
+    # a 0-size tensor holds no weights: the next tensor starts at the same flat offset (it once shifted by one)
+    assert [g.tolist() for g in node_groups([("a.weight", (0, 3)), ("b.bias", (2,))])] == [[0], [1]]
+
+
+def test_rank_accepts_numpy_integers_like_every_other_integer_argument():
+    import numpy as np
+
+    W = torch.randn(5, 10, dtype=torch.float64)
+    assert dmd(W, np.int64(2)).rank == 2

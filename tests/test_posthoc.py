@@ -228,6 +228,25 @@ def test_mismatched_checkpoints_are_refused(digits_run):
         cmdo.decompose_checkpoints([checkpoints[0]], modes=2, samples=50)
 
 
+def test_checkpoint_files_nesting_the_state_dict_are_read_as_the_cli_reads_them(digits_run, tmp_path):
+    _, checkpoints = digits_run
+    paths = []
+    for t, sd in enumerate(checkpoints[:4]):  # training checkpoints: {"model": ...} and {"state_dict": ...}
+        paths.append(tmp_path / f"epoch{t}.pt")
+        torch.save({"model" if t % 2 else "state_dict": sd, "epoch": t}, paths[-1])
+    nested = cmdo.decompose_checkpoints(paths, modes=2, samples=50)
+    plain = cmdo.decompose_checkpoints(checkpoints[:4], modes=2, samples=50)
+    assert torch.equal(nested.a, plain.a) and torch.equal(nested.references, plain.references)
+
+
+def test_checkpoints_with_the_same_entries_in_another_order_are_accepted(digits_run):
+    _, checkpoints = digits_run
+    reordered = dict(reversed(list(checkpoints[1].items())))
+    traj = cmdo.decompose_checkpoints([checkpoints[0], reordered, checkpoints[2]], modes=2, samples=50)
+    plain = cmdo.decompose_checkpoints(checkpoints[:3], modes=2, samples=50)
+    assert traj.layout.names == tuple(checkpoints[0]) and torch.equal(traj.b, plain.b)
+
+
 def test_layout_balanced_sampling_uses_the_checkpoint_layers(digits_run):
     _, checkpoints = digits_run
     traj = cmdo.decompose_checkpoints(checkpoints[:5], modes=2, samples=200)

@@ -78,13 +78,13 @@ def targets(N: int, steps: int, seed: int) -> torch.Tensor:
 
 
 class Driver:
-    """Moves the parameters along a trajectory with a real SGD step; keeps the recorded float32 history."""
+    """Moves the parameters along a trajectory with a real SGD step; keeps the recorded history."""
 
     def __init__(self, params, opt, rec, W):
         self.params, self.opt, self.rec, self.W = params, opt, rec, W
         self.sizes = [p.numel() for p in params]
         self.step = 0
-        self.history = []  # what the recorder saw at each record (float32 values, in float64)
+        self.history = []  # what the recorder saw at each record (each parameter's own values, in float64)
 
     def advance(self):
         """One optimizer step to the next trajectory point, then a record if record_every is None."""
@@ -96,7 +96,7 @@ class Driver:
         if self.rec.config["record_every"] is None:
             self.rec.record()
         if self.rec.num_records > len(self.history):
-            self.history.append(torch.cat([p.detach().float().reshape(-1) for p in self.params]).double())
+            self.history.append(torch.cat([p.detach().double().reshape(-1) for p in self.params]))
 
     def run_until(self, records: int):
         while self.rec.num_records < records:
@@ -172,10 +172,10 @@ def test_online_equals_posthoc(run):
     ref, start = rec.reference_index, rec.window_start
     assert start == config["warmup"] - 1 and traj.window_start == start
     assert torch.isin(ref, rec.sample_index).all()
-    assert torch.equal(traj.references, W[:, ref].T.float())  # the M × T table is exact
+    assert torch.equal(traj.references, W[:, ref].T.to(traj.references.dtype))  # the M × T table is exact
     window = W[start:]
     if len(window) == 1:  # one record in the window: every weight is its own value
-        assert torch.equal(traj.reconstruct(start), window[0].float())
+        assert torch.equal(traj.reconstruct(start), window[0].to(traj.a.dtype))  # float64 layouts: exactly
         return
     freeze = config["freeze_modes_after"]
     modes = traj.modes
@@ -214,7 +214,8 @@ def test_reconstruction_has_the_parameters_shapes_and_dtypes(run, at):
     cmd = rec.cmd_parameters(at)
     assert [(c.shape, c.dtype) for c in cmd] == [(p.shape, p.dtype) for p in driver.params]
     flat = traj.reconstruct(at)
-    assert flat.shape == (rec.layout.numel,) and flat.dtype == torch.float32
+    coefficients = torch.float64 if torch.float64 in rec.layout.dtypes else torch.float32
+    assert flat.shape == (rec.layout.numel,) and flat.dtype == coefficients
     sd = traj.state_dict(at)
     assert [(v.shape, v.dtype) for v in sd.values()] == [(p.shape, p.dtype) for p in driver.params]
     assert torch.equal(torch.cat([c.reshape(-1).float() for c in cmd]),

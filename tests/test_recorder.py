@@ -9,6 +9,7 @@ import torch
 import cmd_online as cmdo
 from _devices import DEVICES
 from _digits import accuracy, flat, small_cnn, train_epoch
+from cmd_online.stats import BLOCK
 
 
 def _optimizer(name, params):
@@ -84,7 +85,7 @@ def _assert_matches_oracle(rec, W, rtol=1e-5):
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
 def test_online_equals_posthoc_oracle(opt_name, device):
     _, _, rec, W = _run(opt_name, device=device)
-    assert all(t.device.type == device for t in rec._stats.mean)
+    assert rec.moments.mean.device.type == device
     _assert_matches_oracle(rec, W)
 
 
@@ -217,7 +218,7 @@ def test_resume_on_the_parameters_device_continues_bit_identically(compact, stop
     whole = _seeded_motion_run(10, device, freeze_modes_after=compact)
     saved = _seeded_motion_run(10, device, stop_at=stop_at, freeze_modes_after=compact)
     resumed = _seeded_motion_run(10, device, state=saved, freeze_modes_after=compact)
-    assert resumed._stats.comoment[0].device.type == device
+    assert resumed.moments.comoment[0].device.type == device
     a, b = whole.trajectory(), resumed.trajectory()
     for name in ("references", "reference_index", "a", "b", "modes"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -241,6 +242,13 @@ def _model_with_numel(N=5001):
     return model
 
 
+def _scratch_floats(device: str, N: int, compact: bool) -> int:
+    """dx (and, compact, each weight's own y − ν and an int32 mode): one block on CPU, N on an accelerator."""
+    if device == "cpu":
+        return min(BLOCK, N) * (3 if compact else 1)
+    return N * (2 if compact else 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_memory_after_warmup_equals_the_full_form_formula(device):
     model = _model_with_numel().to(device)
@@ -252,31 +260,29 @@ def test_memory_after_warmup_equals_the_full_form_formula(device):
     assert nbytes["statistics"] == (M + 3) * N * 4 + 3 * M * 4  # c, μ, S, P (M × N) + 3 M-vectors
     assert nbytes["history"] == K * F * 4
     assert nbytes["references"] == M * 64 * 4  # preallocated M × T table, grows by doubling
-    owned = [t for v in rec._stats.tensors().values() for t in (v if isinstance(v, list) else [v])]
+    owned = [t for v in rec.moments.tensors().values() for t in (v if isinstance(v, list) else [v])]
     assert sum(t.numel() * t.element_size() for t in owned) == nbytes["statistics"]
     assert all(t.device.type == device and t.dtype == torch.float32 for t in owned)
-    assert nbytes["scratch"] == N * 4  # dx, preallocated once
+    assert nbytes["scratch"] == _scratch_floats(device, N, compact=False) * 4  # preallocated once
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_memory_in_the_compact_form_is_four_floats_and_one_int_per_weight(device):
+def test_memory_in_the_compact_form_is_four_floats_and_a_mode_per_weight(device):
     model = _model_with_numel().to(device)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), modes=6, samples=100, warmup=3,
                            freeze_modes_after=2)
     _random_records(rec, model, 5)
-    assert rec._stats.compact
+    assert rec.moments.compact
     N = 5001
-    assert rec.nbytes()["statistics"] == 4 * N * 4 + N * 4 + 3 * 6 * 4  # c, μ, S, own P + int32 mode
-    assert rec.nbytes()["scratch"] == 2 * N * 4  # dx and each weight's own y − ν
-    # a query caches its fit (mode, a, b, R²: 4 × 4 bytes per weight) until the next record frees it
-    assert rec.nbytes()["fit"] == 0
+    mode_bytes = 1 if device == "cpu" else 4  # uint8 for the CPU blocks, int32 for the flat kernel
+    assert rec.nbytes()["statistics"] == 4 * N * 4 + N * mode_bytes + 3 * 6 * 4  # c, μ, S, own P + mode
+    assert rec.nbytes()["scratch"] == _scratch_floats(device, N, compact=True) * 4
+    assert rec.moments.modes.device.type == device and rec.moments.modes.element_size() == mode_bytes
+    # a query keeps nothing: no fit is cached between records
+    before = rec.nbytes()
     rec.cmd_parameters()
-    assert rec.nbytes()["fit"] == 4 * 4 * N
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-    rec.record()
-    assert rec.nbytes()["fit"] == 0
-    assert all(m.device.type == device and m.dtype == torch.int32 for m in rec._stats.modes)
+    rec.trajectory()
+    assert rec.nbytes() == before
 
 
 def test_trajectory_reconstruct_equals_cmd_parameters():
@@ -407,7 +413,8 @@ def test_several_param_groups_and_frozen_parameters_reconstruct_exactly():
     model = small_cnn(0)
     conv, rest = list(model[0].parameters()), [p for p in model.parameters() if p.dim() and p is not model[0].weight
                                                 and p is not model[0].bias]
-    frozen = torch.nn.Parameter(torch.randn(30))  # in the optimizer, never gets a gradient
+    frozen = torch.nn.Parameter(torch.randn(30))  # in the model and the optimizer, never gets a gradient
+    model.register_parameter("frozen", frozen)
     opt = torch.optim.SGD([{"params": conv, "lr": 0.01}, {"params": rest + [frozen], "lr": 0.05, "momentum": 0.9}])
     rec = cmdo.CMDRecorder(opt, model, modes=3, samples=300, warmup=3)
     g = torch.Generator().manual_seed(0)
@@ -415,7 +422,8 @@ def test_several_param_groups_and_frozen_parameters_reconstruct_exactly():
         train_epoch(model, opt, g)
         rec.record()
     assert rec.layout.names[:2] == ("0.weight", "0.bias")
-    assert rec.layout.names[-1] == "param_groups.1.params.4"
+    assert rec.layout.names[-1] == "frozen"
+    assert cmdo.CMDRecorder(opt, modes=3, samples=300, warmup=3).layout.names[-1] == "param_groups.1.params.4"
     for at in (0, 3, -1):
         assert torch.equal(rec.cmd_parameters(at)[-1], frozen.detach())
 
@@ -448,7 +456,7 @@ def test_low_and_high_precision_parameters_keep_float32_statistics(dtype, device
     model = _model_with_numel().to(device, dtype)
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=100, warmup=3)
     _random_records(rec, model, 5)
-    assert all(t.dtype == torch.float32 and t.device.type == device for t in rec._stats.mean)
+    assert rec.moments.mean.dtype == torch.float32 and rec.moments.mean.device.type == device
     assert all(c.dtype == dtype and c.device.type == device for c in rec.cmd_parameters())
     assert rec.cmd_state_dict()["0.weight"].dtype == dtype
 
@@ -528,7 +536,7 @@ def test_compiled_update_equals_the_eager_one(compact, device):
                 for p in params:
                     p.add_(torch.randn(p.shape, generator=g).to(device))
             rec.record()
-        assert rec._stats.compiled is compiled
+        assert (rec.moments.kernel == "compiled") is compiled
         return rec.trajectory().to("cpu")
 
     eager, compiled = run(False), run(True)
@@ -548,7 +556,7 @@ def test_integer_arguments_accept_numpy_integers():
     rec = cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), modes=np.int64(2), samples=np.int32(20),
                            warmup=np.int64(3), seed=np.uint8(1))
     assert rec.config == dict(modes=2, threshold=None, samples=20, warmup=3, record_every=None,
-                              freeze_modes_after=None, seed=1)
+                              freeze_modes_after=None, seed=1, distance="correlation")
 
 
 def test_an_incomplete_state_is_refused_with_a_value_error():

@@ -1,44 +1,154 @@
-"""StreamingMoments: its multi-tensor (GPU) and per-tensor (CPU) record paths keep the same statistics."""
+"""StreamingMoments: every update variant against the float64 two-pass reference; the affine fit."""
 
+import numpy as np
 import pytest
 import torch
 
 from _devices import DEVICES
-from cmd_online.stats import StreamingMoments
+from cmd_online.stats import BLOCK, KERNELS, StreamingMoments, affine_fit, pin_references, two_pass_moments
+
+SIZES = [300, 7, 1, BLOCK + 5]  # a block boundary inside the last tensor
+M = 4
+
+
+def random_records(T=9, offset=0.0, motion=0.1, seed=0):
+    """T records of the tensors SIZES (float32) and M reference values each, as a random walk."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(n, generator=g) + offset for n in SIZES]
+    refs = torch.randn(M, generator=g)
+    records = []
+    for _ in range(T):
+        weights = [w + motion * torch.randn(w.shape, generator=g) for w in weights]
+        refs = refs + torch.randn(M, generator=g)
+        records.append(([w.clone() for w in weights], refs.clone()))
+    return records
+
+
+def stream(records, kernel, device, freeze_at=None, modes=None):
+    stats = StreamingMoments(SIZES, M, device, kernel=kernel)
+    for t, (weights, refs) in enumerate(records):
+        stats.update([w.to(device) for w in weights], refs.to(device))
+        if t == freeze_at:
+            stats.freeze(modes.to(device))
+    return stats
+
+
+def reference(records):
+    W = torch.stack([torch.cat(w) for w, _ in records], dim=1)
+    R = torch.stack([r for _, r in records], dim=1)
+    return two_pass_moments(W, R)
+
+
+def assert_moments_close(stats, ref, rtol=2e-5):
+    mean = stats.shift.double() + stats.mean.double()
+    torch.testing.assert_close(mean.cpu(), ref.mean, rtol=1e-6, atol=1e-6)
+    scale = ref.sumsq.abs().max()
+    torch.testing.assert_close(stats.sumsq.double().cpu(), ref.sumsq, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(stats.ref_sumsq.double().cpu(), ref.ref_sumsq, rtol=rtol, atol=0)
+    torch.testing.assert_close((stats.ref_shift.double() + stats.ref_mean.double()).cpu(), ref.ref_mean,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_two_pass_reference_is_the_definition():
+    g = torch.Generator().manual_seed(1)
+    W, R = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    ref = two_pass_moments(W, R)
+    cov = np.cov(np.concatenate([W.numpy(), R.numpy()]), bias=True) * 8  # centred sums of products
+    np.testing.assert_allclose(ref.sumsq.numpy(), np.diag(cov)[:5])
+    np.testing.assert_allclose(ref.ref_sumsq.numpy(), np.diag(cov)[5:])
+    np.testing.assert_allclose(ref.comoment.numpy(), cov[5:, :5])
+    np.testing.assert_allclose(ref.mean.numpy(), W.numpy().mean(1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
-def test_foreach_and_per_tensor_updates_keep_the_same_statistics(compact, device):
-    sizes, M = [300, 7, 1000], 4
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(n, generator=g) for n in sizes]
-    steps = [([torch.randn(n, generator=g) * 0.1 for n in sizes], torch.randn(M, generator=g)) for _ in range(9)]
-    modes = [torch.randint(0, M, (n,), generator=g) for n in sizes]
-    results = []
-    for foreach in (False, True):
-        stats = StreamingMoments(sizes, M, device, foreach=foreach)
-        assert stats.foreach is foreach
-        weights = [w.clone().to(device) for w in base]
-        for t, (dw, refs) in enumerate(steps):
-            for w, d in zip(weights, dw):
-                w.add_(d.to(device))
-            stats.update(weights, refs.to(device))
-            if compact and t == 4:
-                stats.freeze([m.to(device) for m in modes])
-        results.append(stats.tensors())
-    per_tensor, foreach = results
-    assert per_tensor.keys() == foreach.keys()
-    for name in per_tensor:
-        xs, ys = per_tensor[name], foreach[name]
-        for x, y in zip(*((xs, ys) if isinstance(xs, list) else ([xs], [ys]))):
-            if device == "cpu":  # the same arithmetic, element by element
-                assert torch.equal(x, y), name
-            else:  # fused multi-tensor kernels may contract a·b + c differently
-                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(per_tensor["comoment"][0], torch.zeros_like(per_tensor["comoment"][0]))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("offset, motion", [(0.0, 0.1), (1e3, 1e-3)], ids=["unit", "large_mean"])
+def test_full_form_equals_the_two_pass_reference(kernel, device, offset, motion):
+    records = random_records(offset=offset, motion=motion)
+    stats = stream(records, kernel, device)
+    ref = reference(records)
+    assert stats.window_count() == len(records)
+    assert_moments_close(stats, ref)
+    P = torch.stack(stats.comoment).double().cpu()
+    torch.testing.assert_close(P, ref.comoment, rtol=2e-5, atol=2e-5 * ref.comoment.abs().max())
 
 
-def test_the_default_is_multi_tensor_on_accelerators_only():
-    assert StreamingMoments([3], 2, "cpu").foreach is False
-    assert StreamingMoments([3], 2, torch.device("meta")).foreach is True
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("offset, motion", [(0.0, 0.1), (1e3, 1e-3)], ids=["unit", "large_mean"])
+def test_compact_form_equals_the_reference_co_moment_with_the_own_mode(kernel, device, offset, motion):
+    records = random_records(offset=offset, motion=motion)
+    modes = torch.randint(0, M, (sum(SIZES),), generator=torch.Generator().manual_seed(2))
+    stats = stream(records, kernel, device, freeze_at=4, modes=modes)
+    ref = reference(records)
+    assert stats.compact and stats.window_count() == len(records)
+    assert_moments_close(stats, ref)
+    own = ref.comoment.gather(0, modes.unsqueeze(0)).squeeze(0)
+    torch.testing.assert_close(stats.comoment[0].double().cpu(), own, rtol=2e-5, atol=2e-5 * own.abs().max())
+    assert torch.equal(stats.modes.long().cpu(), modes)
+
+
+def test_compact_state_holds_four_floats_and_a_byte_per_weight_on_cpu():
+    N = sum(SIZES)
+    stats = stream(random_records(T=5), "blocks", "cpu", freeze_at=3,
+                   modes=torch.zeros(N, dtype=torch.int64))
+    assert stats.modes.dtype == torch.uint8
+    assert stats.nbytes() == N * (4 * 4 + 1) + 3 * M * 4
+    assert stats.scratch_nbytes() == BLOCK * (4 + 4 + 4)  # dx, own y − ν, int32 mode: one block each
+
+
+def test_freeze_frees_the_other_rows_of_p():
+    stats = stream(random_records(T=5), "blocks", "cpu")
+    row0 = stats.comoment[0]
+    expected = torch.stack(stats.comoment).gather(0, torch.full((1, sum(SIZES)), 2)).squeeze(0)
+    stats.freeze(torch.full((sum(SIZES),), 2))
+    assert len(stats.comoment) == 1 and stats.comoment[0].data_ptr() == row0.data_ptr()  # reused in place
+    assert torch.equal(stats.comoment[0], expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_kernel_skips_a_record_flagged_on_the_device(device):
+    records = random_records(T=8)
+    bad = ([torch.full_like(w, float("nan")) for w in records[5][0]], torch.full((M,), float("nan")))
+    stats = StreamingMoments(SIZES, M, device, kernel="flat")
+    for t, (weights, refs) in enumerate(records[:5] + [bad] + records[5:]):
+        ok = torch.tensor(t != 5, device=device)
+        stats.update([w.to(device) for w in weights], refs.to(device), ok=ok)
+    assert stats.window_count() == len(records)
+    assert_moments_close(stats, reference(records))
+    assert all(torch.isfinite(row).all() for row in stats.comoment)
+
+
+def test_fit_of_the_streamed_moments_equals_the_fit_of_the_reference():
+    records = random_records()
+    stats = stream(records, "blocks", "cpu")
+    ref = reference(records)
+    exact = affine_fit(ref.comoment, ref.sumsq, ref.ref_sumsq, ref.mean, ref.ref_mean)
+    streamed = stats.fit()
+    assert torch.equal(streamed.modes, exact.modes)
+    torch.testing.assert_close(streamed.a, exact.a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(streamed.b, exact.b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(streamed.r2, exact.r2, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_of_a_slice_equals_the_slice_of_the_fit():
+    stats = stream(random_records(), "blocks", "cpu")
+    whole, part = stats.fit(), stats.fit(slice(290, 310))
+    for name in ("modes", "a", "b", "r2"):
+        assert torch.equal(getattr(part, name), getattr(whole, name)[290:310])
+
+
+def test_affine_fit_gives_a_weight_that_does_not_move_its_value():
+    P = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
+    fit = affine_fit(P, torch.tensor([0.0, 4.0]), torch.tensor([1.0, 4.0]), torch.tensor([3.0, 1.0]),
+                     torch.tensor([0.5, 0.5]))
+    assert fit.a[0] == 0 and fit.b[0] == 3.0  # S = 0: a = 0, b = mean
+    assert fit.modes[1] == 0 and fit.a[1] == 2.0 and fit.r2[1] == 1.0  # ρ = 2/√4 = 1 with mode 0
+
+
+def test_pin_references_makes_each_reference_its_own_exact_copy():
+    stats = stream(random_records(), "blocks", "cpu")
+    fit = stats.fit()
+    pin_references(fit, [3, 301], [2, 0])
+    assert fit.modes[[3, 301]].tolist() == [2, 0]
+    assert fit.a[[3, 301]].tolist() == [1.0, 1.0] and fit.b[[3, 301]].tolist() == [0.0, 0.0]

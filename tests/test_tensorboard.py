@@ -14,7 +14,6 @@ from torch.utils.tensorboard import SummaryWriter
 
 import cmd_online as cmdo
 import cmd_online.tensorboard as tb
-from cmd_online.stats import affine_fit, quick_fit
 
 from _digits import flat, small_cnn, train_epoch
 
@@ -210,14 +209,3 @@ def test_log_on_the_users_schedule(tmp_path, monkeypatch):
     assert steps(ea, "cmd/reference/mode_00") == [200, 300, 400, 500, 600]
     assert steps(ea, "cmd/mode_size/mode_00") == [400]  # third window record; log_every=10
     assert "cmd/figures/references" in ea.Tags()["images"]
-
-
-def test_quick_fit_matches_the_float64_fit(run):
-    rec, _, _ = run
-    stats = rec._stats
-    for P, S, c, mu in zip(stats.comoment, stats.sumsq, stats.shift, stats.mean):
-        exact = affine_fit(P, S, stats.ref_sumsq, c.double() + mu.double(), stats.ref_mean)
-        mode, r2, a = quick_fit(P, S, stats.ref_sumsq)
-        assert torch.equal(mode, exact.modes)
-        assert torch.allclose(r2.double(), exact.r2, atol=1e-5)
-        assert torch.allclose(a.double(), exact.a, rtol=1e-4, atol=1e-6)

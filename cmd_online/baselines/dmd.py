@@ -17,10 +17,14 @@ own DMD of rank ≤ r; nodes of equal size are solved together as one batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from ..config import check_int
+from ..layout import Layout
 
 # Singular values below this fraction of the largest are dropped (their inverse would be noise).
 _RTOL = 1e-10
@@ -36,14 +40,6 @@ def _check_trajectory(W, name: str = "W") -> torch.Tensor:
     if not torch.isfinite(W).all():
         raise ValueError(f"{name} contains NaN or Inf values")
     return W
-
-
-def _check_rank(rank) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int ≥ 1; got {type(rank).__name__}")
-    if rank < 1:
-        raise ValueError(f"rank must be ≥ 1; got {rank}")
-    return rank
 
 
 def _thin_svd(X: torch.Tensor, rank: int, method: str):
@@ -117,7 +113,7 @@ def dmd(W: torch.Tensor, rank: int, *, method: str = "svd", exact: bool = True) 
         exact (bool): exact DMD modes Y V Σ⁻¹ Ŵ; False gives projected modes U Ŵ (default True).
     """
     W = _check_trajectory(W).double()
-    modes, eigs, amplitudes = _fit(W.unsqueeze(0), _check_rank(rank), method, exact)
+    modes, eigs, amplitudes = _fit(W.unsqueeze(0), check_int("rank", rank, 1), method, exact)
     return DMD(modes[0], eigs[0], amplitudes[0])
 
 
@@ -149,7 +145,7 @@ def node_dmd(W: torch.Tensor, groups: Sequence[torch.Tensor], rank: int, *, meth
         exact (bool): exact or projected modes (default True).
     """
     W = _check_trajectory(W).double()
-    rank = _check_rank(rank)
+    rank = check_int("rank", rank, 1)
     groups = [torch.as_tensor(g, dtype=torch.int64) for g in groups]
     if not groups or any(g.dim() != 1 or g.numel() == 0 for g in groups):
         raise ValueError("groups must be a non-empty list of non-empty 1-D index tensors")
@@ -179,13 +175,11 @@ def node_groups(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> list[torch
         named_shapes (sequence of (str, shape)): parameter names and shapes in flat (optimizer) order,
             e.g. ``[(n, p.shape) for n, p in model.named_parameters()]``.
     """
-    offsets, total = [], 0
-    for name, shape in named_shapes:
-        shape = tuple(int(s) for s in shape)
-        offsets.append((name, shape, total))
-        total += max(1, int(torch.tensor(shape).prod())) if shape else 1
+    named_shapes = [(name, tuple(int(s) for s in shape)) for name, shape in named_shapes]
+    layout = Layout(tuple(n for n, _ in named_shapes), tuple(s for _, s in named_shapes),
+                    (torch.float32,) * len(named_shapes))
     modules: dict[tuple[str, int], list[tuple[tuple[int, ...], int]]] = {}
-    for name, shape, start in offsets:
+    for (name, shape), start in zip(named_shapes, layout.offsets):
         rows = shape[0] if shape else 1
         modules.setdefault((name.rsplit(".", 1)[0], rows), []).append((shape, start))
     groups = []
@@ -193,7 +187,7 @@ def node_groups(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> list[torch
         for j in range(rows):
             parts = []
             for shape, start in params:
-                width = (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
+                width = math.prod(shape[1:])
                 parts.append(torch.arange(start + j * width, start + (j + 1) * width))
             groups.append(torch.cat(parts))
     return groups

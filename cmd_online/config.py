@@ -1,0 +1,172 @@
+"""The settings of a decomposition, validated once, and the argument checks every entry point shares.
+
+:class:`CMDConfig` holds what defines a CMD run — how many modes, how they are cut, which weights are
+sampled, how long the warm-up is, how the record path is scheduled — and is the one place where
+these rules live. ``CMDRecorder``, ``decompose``, ``decompose_checkpoints``, the demo and the
+command line build one; ``CMDRecorder.state_dict()`` stores it as a plain dict (:meth:`to_dict`).
+
+The ``check_*`` functions are the argument checks of the whole package: each raises a ``TypeError``
+for the wrong type and a ``ValueError`` for a value out of range, naming the argument and the range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+DISTANCES = ("correlation", "euclidean")
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None,
+              allow_none: bool = False) -> int | None:
+    """``value`` as an int in [low, high] (None allowed if ``allow_none``); NumPy integers are accepted."""
+    if value is None and allow_none:
+        return None
+    bounds = _bounds(low, high)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{bounds}{' or None' if allow_none else ''}; "
+                        f"got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be an int{bounds}; got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                allow_none: bool = False) -> float | None:
+    """``value`` as a finite float in [low, high], or in (low, high] with ``low_open``."""
+    if value is None and allow_none:
+        return None
+    where = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {where}; got {type(value).__name__}")
+    value = float(value)
+    if not (low < value if low_open else low <= value) or not value <= high:  # NaN fails both
+        raise ValueError(f"{name} must be a number {where}; got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool (Python or NumPy bool only; 0/1 are refused as ambiguous)."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__}")
+    return bool(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` as one of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_modes(modes: Any, threshold: Any) -> tuple[int | None, float | None]:
+    """The ``modes`` / ``threshold`` pair: one of them; ``modes`` defaults to 10 when neither is given."""
+    if modes is not None and threshold is not None:
+        raise ValueError("give either modes or threshold, not both (threshold cuts by distance instead of a count)")
+    threshold = check_float("threshold", threshold, 0.0, 1.0, low_open=True, allow_none=True)
+    return (None if threshold is not None else check_int("modes", 10 if modes is None else modes, 1)), threshold
+
+
+def _bounds(low: int | None, high: int | None) -> str:
+    if low is not None and high is not None:
+        return f" in [{low}, {high}]"
+    if low is not None:
+        return f" ≥ {low}"
+    if high is not None:
+        return f" ≤ {high}"
+    return ""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CMDConfig(Mapping):
+    """What defines a CMD decomposition; validated at construction, immutable.
+
+    Also a read-only mapping (``config["warmup"]``, ``dict(config)``), so code written against the
+    recorder's former ``config`` dict keeps working.
+
+    Args:
+        modes (int): number of modes M, cut with ``maxclust``; at most M modes come out (default 10
+            when ``threshold`` is None).
+        threshold (float): or the in-mode distance t ∈ (0, 1]; M then follows from the data (default None).
+        samples (int): K, the weights whose warm-up history is clustered; ``modes`` ≤ K (default 1000).
+        warmup (int): F ≥ 2 warm-up records (default 20). None, post hoc only: cluster on all records.
+        record_every (int): record after every k-th optimizer step; None: by hand (default None).
+        freeze_modes_after (int): switch to the compact form this many records into the fit window
+            (default None: keep the full form).
+        seed (int): seed of the sampling, ≥ 0 (default 0).
+        distance (str): clustering distance between two sampled weights: ``"correlation"``, 1 − |C_ij|
+            (default), or ``"euclidean"``, the Euclidean distance between rows i and j of |C|, as the
+            paper authors' code does.
+    """
+
+    modes: int | None = None
+    threshold: float | None = None
+    samples: int = 1000
+    warmup: int | None = 20
+    record_every: int | None = None
+    freeze_modes_after: int | None = None
+    seed: int = 0
+    distance: str = "correlation"
+
+    def __post_init__(self):
+        modes, threshold = check_modes(self.modes, self.threshold)
+        samples = check_int("samples", self.samples, 1)
+        if modes is not None and modes > samples:
+            raise ValueError(f"modes ({modes}) must be ≤ samples ({samples})")
+        checked = dict(
+            modes=modes, threshold=threshold, samples=samples,
+            warmup=check_int("warmup", self.warmup, 2, allow_none=True),
+            record_every=check_int("record_every", self.record_every, 1, allow_none=True),
+            freeze_modes_after=check_int("freeze_modes_after", self.freeze_modes_after, 1, allow_none=True),
+            seed=check_int("seed", self.seed, 0),
+            distance=check_choice("distance", self.distance, DISTANCES),
+        )
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)
+
+    # a read-only mapping over the fields
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __eq__(self, other: object) -> bool:  # equal to a config or a mapping with the same entries
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.items()))
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for state dicts and JSON)."""
+        return {name: getattr(self, name) for name in self._names()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CMDConfig":
+        """A config from :meth:`to_dict`'s output; a field missing from ``d`` takes its default (older states)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config must be a dict; got {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls._names()))
+        if unknown:
+            raise ValueError(f"config has unknown entries {unknown}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config is invalid: {e}") from None
+
+    def replace(self, **changes: Any) -> "CMDConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,95 @@
+"""The package's shape: imports flow one way, and no module reads another object's private attributes."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "cmd_online"
+# torch's multi-tensor kernels (torch._foreach_*) are the semi-public API torch.optim itself is built on
+ALLOWED_PRIVATE = {("torch", "_foreach_")}
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+def imported(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """Package modules that ``name`` imports anywhere in its file (inside functions too)."""
+    package = name if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists() else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def test_the_import_graph_of_the_package_has_no_cycle():
+    trees = modules()
+    graph = {name: imported(name, tree, set(trees)) - {"cmd_online"} for name, tree in trees.items()}
+    assert graph["cmd_online.recorder"] >= {"cmd_online.stats", "cmd_online.observers"}  # the walk sees imports
+    assert "cmd_online.tensorboard" in graph["cmd_online.observers"]  # including those inside functions
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", f"import cycle: {' → '.join(path + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_recorder_and_tensorboard_do_not_import_each_other():
+    trees = modules()
+    known = set(trees)
+    assert "cmd_online.tensorboard" not in imported("cmd_online.recorder", trees["cmd_online.recorder"], known)
+    assert "cmd_online.recorder" not in imported("cmd_online.tensorboard", trees["cmd_online.tensorboard"], known)
+
+
+def test_no_module_reads_a_private_attribute_of_another_object():
+    offences = []
+    for name, tree in modules().items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+                continue
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                continue
+            if isinstance(base, ast.Name) and any(base.id == mod and node.attr.startswith(prefix)
+                                                  for mod, prefix in ALLOWED_PRIVATE):
+                continue
+            offences.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not offences, "private attributes read across objects:\n" + "\n".join(offences)
+
+
+def test_importing_the_package_imports_no_framework_or_plotting_library():
+    code = ("import sys, cmd_online; "
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', 'matplotlib', "
+            "'tensorboard', 'cmd_online.tensorboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
