@@ -22,6 +22,7 @@ from torch import nn
 
 from .files import atomic_save, atomic_write_text
 from .recorder import CMDRecorder
+from .units import human_bytes
 
 DATASETS = ("digits", "mnist1d")
 
@@ -236,14 +237,6 @@ def _recorder_logging_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("cmd_online.tensorboard") is not None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 # --------------------------------------------------------------------------------------------- training
