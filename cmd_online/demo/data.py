@@ -104,14 +104,12 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator, dr
 
 def shift(x: torch.Tensor, starts: Sequence[torch.Tensor], max_shift: int) -> torch.Tensor:
     """Each sample's window of ``x`` zero-padded by ``max_shift``, starting at ``starts[axis][sample]``."""
-    n, spatial = x.shape[0], x.shape[2:]
+    n, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
     padded = F.pad(x, [max_shift] * (2 * len(spatial)))
-    view = [n] + [1] * len(spatial)
-    index: list[torch.Tensor] = []
+    ones = [1] * len(spatial)
+    index = [torch.arange(n).view(n, 1, *ones), torch.arange(channels).view(1, channels, *ones)]
     for axis, (size, start) in enumerate(zip(spatial, starts)):
-        axis_view = list(view)
-        axis_view[1 + axis] = size
-        index.append((start.unsqueeze(1) + torch.arange(size)).view(axis_view))
-    # advanced indexing puts the batch and spatial axes first and channels last
-    out = padded.movedim(1, -1)[(torch.arange(n).view(view), *index)]
-    return out.movedim(-1, 1).contiguous()
+        view = [n, 1, *ones]
+        view[2 + axis] = size
+        index.append((start.unsqueeze(1) + torch.arange(size)).view(view))
+    return padded[tuple(index)]
