@@ -7,6 +7,9 @@ Every benchmark trains with the same data split, budget and seeds for every meth
   noise (σ = 0.05).
 - ``mnist1d``: MNIST-1D generated locally (``mnist1d.data.make_dataset``, 4000 train + 1000 test),
   train split 3000 train / 1000 validation; no augmentation beyond the dataset's own.
+
+The data, the shift, the convolutions and the training epoch are those of ``cmd_online.demo``, with the
+benchmarks' own split, widths, BatchNorm and random draws.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from cmd_online import demo
+from cmd_online.demo.model import conv_block
+from cmd_online.layout import Layout
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -47,29 +53,14 @@ def load_task(name: str, quick: bool = False) -> Task:
     if key in _TASKS:
         return _TASKS[key]
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.tensor(d.target, dtype=torch.int64)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        x, y = x[perm], y[perm]
+        x, y = demo.data.digits()
+        (x_train, y_train), (x_val, y_val), (x_test, y_test) = demo.data.split(x, y, (1097, 300, 400), seed=0)
         n_train = 300 if quick else 1097
-        tr, va, te = slice(0, n_train), slice(1097, 1397), slice(1397, 1797)
-        task = Task(name, x[tr], y[tr], x[va], y[va], x[te], y[te], augment=True)
+        task = Task(name, x_train[:n_train], y_train[:n_train], x_val, y_val, x_test, y_test, augment=True)
     elif name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        if quick:
-            args.num_samples = 600
-        d = make_dataset(args)  # generated locally; get_dataset would download
-        x = torch.tensor(d["x"], dtype=torch.float32).unsqueeze(1)
-        y = torch.tensor(d["y"], dtype=torch.int64)
+        x, y, x_test, y_test = demo.data.mnist1d(num_samples=600 if quick else None)
         n_val = len(y) // 4
-        task = Task(name, x[n_val:], y[n_val:], x[:n_val], y[:n_val],
-                    torch.tensor(d["x_test"], dtype=torch.float32).unsqueeze(1),
-                    torch.tensor(d["y_test"], dtype=torch.int64), augment=False)
+        task = Task(name, x[n_val:], y[n_val:], x[:n_val], y[:n_val], x_test, y_test, augment=False)
     else:
         raise ValueError(f"task must be 'digits' or 'mnist1d'; got {name!r}")
     _TASKS[key] = task
@@ -80,15 +71,9 @@ def make_model(task: str) -> nn.Module:
     """A small CNN with BatchNorm (so that update_bn matters): ~14k weights (digits), ~10k (mnist1d)."""
     if task == "digits":
         return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-    return nn.Sequential(
-        nn.Conv1d(1, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Conv1d(32, 32, 3, padding=1, stride=2), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Conv1d(32, 32, 3, padding=1, stride=2), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Flatten(), nn.Linear(320, 10))
+            *conv_block(2, 1, 16, 3, batchnorm=True), *conv_block(2, 16, 32, 3, batchnorm=True), nn.MaxPool2d(2),
+            *conv_block(2, 32, 32, 3, batchnorm=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    return demo.model.mnist1d_cnn(kernel=3, batchnorm=True)
 
 
 OPTIMIZERS = {
@@ -109,21 +94,7 @@ def make_optimizer(name: str, model: nn.Module, total_steps: int):
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random ±1-pixel shift (zero padding) and Gaussian noise σ = 0.05, per image."""
-    padded = F.pad(x, (1, 1, 1, 1))
-    shifts = torch.randint(0, 3, (x.shape[0], 2), generator=g)
-    out = torch.empty_like(x)
-    for i, (dy, dx) in enumerate(shifts.tolist()):
-        out[i] = padded[i, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
-    return out + 0.05 * torch.randn(x.shape, generator=g)
-
-
-def batches(task: Task, batch_size: int, g: torch.Generator):
-    """One epoch of shuffled (and, for an augmented task, augmented) training batches."""
-    perm = torch.randperm(len(task.y_train), generator=g)
-    for start in range(0, len(perm), batch_size):
-        idx = perm[start:start + batch_size]
-        x = task.x_train[idx]
-        yield (augment(x, g) if task.augment else x), task.y_train[idx]
+    return demo.random_shift(x, 1, g, draw="per_sample") + 0.05 * torch.randn(x.shape, generator=g)
 
 
 def bn_loader(task: Task, batch_size: int = 256):
@@ -132,12 +103,9 @@ def bn_loader(task: Task, batch_size: int = 256):
             for i in range(0, len(task.y_train), batch_size)]
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    out = model(x).argmax(1)
-    model.train()
-    return 100.0 * (out == y).float().mean().item()
+    """Test accuracy in percent, in eval mode."""
+    return 100.0 * demo.accuracy(model, x, y)
 
 
 def evaluate_weights(model: nn.Module, state: dict, task: Task, split: str = "test",
@@ -158,11 +126,8 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 def weights_state(model: nn.Module, flat: torch.Tensor) -> dict:
     """Named parameter tensors from a flat vector in model.parameters() order."""
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = flat[start:start + p.numel()].view_as(p).to(p.dtype)
-        start += p.numel()
-    return out
+    names, params = zip(*model.named_parameters())
+    return Layout.of_tensors(params, names).split(flat)
 
 
 def rel_error(W: torch.Tensor, W_hat: torch.Tensor, w0: torch.Tensor) -> float:
@@ -228,19 +193,20 @@ def train(task: Task, optimizer: str, seed: int, epochs: int, *, batch_size: int
     start = time.perf_counter()
     record()
     step = 0
+
+    def after_step():
+        nonlocal step
+        if sched is not None:
+            sched.step()
+        step += 1
+        if on_step is not None:
+            on_step(model)
+        if record_every is not None and step % record_every == 0:
+            record()
+
     for epoch in range(epochs):
-        for x, y in batches(task, batch_size, g):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            step += 1
-            if on_step is not None:
-                on_step(model)
-            if record_every is not None and step % record_every == 0:
-                record()
+        demo.train_epoch(model, opt, task.x_train, task.y_train, g, batch_size,
+                         augment=augment if task.augment else None, after_step=after_step)
         if record_every is None:
             record()
         if on_epoch is not None:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 FRACTIONS = (0.45, 0.001, 0.35, 0.001, 0.197, 0.001)  # four "layers" with weights and biases
-FLUSH_BYTES = 128 << 20  # --flush: 4× the 32 MB L3 of the development machine (and 2.5× an H100's 50 MB L2)
+FLUSH_BYTES = 128 << 20  # --flush: several times the last-level cache of the machines measured (docs/benchmarks.md)
 
 
 def rss_bytes() -> int:
@@ -128,45 +128,64 @@ def _load_lazy_modules(device: str) -> None:
 
 
 def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: bool, flush: bool = False) -> dict:
-    from cmd_online import CMDRecorder
-
+    """One configuration in this process: memory and time of the recorder in ``form`` against the others."""
     _load_lazy_modules(device)
     params = make_params(N, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base_rss, base_alloc = rss_bytes(), (torch.cuda.memory_allocated() if device == "cuda" else 0)
+    base = rss_bytes(), (torch.cuda.memory_allocated() if device == "cuda" else 0)
     out = {"N": N, "M": M, "form": form + ("+compile" if compile_update else ""), "device": device, "rounds": rounds}
-    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the timed steps leave the weights unchanged
+    if form == "naive":
+        return _naive(out, params, M, device, base[0])
+    rec, rec_times = _steady_recorder(out, params, M, form, rounds, device, compile_update, base)
+    out["flush"] = flush
+    times = _interleaved(_comparison_ops(rec, params, device), rounds, device, flush)
+    times["record"] = rec_times + times["record"]
+    out["times_s"] = {k: quartiles(v) for k, v in times.items()}
+    out["ratios"] = {f"{num}/{den}": quartiles([a / b for a, b in zip(times[num][-rounds:], times[den])])
+                     for num, den in [("record", "add_floor"), ("update", "add_floor"), ("record", "ema_lerp"),
+                                      ("update", "ema_lerp"), ("record", "sgd_momentum_step"),
+                                      ("record", "adam_step")]}
+    return out
 
-    if form == "naive":  # every record kept; post-hoc CMD at the end
-        T = 20
-        history = []
-        times = [timed(lambda: history.append(torch.cat([p.detach().reshape(-1) for p in params])), device)
-                 for _ in range(T)]
-        out["record_s"] = quartiles(times[1:])
-        out["records_kept"] = T
-        out["peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
-        W = torch.stack(history, 1)
-        del history
-        from cmd_online import decompose
 
-        out["posthoc_fit_s"] = timed(lambda: decompose(W, modes=M, samples=min(1000, N)), device)
-        out["peak_with_fit_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
-        return out
+def _naive(out: dict, params, M: int, device: str, base_rss: int) -> dict:
+    """Every record kept as a copy of the weights; post-hoc CMD of them at the end."""
+    from cmd_online import decompose
 
-    warmup = 8
+    N, T = sum(p.numel() for p in params), 20
+    history = []
+    times = [timed(lambda: history.append(torch.cat([p.detach().reshape(-1) for p in params])), device)
+             for _ in range(T)]
+    out["record_s"] = quartiles(times[1:])
+    out["records_kept"] = T
+    out["peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
+    W = torch.stack(history, 1)
+    del history
+    out["posthoc_fit_s"] = timed(lambda: decompose(W, modes=M, samples=min(1000, N)), device)
+    out["peak_with_fit_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
+    return out
+
+
+def _steady_recorder(out: dict, params, M: int, form: str, rounds: int, device: str, compile_update: bool,
+                     base: tuple[int, int]):
+    """A recorder past its warm-up and first tracking records; its one-time and steady peak memory go into
+    ``out``. Returns the recorder and the times of its steady records."""
+    from cmd_online import CMDRecorder
+
+    N, warmup = sum(p.numel() for p in params), 8
+    base_rss, base_alloc = base
     kwargs = dict(modes=M, samples=min(1000, N), warmup=warmup)
     if form == "compact":
         kwargs["freeze_modes_after"] = 3  # frozen during the 3 warm records below, before timing
     if compile_update:
         kwargs["compile_update"] = True
-    rec = CMDRecorder(opt, **kwargs)
+    rec = CMDRecorder(torch.optim.SGD(params, lr=0.0), **kwargs)  # lr 0: the timed steps leave the weights unchanged
     for t in range(warmup):
         perturb(params, t)
         rec.record()
     out["modes_found"] = rec.num_modes
-    warm = [timed(rec.record, device) for _ in range(3)]  # first tracking records (compile, freeze)
-    out["first_records_s"] = warm
+    out["first_records_s"] = [timed(rec.record, device) for _ in range(3)]  # first tracking records (compile, freeze)
     # one-time peaks: clustering of the K × F history, the fit that freezes the modes (compact form)
     out["setup_peak_f32_per_weight"] = (peak_bytes() - base_rss) / (4 * N)
     out["hwm_reset"] = reset_peak()
@@ -180,10 +199,13 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
     nb = rec.nbytes()
     out["stats_f32_per_weight"] = nb["statistics"] / (4 * N)
     out["recorder_f32_per_weight"] = nb["total"] / (4 * N)
+    return rec, rec_times
 
-    # the comparison operations, allocated only now so they do not count in the peak above
-    stats_numel = nb["statistics"] // 4
-    floor_buf = torch.zeros(stats_numel, device=device)
+
+def _comparison_ops(rec, params, device: str) -> dict:
+    """The operations timed against each other; those besides the record are allocated only now, so that
+    they do not count in the recorder's peak."""
+    floor_buf = torch.zeros(rec.nbytes()["statistics"] // 4, device=device)
     ema = [p.detach().clone() for p in params]
     sgd = torch.optim.SGD(params, lr=0.0, momentum=0.9, foreach=True)
     adam = torch.optim.Adam(params, lr=0.0, foreach=True)
@@ -191,7 +213,7 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
     adam.step()  # state allocated outside the timing
     weights = rec._local_weights()
     refs = torch.zeros(rec.num_modes, device=device)
-    ops = {
+    return {
         "record": rec.record,
         "update": lambda: rec._stats.update(weights, refs),
         "ema_lerp": lambda: torch._foreach_lerp_(ema, [p.detach() for p in params], 0.001),
@@ -199,24 +221,20 @@ def worker(N: int, M: int, form: str, rounds: int, device: str, compile_update: 
         "adam_step": adam.step,
         "add_floor": lambda: floor_buf.add_(1.0),
     }
-    # --flush: before each timed operation, read a buffer 4× this CPU's last-level cache (clean lines, no
-    # write-backs), so that every operation starts from memory, as after a forward and backward pass
+
+
+def _interleaved(ops: dict, rounds: int, device: str, flush: bool) -> dict[str, list[float]]:
+    """Times of each operation, run one after another, round after round. With ``flush``, a buffer larger
+    than the last-level cache is read before each (clean lines, no write-backs), so that every operation
+    starts from memory, as after a forward and backward pass."""
     flush_buf = torch.ones(FLUSH_BYTES // 4, device=device) if flush else None
-    out["flush"] = flush
     times = {k: [] for k in ops}
     for _ in range(rounds):
         for k, fn in ops.items():
             if flush_buf is not None:
                 flush_buf.sum()
             times[k].append(timed(fn, device))
-    times["record"] = rec_times + times["record"]
-    out["times_s"] = {k: quartiles(v) for k, v in times.items()}
-    ratios = {}
-    for num, den in [("record", "add_floor"), ("update", "add_floor"), ("record", "ema_lerp"),
-                     ("update", "ema_lerp"), ("record", "sgd_momentum_step"), ("record", "adam_step")]:
-        ratios[f"{num}/{den}"] = quartiles([a / b for a, b in zip(times[num][-rounds:], times[den])])
-    out["ratios"] = ratios
-    return out
+    return times
 
 
 def spawn(args: list[str]) -> dict:

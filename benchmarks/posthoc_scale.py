@@ -3,7 +3,7 @@
 The trajectory itself is N·T float32 (4 GB at full size); the fit works through it in chunks of
 bounded float64 temporaries, so the peak memory beyond W should stay at O(chunk + N) (a, b, modes).
 
-    python benchmarks/posthoc_scale.py            # N = 10^7, T = 100 (a few minutes on 2 cores)
+    python benchmarks/posthoc_scale.py            # N = 10^7, T = 100 (run time: docs/benchmarks.md)
     python benchmarks/posthoc_scale.py --quick    # N = 10^5
 """
 

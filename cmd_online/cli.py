@@ -166,7 +166,7 @@ def _load_trajectory(path: str):
 def _inspect(args) -> None:
     import torch
 
-    from .demo import human_bytes
+    from .units import human_bytes
 
     traj = _load_trajectory(args.trajectory)
     layout = traj.layout

@@ -2,8 +2,9 @@
 
     python scripts/make_figures.py [--epochs 30] [--warmup 8] [--modes 5] [--samples 500] [--out docs/img]
 
-Trains with random-shift augmentation and a CMDRecorder recording once per epoch (CPU, well under a
-minute), then writes three PNGs with matplotlib:
+Trains with random-shift augmentation (the data, network and training epoch of ``cmd_online.demo``,
+with this script's split and widths) and a CMDRecorder recording once per epoch on the CPU, then writes
+three PNGs with matplotlib:
 
     fig-references.png   the reference weight of every mode over the run (the paper's Fig. 25)
     fig-correlation.png  |corr| of the sampled weights at the end of the warm-up, ordered by mode,
@@ -24,65 +25,38 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from scipy.cluster.hierarchy import leaves_list, linkage  # noqa: E402
 from scipy.spatial.distance import squareform  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from torch import nn  # noqa: E402
 
 import cmd_online as cmdo  # noqa: E402
+from cmd_online import demo  # noqa: E402
 
 COLORS = plt.get_cmap("tab10").colors
-
-
-def digits(seed: int = 0):
-    """1×8×8 images in [0, 1] and labels, a seeded 75/25 train/test split."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.75 * len(y))
-    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image moved by up to one pixel in each direction (zero padding): the augmentation."""
-    padded = F.pad(x, (1, 1, 1, 1))
-    crops = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
-    return crops[torch.randint(0, 9, (len(x),), generator=generator), torch.arange(len(x))]
-
-
-@torch.no_grad()
-def accuracy(model, x, y) -> float:
-    return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
 def train(args):
     """Train, record per epoch; returns the recorder, the model and per-epoch accuracies."""
     torch.manual_seed(args.seed)
-    x_train, y_train, x_test, y_test = digits(args.seed)
-    model = small_cnn()
+    x, y = demo.data.digits()
+    (x_train, y_train), (x_test, y_test) = demo.data.split(x, y, (int(0.75 * len(y)), None), args.seed)
+    model = demo.model.digits_cnn(channels=(8,), hidden=32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     recorder = cmdo.CMDRecorder(optimizer, model, modes=args.modes, samples=args.samples, warmup=args.warmup,
                                 seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     trained, online = [], []
-    for epoch in range(args.epochs):
-        for batch in torch.randperm(len(y_train), generator=generator).split(64):
-            loss = F.cross_entropy(model(shift(x_train[batch], generator)), y_train[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+
+    def test() -> float:
+        return 100 * demo.accuracy(model, x_test, y_test)
+
+    for _ in range(args.epochs):
+        demo.train_epoch(model, optimizer, x_train, y_train, generator,
+                         augment=lambda xb, g: demo.random_shift(xb, 1, g, draw="joint"))
         recorder.record()
-        trained.append(accuracy(model, x_test, y_test))
+        trained.append(test())
         if recorder.phase == "tracking":  # the CMD model as a user could query it at this epoch
             with recorder.swapped():
-                online.append(accuracy(model, x_test, y_test))
+                online.append(test())
         else:
             online.append(float("nan"))
     whole_run = []  # the final CMD model (a, b fitted on the whole window), at each epoch of the window
@@ -91,7 +65,7 @@ def train(args):
             whole_run.append(float("nan"))
             continue
         with recorder.swapped(at=at):
-            whole_run.append(accuracy(model, x_test, y_test))
+            whole_run.append(test())
     return recorder, model, np.array(trained), np.array(online), np.array(whole_run)
 
 

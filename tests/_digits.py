@@ -1,61 +1,47 @@
-"""Real data and a small network for the tests: scikit-learn's bundled 8×8 digits (no download)."""
+"""Real data and a small network for the tests: scikit-learn's bundled 8×8 digits (no download).
+
+The pipeline is the demo's (cmd_online.demo) with the tests' own choices: a 75/25 split, one 3×3
+convolution of 8 channels and a hidden layer of 32, a one-pixel shift drawn jointly per image.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import torch
-import torch.nn.functional as F
+
+from cmd_online import demo
 
 
 @functools.lru_cache(maxsize=1)
 def digits(split_seed: int = 0):
     """(x_train, y_train, x_test, y_test): 1797 images 1×8×8 in [0, 1], a fixed 75/25 split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
-    cut = int(0.75 * len(y))
-    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+    x, y = demo.data.digits()
+    (x_train, y_train), (x_test, y_test) = demo.data.split(x, y, (int(0.75 * len(y)), None), split_seed)
+    return x_train, y_train, x_test, y_test
 
 
 def small_cnn(seed: int = 0, batchnorm: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    layers = [torch.nn.Conv2d(1, 8, 3, padding=1)]
-    if batchnorm:
-        layers.append(torch.nn.BatchNorm2d(8))
-    layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 32),
-               torch.nn.ReLU(), torch.nn.Linear(32, 10)]
-    return torch.nn.Sequential(*layers)
+    return demo.model.digits_cnn(channels=(8,), hidden=32, batchnorm=batchnorm)
 
 
 def shift_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image shifted at random by up to one pixel in each direction (zero padding)."""
-    padded = F.pad(x, (1, 1, 1, 1))
-    crops = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
-    choice = torch.randint(0, 9, (len(x),), generator=generator)
-    return crops[choice, torch.arange(len(x))]
+    return demo.random_shift(x, 1, generator, draw="joint")
 
 
-def train_epoch(model, optimizer, generator: torch.Generator, batch_size: int = 64, augment: bool = True):
+def train_epoch(model, optimizer, generator: torch.Generator, batch_size: int = 64, augment: bool = True,
+                device=None):
     x, y, _, _ = digits()
-    model.train()
-    order = torch.randperm(len(y), generator=generator)
-    for start in range(0, len(y), batch_size):
-        idx = order[start:start + batch_size]
-        xb = shift_augment(x[idx], generator) if augment else x[idx]
-        optimizer.zero_grad()
-        F.cross_entropy(model(xb), y[idx]).backward()
-        optimizer.step()
+    demo.train_epoch(model, optimizer, x, y, generator, batch_size, augment=shift_augment if augment else None,
+                     device=device)
 
 
-@torch.no_grad()
 def accuracy(model) -> float:
+    """Test accuracy in percent."""
     _, _, x, y = digits()
-    model.eval()
-    return (model(x).argmax(1) == y).float().mean().item() * 100
+    return 100 * demo.accuracy(model, x, y)
 
 
 def flat(model_or_params) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from cmd_online import CMDTrajectory
 from cmd_online.cli import main
-from cmd_online.demo import DemoConfig, _Progress, accuracy, build_model, load_data, random_shift, run
+from cmd_online.demo import DemoConfig, Progress, accuracy, build_model, load_data, random_shift, run
 
 EPOCHS, WARMUP, MODES, SAMPLES = 5, 3, 4, 300
 
@@ -237,7 +237,7 @@ def test_decompose_reads_state_dicts_nested_in_training_checkpoints(demo, tmp_pa
 def test_progress_falls_back_to_plain_rows_without_tqdm(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     lines = []
-    progress = _Progress(3, True, lines.append)
+    progress = Progress(3, True, lines.append)
     progress.write("row 1")
     progress.update(loss="0.1")
     progress.close()

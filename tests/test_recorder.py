@@ -33,22 +33,10 @@ def _run(opt_name="sgd_momentum", epochs=12, device="cpu", **rec_kwargs):
     g = torch.Generator().manual_seed(0)
     history = []
     for _ in range(epochs):
-        _train_on(model, opt, g, device)
+        train_epoch(model, opt, g, device=device)
         rec.record()
         history.append(flat(model).cpu())
     return model, opt, rec, torch.stack(history, dim=1)
-
-
-def _train_on(model, opt, g, device):
-    from _digits import digits, shift_augment
-
-    x, y, _, _ = digits()
-    order = torch.randperm(len(y), generator=g)
-    for start in range(0, len(y), 64):
-        idx = order[start:start + 64]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(shift_augment(x[idx], g).to(device)), y[idx].to(device)).backward()
-        opt.step()
 
 
 def _assert_matches_oracle(rec, W, rtol=1e-5):
