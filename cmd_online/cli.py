@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     decompose.add_argument("--samples", type=_int_at_least(1), default=1000,
                            help="sampled weights that are clustered (default 1000, at most the weights)")
     decompose.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    decompose.add_argument("--distance", choices=("correlation", "euclidean"), default="correlation",
+                           help="clustering distance: 1 − |corr| (default), or the Euclidean distance between "
+                           "rows of |corr| as the paper authors' code")
     decompose.add_argument("--warmup", type=_int_at_least(2), default=None,
                            help="cluster on the first F records and fit on [F−1, T), as the online recorder "
                            "with warmup=F does (default: all records, as the paper)")
@@ -265,7 +268,7 @@ def _decompose(args) -> None:
 
     paths = _checkpoint_paths(args.checkpoints)
     traj = decompose_checkpoints(_Checkpoints(paths), modes=args.modes, threshold=args.threshold,
-                                 samples=args.samples, seed=args.seed, warmup=args.warmup)
+                                 samples=args.samples, seed=args.seed, warmup=args.warmup, distance=args.distance)
     traj.save(args.output)
     print(f"wrote {args.output}: {traj.num_modes} modes over {traj.num_weights:,} weights and "
           f"{traj.num_records} records (from {len(paths)} checkpoints)")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
+from scipy.spatial.distance import pdist, squareform
 
-from .config import check_modes
+from .config import DISTANCES, check_choice, check_modes
 
 
 @dataclass
@@ -39,17 +39,30 @@ class Clustering:
         return len(self.reference)
 
 
-def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None,
-            threshold: float | None = None) -> Clustering:
+# Merge heights closer than this (relative to the largest) are one height: distances computed in
+# float64 from float32 trajectories carry round-off of ~1e-15, and it must never decide a cut.
+ROUNDOFF = 1e-9
+
+
+def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, threshold: float | None = None,
+            distance: str = "correlation") -> Clustering:
     """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
+
+    Complete linkage on the distance between samples, then a cut. Merge heights that differ by
+    round-off only (:data:`ROUNDOFF`, relative) fall on the same side of the cut, so round-off never
+    splits a mode: in particular two records (every |corr| = 1) always give one mode.
 
     Args:
         history (tensor or array): K × T trajectories of the sampled weights.
         modes (int): cut the linkage into at most this many modes (criterion ``maxclust``).
-        threshold (float): or cut at this distance (criterion ``distance``): every pair inside a
-            mode then has |corr| ≥ 1 − threshold, the paper's hypothesis with ε = threshold.
+        threshold (float): or cut at this distance (criterion ``distance``): with the correlation
+            distance every pair inside a mode then has |corr| ≥ 1 − threshold, the paper's
+            hypothesis with ε = threshold.
+        distance (str): ``"correlation"``: 1 − |C_ij| (default); ``"euclidean"``: the Euclidean
+            distance between rows i and j of |C|, as the paper authors' code computes it.
     """
     modes, threshold = check_modes(modes, threshold)
+    check_choice("distance", distance, DISTANCES)
     h = torch.as_tensor(history).detach().to("cpu", torch.float64).numpy()
     if h.ndim != 2 or h.shape[1] < 2:
         raise ValueError(f"history must be K × T with T ≥ 2; got shape {h.shape}")
@@ -62,16 +75,8 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None,
         return Clustering(labels, np.array([0]), np.ones((1, 1)), np.array([0]))
     abs_corr = np.abs(np.corrcoef(h[varying])) if len(varying) > 1 else np.ones((1, 1))
     abs_corr = np.nan_to_num(np.clip(abs_corr, 0.0, 1.0), nan=0.0)
-    if len(varying) == 1:
-        raw = np.zeros(1, dtype=np.int64)
-    else:
-        distance = 1.0 - abs_corr
-        np.fill_diagonal(distance, 0.0)
-        tree = linkage(squareform(distance, checks=False), method="complete")
-        if threshold is not None:
-            raw = fcluster(tree, t=threshold, criterion="distance")
-        else:
-            raw = fcluster(tree, t=modes, criterion="maxclust")
+    raw = np.zeros(len(varying), dtype=np.int64) if len(varying) == 1 else \
+        _cut(linkage(_condensed(abs_corr, distance), method="complete"), modes, threshold)
     # Number modes by size, largest first; ties broken by the first member's position.
     ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
     order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
@@ -85,3 +90,25 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None,
         score = abs_corr[np.ix_(members, members)].sum(axis=0)
         reference[m] = varying[members[np.argmax(score)]]
     return Clustering(labels, reference, abs_corr, varying)
+
+
+def _condensed(abs_corr: np.ndarray, distance: str) -> np.ndarray:
+    """The pairwise distances of the samples, condensed (scipy's form)."""
+    if distance == "euclidean":
+        return pdist(abs_corr, "euclidean")
+    d = 1.0 - abs_corr
+    np.fill_diagonal(d, 0.0)
+    return squareform(d, checks=False)
+
+
+def _cut(tree: np.ndarray, modes: int | None, threshold: float | None) -> np.ndarray:
+    """Flat clusters of a linkage: at most ``modes`` of them, or merged up to ``threshold``.
+
+    The cut is made at a height, and every merge within :data:`ROUNDOFF` above it is taken too.
+    """
+    heights = tree[:, 2]
+    if threshold is not None:
+        height = threshold
+    else:  # the lowest height that leaves at most `modes` clusters: K − modes merges (heights ascend)
+        height = heights[len(heights) - modes] if modes <= len(heights) else 0.0
+    return fcluster(tree, t=height + ROUNDOFF * max(1.0, float(heights.max())), criterion="distance")

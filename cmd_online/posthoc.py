@@ -93,7 +93,7 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
 
 def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,
               layer_sizes: Sequence[int] | None = None, warmup: int | None = None,
-              layout: Layout | None = None) -> CMDTrajectory:
+              layout: Layout | None = None, distance: str = "correlation") -> CMDTrajectory:
     """Post-hoc CMD of a full trajectory (paper, Algorithms 1 and 2).
 
     Args:
@@ -108,8 +108,11 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
             paper does. F clusters on records 0..F−1 and fits over [F−1, T), exactly what the online
             recorder does with ``warmup=F``.
         layout (Layout): names, shapes and dtypes of the tensors the rows come from.
+        distance (str): the clustering distance, ``"correlation"`` (1 − |C|, default) or ``"euclidean"``
+            (between rows of |C|, as the paper authors' code does).
     """
-    config = CMDConfig(modes=modes, threshold=threshold, samples=samples, seed=seed, warmup=warmup)
+    config = CMDConfig(modes=modes, threshold=threshold, samples=samples, seed=seed, warmup=warmup,
+                       distance=distance)
     W = _as_matrix(W)
     N, T = W.shape
     if config.samples > N:
@@ -127,7 +130,7 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
         clustered, window_start = config.warmup, config.warmup - 1
     sample = sample_indices(layer_sizes, config.samples, config.seed)
     history = W[sample.to(W.device), :clustered]
-    found = cluster(history, config.modes, config.threshold)
+    found = cluster(history, config.modes, config.threshold, config.distance)
     reference_index = sample[torch.from_numpy(found.reference)]
     return fit_affine(W, reference_index, window_start, layout)
 

@@ -62,6 +62,8 @@ class CMDRecorder:
         record_every (int): record after every k-th optimizer step; None (default): call :meth:`record`.
         freeze_modes_after (int): after this many records of tracking, fix each weight's mode and keep
             only its own co-moment (compact memory); None (default) keeps the full form.
+        distance (str): the clustering distance: ``"correlation"``, 1 − |C_ij| (default), or
+            ``"euclidean"`` between rows of |C|, as the paper authors' code does.
         writer (SummaryWriter): shortcut for ``callbacks=[TensorBoardLogger(writer, every=log_every)]``
             (default None; see docs/tensorboard.md).
         log_every (int): the shortcut logger's interval for mode statistics, in records (default 10).
@@ -77,15 +79,16 @@ class CMDRecorder:
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,
                  threshold: float | None = None, samples: int = 1000, warmup: int = 20,
-                 record_every: int | None = None, freeze_modes_after: int | None = None, writer=None,
-                 log_every: int = 10, callbacks=None, seed: int = 0, check_finite: bool = True,
-                 compile_update: bool = False, kernel: str | None = None):
+                 record_every: int | None = None, freeze_modes_after: int | None = None,
+                 distance: str = "correlation", writer=None, log_every: int = 10, callbacks=None, seed: int = 0,
+                 check_finite: bool = True, compile_update: bool = False, kernel: str | None = None):
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if warmup is None:
             raise TypeError("warmup must be an int ≥ 2; got NoneType")
         self.config = CMDConfig(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
-                                record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed)
+                                record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed,
+                                distance=distance)
         self.check_finite = check_bool("check_finite", check_finite)
         self.compile_update = check_bool("compile_update", compile_update)
         if kernel is not None:
@@ -394,7 +397,7 @@ class CMDRecorder:
 
     def _start_tracking(self, weights: list[torch.Tensor]) -> None:
         """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4)."""
-        found = cluster(self._history, self.config.modes, self.config.threshold)
+        found = cluster(self._history, self.config.modes, self.config.threshold, self.config.distance)
         self.clustering = found
         position = torch.from_numpy(found.reference)
         self._set_references(self.sample_index[position], self._history[position.to(self.device)])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import CMDConfig, check_choice, check_float, check_int
 from ..files import atomic_save
 from ..recorder import CMDRecorder
 from .data import DATASETS, load_data, random_shift
@@ -57,23 +58,21 @@ class DemoConfig:
     progress: bool = True
     threads: int = 1
 
+    @property
+    def recorder(self) -> CMDConfig:
+        """The recorder's settings, validated by :class:`cmd_online.CMDConfig`."""
+        return CMDConfig(modes=self.modes, samples=self.samples, warmup=self.warmup,
+                         freeze_modes_after=self.freeze_modes_after, seed=self.seed)
+
     def check(self) -> None:
-        """Raise ValueError naming the first setting out of range."""
-        if self.data not in DATASETS:
-            raise ValueError(f"data must be one of {', '.join(DATASETS)}; got {self.data!r}")
-        for name, low in (("epochs", 1), ("warmup", 2), ("modes", 1), ("samples", 1), ("batch_size", 1),
-                          ("report_every", 0), ("threads", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be ≥ {low}; got {getattr(self, name)}")
-        if self.warmup >= self.epochs:
+        """Raise ValueError or TypeError naming the first setting out of range."""
+        check_choice("data", self.data, DATASETS)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("report_every", 0), ("threads", 1)):
+            check_int(name, getattr(self, name), low)
+        check_float("lr", self.lr, 0.0, math.inf, low_open=True)
+        if self.recorder.warmup >= self.epochs:
             raise ValueError(f"warmup ({self.warmup}) must be < epochs ({self.epochs}): CMD is fitted on the "
                              f"epochs after the warm-up")
-        if self.freeze_modes_after is not None and self.freeze_modes_after < 1:
-            raise ValueError(f"freeze_modes_after must be ≥ 1 or None; got {self.freeze_modes_after}")
-        if self.modes > self.samples:
-            raise ValueError(f"modes ({self.modes}) must be ≤ samples ({self.samples})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number; got {self.lr}")
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -127,21 +126,10 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- the recorder
-def _recorder_logging_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("cmd_online.tensorboard") is not None
-
-
 def _make_recorder(config: DemoConfig, optimizer: torch.optim.Optimizer, model: nn.Module, writer,
                    write: Callable[[str], None]) -> CMDRecorder:
     """The demo's one CMDRecorder: every recorder setting of ``config`` goes in here and nowhere else."""
-    if writer is not None and not _recorder_logging_available():
-        write("note: cmd_online.tensorboard is not available; mode statistics are not logged "
-              "(loss and accuracies still are)")
-        writer = None
-    return CMDRecorder(optimizer, model, modes=config.modes, samples=config.samples, warmup=config.warmup,
-                       freeze_modes_after=config.freeze_modes_after, writer=writer, seed=config.seed)
+    return CMDRecorder(optimizer, model, **config.recorder, writer=writer)
 
 
 # --------------------------------------------------------------------------------------------- the run
