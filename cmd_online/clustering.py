@@ -39,18 +39,20 @@ class Clustering:
         return len(self.reference)
 
 
-# Merge heights closer than this (relative to the largest) are one height: distances computed in
-# float64 from float32 trajectories carry round-off of ~1e-15, and it must never decide a cut.
-ROUNDOFF = 1e-9
+# Merge heights closer than ROUNDOFF · eps(history dtype) · √k (relative to the largest height, k
+# samples) are one height: the history's rounding moves a correlation by about eps, a Euclidean
+# distance between rows of |C| by about eps·√k, and it must never decide a cut.
+ROUNDOFF = 8.0
 
 
 def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, threshold: float | None = None,
             distance: str = "correlation") -> Clustering:
     """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
 
-    Complete linkage on the distance between samples, then a cut. Merge heights that differ by
-    round-off only (:data:`ROUNDOFF`, relative) fall on the same side of the cut, so round-off never
-    splits a mode: in particular two records (every |corr| = 1) always give one mode.
+    Complete linkage on the distance between samples, then a cut. Merge heights that differ by the
+    history's round-off only (:data:`ROUNDOFF`) fall on the same side of the cut, so round-off never
+    splits a mode: in particular two records (every |corr| = 1) always give one mode, and exact
+    affine copies of one another always share a mode.
 
     Args:
         history (tensor or array): K × T trajectories of the sampled weights.
@@ -63,7 +65,9 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
     """
     modes, threshold = check_modes(modes, threshold)
     check_choice("distance", distance, DISTANCES)
-    h = torch.as_tensor(history).detach().to("cpu", torch.float64).numpy()
+    history = torch.as_tensor(history).detach()
+    eps = torch.finfo(history.dtype).eps if history.is_floating_point() else torch.finfo(torch.float64).eps
+    h = history.to("cpu", torch.float64).numpy()
     if h.ndim != 2 or h.shape[1] < 2:
         raise ValueError(f"history must be K × T with T ≥ 2; got shape {h.shape}")
     labels = np.full(h.shape[0], -1, dtype=np.int64)
@@ -76,7 +80,8 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
     abs_corr = np.abs(np.corrcoef(h[varying])) if len(varying) > 1 else np.ones((1, 1))
     abs_corr = np.nan_to_num(np.clip(abs_corr, 0.0, 1.0), nan=0.0)
     raw = np.zeros(len(varying), dtype=np.int64) if len(varying) == 1 else \
-        _cut(linkage(_condensed(abs_corr, distance), method="complete"), modes, threshold)
+        _cut(linkage(_condensed(abs_corr, distance), method="complete"), modes, threshold,
+             ROUNDOFF * eps * np.sqrt(len(varying)))
     # Number modes by size, largest first; ties broken by the first member's position.
     ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
     order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
@@ -101,14 +106,14 @@ def _condensed(abs_corr: np.ndarray, distance: str) -> np.ndarray:
     return squareform(d, checks=False)
 
 
-def _cut(tree: np.ndarray, modes: int | None, threshold: float | None) -> np.ndarray:
+def _cut(tree: np.ndarray, modes: int | None, threshold: float | None, roundoff: float) -> np.ndarray:
     """Flat clusters of a linkage: at most ``modes`` of them, or merged up to ``threshold``.
 
-    The cut is made at a height, and every merge within :data:`ROUNDOFF` above it is taken too.
+    The cut is made at a height, and every merge within ``roundoff`` (relative) above it is taken too.
     """
     heights = tree[:, 2]
     if threshold is not None:
         height = threshold
     else:  # the lowest height that leaves at most `modes` clusters: K − modes merges (heights ascend)
         height = heights[len(heights) - modes] if modes <= len(heights) else 0.0
-    return fcluster(tree, t=height + ROUNDOFF * max(1.0, float(heights.max())), criterion="distance")
+    return fcluster(tree, t=height + roundoff * max(1.0, float(heights.max())), criterion="distance")

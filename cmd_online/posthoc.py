@@ -14,7 +14,7 @@ from .config import CMDConfig, check_int
 from .files import read_checkpoint
 from .layout import Layout
 from .sampling import sample_indices
-from .stats import AffineFit, affine_fit, mode_means, pin_references
+from .stats import AffineFit, affine_fit, mode_means, pin_references, resolved_references
 from .trajectory import CMDTrajectory
 
 # Bound on the float64 temporaries of one chunk of rows (elements).
@@ -72,7 +72,8 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     ref_mean = R.mean(dim=1)
     Rc = R - ref_mean.unsqueeze(1)
     Q = (Rc * Rc).sum(dim=1)
-    Q = torch.where(R.amax(dim=1) > R.amin(dim=1), Q, torch.zeros_like(Q))
+    resolved = resolved_references(Q, T - window_start, ref_mean, W.dtype)  # the others move by rounding only
+    Q = torch.where((R.amax(dim=1) > R.amin(dim=1)) & resolved, Q, torch.zeros_like(Q))
     rows = max(1, _CHUNK_ELEMENTS // T)
     fits = []
     for start in range(0, N, rows):

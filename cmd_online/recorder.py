@@ -16,6 +16,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from . import distributed as dist_utils
+from .checkpoint import FORMAT, VERSION, check_state
 from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
 from .files import atomic_save
@@ -26,10 +27,6 @@ from .sampling import sample_indices
 from .stats import BLOCK, KERNELS, AffineFit, StreamingMoments, mode_dtype, mode_means, pin_references
 from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
-FORMAT = "cmd_online.CMDRecorder"
-VERSION = 2
-_STATE_KEYS = {"config", "layout", "num_records", "skipped_records", "steps", "sample_index", "history",
-               "reference_index", "references", "stats", "shards"}
 
 
 class FitBlock(NamedTuple):
@@ -274,12 +271,22 @@ class CMDRecorder:
         self._report_skips()
         stats = self._stats
         size = block or (BLOCK if self.device.type == "cpu" else 1 << 22)
+        resolved = stats.resolved_references()
+        overflowed = [] if bool(torch.isfinite(stats.ref_sumsq).all()) else list(self.layout.names)
         for tensor, local, flat in stats.block_plan(size):
             if tensors is not None and tensor not in tensors:
                 continue
-            fit = stats.fit(flat)
+            fit = stats.fit(flat, resolved)
             pin_references(fit, *self._slots.within(flat.start, flat.stop))
+            name = self.layout.names[tensor]
+            if name not in overflowed and not bool(torch.isfinite(stats.sumsq[flat]).all()):  # |P| ≤ √(SQ): P too
+                overflowed.append(name)
             yield FitBlock(tensor, local, flat, fit)
+        if overflowed:
+            warnings.warn(f"CMDRecorder: the statistics of {', '.join(overflowed[:5])}{' …' if len(overflowed) > 5 else ''}"
+                          f" overflowed "
+                          f"float32 (weights near its largest value, or moving by more than ~1e19 between "
+                          f"records): their CMD weights are not meaningful", RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------------------- recording
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -450,12 +457,19 @@ class CMDRecorder:
         at = normalize_at(at, self.num_records)
         column = self._table.columns(self.num_records)[:, at]
         dtypes = self._output_dtypes()
+        overflow = []
         for i, shape in enumerate(self._local_shapes):
             out = torch.empty(shape.numel(), dtype=dtypes[i], device=self.device)
             for block in self.fit_blocks(tensors=[i]):
                 a, b = (x.to(self._coefficient_dtype) for x in (block.fit.a, block.fit.b))  # as trajectory() holds them
                 out[block.local] = reconstruct(a, b, block.fit.modes, column).to(out.dtype)
+            if not bool(torch.isfinite(out).all()):
+                overflow.append(self.layout.names[i])
             yield i, out.view(shape)
+        if overflow:
+            warnings.warn(f"CMDRecorder: the CMD weights of {', '.join(overflow[:5])}{' …' if len(overflow) > 5 else ''}"
+                          f" at record {at} are not all finite: the fit goes beyond the range of "
+                          f"{self._coefficient_dtype} (weights near its largest value?)", RuntimeWarning, stacklevel=3)
 
     def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
         """CMD weights at record ``at``, one tensor per optimizer parameter (local shards under FSDP)."""
@@ -595,44 +609,20 @@ class CMDRecorder:
             self._load_state_dict(state)
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError("state is not a CMDRecorder state_dict")
-        if state.get("version") not in (1, VERSION):
-            raise ValueError(f"CMDRecorder state_dict version {state.get('version')!r} is not supported "
-                             f"(expected 1 or {VERSION})")
-        missing = sorted(_STATE_KEYS - state.keys())
-        if missing:
-            raise ValueError(f"state is missing {', '.join(missing)}; it is not a complete CMDRecorder state_dict")
-        saved = CMDConfig.from_dict(state["config"])
-        for key, value in self.config.items():
-            if saved[key] != value:
-                raise ValueError(f"state was recorded with {key}={saved[key]!r}, but this recorder "
-                                 f"has {key}={value!r}; build the recorder with the same configuration")
-        if Layout.from_dict(state["layout"]).shapes != self.layout.shapes:
-            raise ValueError("state was recorded for parameters of other shapes than this optimizer's")
-        if state["shards"] != self._shards.describe():
-            raise ValueError(f"state was recorded with sharding {state['shards']}, "
-                             f"but this recorder has {self._shards.describe()}")
-        if not torch.equal(state["sample_index"].cpu(), self.sample_index):
-            raise ValueError("state has other sampled weights than this recorder (different seed or layout)")
-        stats = state["stats"]
-        if stats is not None and state["version"] == 1:
-            stats = _stats_from_version_1(stats)
-        local_n = sum(s.numel() for s in self._local_shapes)
-        if stats is not None and stats["sumsq"].numel() != local_n:
-            raise ValueError("state statistics do not match this process's parameter sizes")
+        checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
+                              sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes))
         # everything checked: now change the recorder
-        self._history = state["history"].to(self.device, self._coefficient_dtype).clone()
-        self._steps = int(state["steps"])
-        self._skipped = self._skips_reported = int(state["skipped_records"])
-        self.clustering = None
-        if state["reference_index"] is None:
-            self._warmup_records = int(state["num_records"])
+        self._history = checked.history.to(self.device, self._coefficient_dtype).clone()
+        self._steps = checked.steps
+        self._skipped = self._skips_reported = checked.skipped_records
+        self.clustering = None  # the sample correlations are not part of a state
+        if checked.reference_index is None:
+            self._warmup_records = checked.num_records
             self.reference_index = self._ref_plan = self._slots = self._table = self._stats = None
             return
         self._warmup_records = self.config.warmup
-        self._set_references(state["reference_index"], state["references"])
-        self._stats.restore(stats)
+        self._set_references(checked.reference_index, checked.references)
+        self._stats.restore(checked.stats)
         self._device_attempts = self._stats.window_count() - 1
 
     def close(self) -> None:
@@ -647,17 +637,3 @@ class CMDRecorder:
         modes = self.num_modes if self.num_modes is not None else self.config.modes
         return (f"CMDRecorder(weights={self.layout.numel}, phase={self.phase!r}, records={self.num_records}, "
                 f"modes={modes})")
-
-
-def _stats_from_version_1(stats: dict) -> dict:
-    """Version-1 statistics (one tensor per parameter; P as M × n blocks) as version 2's flat tensors."""
-    flat = {name: torch.cat([t.reshape(-1) for t in stats[name]]) for name in ("shift", "mean", "sumsq")}
-    blocks = stats["comoment"]
-    if "modes" in stats:
-        flat["comoment"] = [torch.cat([p.reshape(-1) for p in blocks])]
-        flat["modes"] = torch.cat([m.reshape(-1) for m in stats["modes"]])
-    else:
-        flat["comoment"] = [torch.cat([P[m] for P in blocks]) for m in range(stats["ref_sumsq"].numel())]
-    return {**stats, **flat}
-
-

@@ -96,6 +96,25 @@ def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor,
     return mode, torch.stack(rows).gather(0, mode.unsqueeze(0)).squeeze(0)
 
 
+def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Which references move over the window by more than the resolution of their dtype.
+
+    A reference whose standard deviation over the window is at most 2 units in the last place of
+    its value (``dtype``'s spacing there) moves only by rounding: a reference that stopped (a unit
+    that died) and jitters by a few float32 ulps. Its |ρ| with other weights is noise and its Q tiny,
+    so it would attract weights with huge slopes; such a reference is set aside: no weight is
+    assigned to it (it still reproduces itself).
+
+    Args:
+        Q (tensor): centred sums of squares of the references over the window (M,).
+        count (int): records in the window.
+        magnitude (tensor): the references' typical value, e.g. their mean over the window (M,).
+        dtype (torch.dtype): the dtype the reference values were stored in.
+    """
+    spacing = torch.finfo(dtype).eps * magnitude.double().abs()
+    return Q.double() > count * (2 * spacing) ** 2
+
+
 def pin_references(fit: AffineFit, positions: Sequence[int], modes: Sequence[int]) -> None:
     """A reference weight reproduces itself exactly: mode m, a = 1, b = 0, R² = 1 at its position.
 
@@ -449,13 +468,27 @@ class StreamingMoments:
         self._allocate_scratch(compact=True)
         self._step = _STEPS[(self.kernel, True)]
 
-    def fit(self, flat: slice = slice(None)) -> AffineFit:
-        """The affine fit (:func:`affine_fit`) of the weights in ``flat``, a slice of the flat index."""
+    def resolved_references(self) -> torch.Tensor:
+        """The references that move above their resolution (:func:`resolved_references`), (M,) bool."""
+        return resolved_references(self.ref_sumsq, self.window_count(), self.ref_shift.double() + self.ref_mean.double(),
+                                   self.ref_shift.dtype)
+
+    def fit(self, flat: slice | torch.Tensor = slice(None), resolved: torch.Tensor | None = None) -> AffineFit:
+        """The affine fit (:func:`affine_fit`) of the weights in ``flat`` (a slice or indices of the flat index).
+
+        Args:
+            flat: which weights (default all).
+            resolved (tensor): the references that may be assigned to (M bool; default
+                :meth:`resolved_references`); the others count as not moving (Q = 0).
+        """
+        if resolved is None:
+            resolved = self.resolved_references()
+        Q = torch.where(resolved, self.ref_sumsq, torch.zeros_like(self.ref_sumsq))
         ref_mean = self.ref_shift.double() + self.ref_mean.double()
         mean = self.shift[flat].double() + self.mean[flat].double()
         if self.modes is None:
-            return affine_fit([row[flat] for row in self.comoment], self.sumsq[flat], self.ref_sumsq, mean, ref_mean)
-        return affine_fit(self.comoment[0][flat], self.sumsq[flat], self.ref_sumsq, mean, ref_mean, self.modes[flat])
+            return affine_fit([row[flat] for row in self.comoment], self.sumsq[flat], Q, mean, ref_mean)
+        return affine_fit(self.comoment[0][flat], self.sumsq[flat], Q, mean, ref_mean, self.modes[flat])
 
     def block_plan(self, size: int = BLOCK) -> list[tuple[int, slice, slice]]:
         """Blocks of ``size`` weights: (tensor, slice inside it, slice of the flat index); none spans two tensors."""

@@ -1,0 +1,353 @@
+"""Hardening round 2: each defect a demanding user found, as the behaviour it must have now.
+
+The numbers in the test names follow the defects of the hardening issue; each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import cmd_online as cmdo
+from _digits import small_cnn, train_epoch
+from cmd_online.clustering import cluster
+
+
+def random_walk(model, records, rec=None, seed=0, scale=0.1, inference=()):
+    """Move every parameter by a seeded random step before each record (records in ``inference`` run
+    under torch.inference_mode, the others alternate between no_grad and plain)."""
+    g = torch.Generator().manual_seed(seed)
+    for t in range(records):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype), alpha=scale)
+        if rec is None:
+            continue
+        if t in inference:
+            with torch.inference_mode():
+                rec.record()
+        elif t % 2:
+            with torch.no_grad():
+                rec.record()
+        else:
+            rec.record()
+    return rec
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ 1
+def test_1_a_model_that_does_not_own_the_optimizer_parameters_is_refused():
+    trained, other = mlp(0), mlp(1)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="model is not the optimizer's model"):
+        cmdo.CMDRecorder(opt, other)
+    subset = torch.optim.SGD(trained[0].parameters(), lr=0.1)  # a subset of the model's parameters is fine
+    assert cmdo.CMDRecorder(subset, trained, modes=2, samples=10, warmup=3).layout.names == ("0.weight", "0.bias")
+
+
+# ------------------------------------------------------------------------------------------ 2
+def test_2_records_work_in_any_autograd_mode_in_any_order():
+    # records that allocate under inference_mode: the end of the warm-up (2), the freeze (5), the growth
+    # of the reference table past its 64 columns (64); the others alternate no_grad and plain
+    def run(inference):
+        model = mlp()
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30,
+                               warmup=3, freeze_modes_after=3)
+        return random_walk(model, 70, rec, inference=inference)
+
+    plain, mixed = run(()), run({2, 5, 64, 65, 66})
+    assert mixed.num_records == 70 and mixed.moments.compact
+    a, b = plain.trajectory(), mixed.trajectory()
+    for name in ("references", "a", "b", "modes"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_2_the_hook_records_under_inference_mode_without_breaking_later_steps():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = cmdo.CMDRecorder(opt, model, modes=2, samples=30, warmup=3, record_every=1)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for step in range(6):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if step == 2:  # the warm-up ends inside inference_mode
+            with torch.inference_mode():
+                opt.step()
+        else:
+            opt.step()
+    assert rec.num_records == 6 and torch.isfinite(torch.cat([p.reshape(-1) for p in rec.cmd_parameters()])).all()
+
+
+# ------------------------------------------------------------------------------------------ 3
+class WithExtraState(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.calls = 7
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def get_extra_state(self):
+        return {"calls": self.calls, "tag": "v1"}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+
+
+def test_3_non_tensor_extra_state_passes_through_cmd_state_dict_and_export(tmp_path):
+    model = torch.nn.Sequential(WithExtraState(), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=10, warmup=3)
+    random_walk(model, 5, rec)
+    sd = rec.cmd_state_dict()
+    assert sd["0._extra_state"] == {"calls": 7, "tag": "v1"}
+    rec.export(tmp_path / "cmd.pt")
+    loaded = torch.load(tmp_path / "cmd.pt", weights_only=True)
+    assert loaded["0._extra_state"] == {"calls": 7, "tag": "v1"}
+    model.load_state_dict(loaded)  # strict
+    assert torch.equal(model[0].linear.weight, rec.cmd_parameters()[0])
+
+
+# ------------------------------------------------------------------------------------------ 4
+def test_4_two_warmup_records_always_give_one_mode_online():
+    modes = []
+    for seed in range(10):
+        model = mlp(seed)
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=10, samples=40,
+                               warmup=2, seed=seed)
+        random_walk(model, 2, rec, seed=seed)
+        modes.append(rec.num_modes)
+    assert modes == [1] * 10
+
+
+def test_4_two_records_always_give_one_mode_post_hoc_and_in_the_cli(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for seed in range(10):
+        W = torch.randn(300, 2, generator=g)
+        assert cmdo.decompose(W, modes=10, samples=200, seed=seed).num_modes == 1
+    paths = []
+    for t in range(2):
+        paths.append(tmp_path / f"epoch{t}.pt")
+        torch.save({"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g)}, paths[-1])
+    out = tmp_path / "traj.pt"
+    subprocess.run([sys.executable, "-m", "cmd_online.cli", "decompose", *map(str, paths), "-o", str(out),
+                    "--modes", "10", "--samples", "500"], check=True, capture_output=True)
+    assert cmdo.CMDTrajectory.load(out).num_modes == 1
+
+
+def test_4_exact_affine_copies_are_never_split_by_round_off():
+    g = torch.Generator().manual_seed(3)
+    signals = torch.randn(3, 12, generator=g, dtype=torch.float64).cumsum(1)
+    group = torch.arange(90) % 3
+    a, b = torch.randn(90, generator=g, dtype=torch.float64) + 2, torch.randn(90, generator=g, dtype=torch.float64)
+    history = (a[:, None] * signals[group] + b[:, None]).float()  # |corr| = 1 within a group, up to round-off
+    for distance in ("correlation", "euclidean"):
+        found = cluster(history, modes=10, distance=distance)
+        assert found.num_modes == 3, distance
+        assert all(len(set(found.labels[group.numpy() == k])) == 1 for k in range(3))
+
+
+# ------------------------------------------------------------------------------------------ 6
+def damaged(kind: str, state: dict) -> None:
+    stats = state["stats"]
+    if kind == "comoment_size":
+        stats["comoment"][1] = stats["comoment"][1][:-1]
+    elif kind == "mean_size":
+        stats["mean"] = torch.zeros(3)
+    elif kind == "history_none":
+        state["history"] = None
+    elif kind == "references_rows":
+        state["references"] = state["references"][:-1]
+    elif kind == "reference_index_range":
+        state["reference_index"] = state["reference_index"].clone().fill_(10 ** 6)
+    elif kind == "reference_index_negative":
+        state["reference_index"] = -state["reference_index"] - 1
+    elif kind == "reference_index_float":
+        state["reference_index"] = state["reference_index"].double()
+    elif kind == "ref_sumsq_length":
+        stats["ref_sumsq"] = torch.zeros(7)
+    elif kind == "count":
+        stats["count"] = 2
+    elif kind == "num_records_type":
+        state["num_records"] = "seven"
+    elif kind == "nan_statistics":
+        stats["sumsq"] = stats["sumsq"].clone().fill_(float("nan"))
+    elif kind == "negative_sumsq":
+        stats["sumsq"] = -stats["sumsq"] - 1
+    elif kind == "modes_in_full_form":
+        stats["modes"] = torch.zeros_like(stats["mean"], dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["comoment_size", "mean_size", "history_none", "references_rows",
+                                  "reference_index_range", "reference_index_negative", "reference_index_float",
+                                  "ref_sumsq_length", "count", "num_records_type", "nan_statistics",
+                                  "negative_sumsq", "modes_in_full_form"])
+def test_6_a_damaged_state_is_refused_before_anything_changes(kind):
+    def recorder(records):
+        model = mlp()
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30, warmup=3)
+        return random_walk(model, records, rec), model
+
+    source, _ = recorder(7)
+    state = source.state_dict()
+    state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+    state["stats"]["comoment"] = list(state["stats"]["comoment"])
+    damaged(kind, state)
+    target, model = recorder(5)
+    before = io.BytesIO()
+    torch.save(target.state_dict(), before)
+    with pytest.raises(ValueError, match="state"):
+        target.load_state_dict(state)
+    after = io.BytesIO()
+    torch.save(target.state_dict(), after)
+    assert before.getvalue() == after.getvalue()
+    assert target.num_records == 5
+    random_walk(model, 1, target)  # and it keeps recording
+    assert target.num_records == 6
+
+
+# ------------------------------------------------------------------------------------------ 7
+def test_7_records_from_two_threads_are_serialised():
+    def run(threads: int):
+        model = mlp()
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30, warmup=4)
+        g = torch.Generator().manual_seed(0)
+        barrier = threading.Barrier(threads)
+        errors = []
+
+        def worker():
+            try:
+                barrier.wait()
+                rec.record()
+            except Exception as e:  # noqa: BLE001 - any failure is the test's failure
+                errors.append(e)
+
+        for _ in range(12):  # every weight state is recorded twice: by two threads at once, or one after the other
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
+            if threads == 2:
+                pool = [threading.Thread(target=worker) for _ in range(2)]
+                for t in pool:
+                    t.start()
+                for t in pool:
+                    t.join()
+            else:
+                rec.record()
+                rec.record()
+        assert not errors
+        return rec
+
+    serial, concurrent = run(1), run(2)
+    assert concurrent.num_records == serial.num_records == 24 and concurrent.phase == "tracking"
+    a, b = serial.trajectory(), concurrent.trajectory()
+    for name in ("references", "a", "b", "modes"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+# ------------------------------------------------------------------------------------------ 9
+def test_9_clustering_is_none_after_loading_a_state():
+    model = mlp()
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30, warmup=3)
+    random_walk(model, 5, rec, seed=1)
+    other = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30, warmup=3)
+    random_walk(model, 5, other, seed=2)
+    assert other.clustering is not None
+    other.load_state_dict(rec.state_dict())
+    assert other.clustering is None and torch.equal(other.reference_index, rec.reference_index)
+
+
+# ------------------------------------------------------------------------------------------ 10
+def test_10_a_float64_weight_that_never_moves_comes_back_bit_exact():
+    model = mlp(dtype=torch.float64)
+    frozen = torch.nn.Parameter(torch.tensor([0.1, 1 / 3, 1e-300, 123456.7891234567], dtype=torch.float64))
+    model.register_parameter("constant", frozen)  # in the optimizer, never moves
+    params = list(model.parameters())
+    rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), model, modes=2, samples=20, warmup=3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in params:
+                if p is not frozen:
+                    p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64), alpha=0.1)
+        rec.record()
+    cmd = rec.cmd_parameters()[rec.layout.names.index("constant")]
+    assert cmd.dtype == torch.float64 and torch.equal(cmd, frozen.detach())
+    assert torch.equal(rec.trajectory().state_dict()["constant"], frozen.detach())
+
+
+def test_10_a_finite_float64_weight_of_1e300_is_recorded_not_skipped():
+    model = mlp(dtype=torch.float64)
+    with torch.no_grad():
+        model[0].bias[0] = 1e300
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=20, warmup=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        random_walk(model, 5, rec)
+    assert rec.num_records == 5 and rec.skipped_records == 0
+    assert rec.cmd_parameters()[1][0].item() == 1e300
+
+
+def test_10_outputs_follow_the_parameters_current_dtype():
+    model = mlp()
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=20, warmup=3)
+    random_walk(model, 4, rec)
+    model.to(torch.float64)  # the same Parameter objects, float64 data
+    random_walk(model, 2, rec, seed=1)
+    assert all(c.dtype == torch.float64 for c in rec.cmd_parameters())
+    assert all(v.dtype == torch.float64 for v in rec.cmd_state_dict().values())
+
+
+# ------------------------------------------------------------------------------------------ 14
+def test_14_a_sparse_parameter_is_refused_at_construction():
+    sparse = torch.nn.Parameter(torch.eye(3).to_sparse())
+    with pytest.raises(TypeError, match="sparse_coo.*dense"):
+        cmdo.CMDRecorder(torch.optim.SGD([sparse], lr=0.1), modes=1, samples=2, warmup=3)
+
+
+def test_14_statistics_that_overflow_float32_are_warned_about():
+    # float32 weights near 3e38 cannot move by a representable step without their squares overflowing
+    ref = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    rec = cmdo.CMDRecorder(torch.optim.SGD([ref], lr=0.1), modes=1, samples=2, warmup=3)
+    for r in (1.0, 2.0, 3.0, 3.3, 3.1):
+        with torch.no_grad():
+            ref.copy_(torch.tensor([r * 1e38, r]))
+        rec.record()
+    with pytest.warns(RuntimeWarning, match=r"statistics of param_groups.0.params.0 overflowed"):
+        rec.cmd_parameters()
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        rec.trajectory()
+
+
+# ------------------------------------------------------------------------------------------ distance
+def test_the_euclidean_distance_reproduces_the_authors_clustering():
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    model = small_cnn(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = cmdo.CMDRecorder(opt, model, modes=6, samples=300, warmup=6, distance="euclidean")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        train_epoch(model, opt, g)
+        rec.record()
+    found = rec.clustering
+    varying = found.varying
+    H = found.abs_corr  # |corr| among the varying samples, as the authors compute it (NaN → 0)
+    authors = fcluster(linkage(pdist(H), method="complete"), 6, criterion="maxclust")  # rbetser/CMD cluster_corr
+    ours = found.labels[varying]
+    pairs = np.triu_indices(len(varying), 1)
+    assert np.array_equal(ours[pairs[0]] == ours[pairs[1]], authors[pairs[0]] == authors[pairs[1]])
+    assert rec.num_modes == len(np.unique(authors))
