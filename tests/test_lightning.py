@@ -21,6 +21,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 import cmd_online as cmdo  # noqa: E402
+from _cmd_checks import assert_same_cmd, assert_same_cmd_model  # noqa: E402
 from _lightning_setup import Digits, Snapshots, flat, train_loader, trainer, val_loader  # noqa: E402
 from cmd_online.integrations.lightning import CMDCallback  # noqa: E402
 
@@ -28,11 +29,6 @@ HERE = Path(__file__).resolve().parent
 CONFIG = dict(modes=3, samples=300, warmup=4, seed=0)
 EPOCHS = 8
 F = CONFIG["warmup"]
-
-
-def assert_same_cmd(online: torch.Tensor, oracle: torch.Tensor, rtol: float = 1e-6) -> None:
-    error = ((online.double() - oracle.double()).norm() / oracle.double().norm()).item()
-    assert error < rtol, error
 
 
 # ------------------------------------------------------------------------------------------ DDP run
@@ -307,10 +303,7 @@ def test_ddp_two_processes_give_the_single_process_cmd_model(ddp_run):
     assert [r["world_size"] for r in ranks] == [2, 2]
     for got in ranks:
         assert got["global_step"] == 4 * 24 and got["num_records"] == cmd.recorder.num_records == 24
-        assert torch.equal(got["reference_index"], single.reference_index)
-        assert torch.equal(got["modes"], single.modes)
-        for key in ("references", "a", "b"):
-            torch.testing.assert_close(got[key], getattr(single, key), rtol=1e-4, atol=1e-6)
+        assert_same_cmd_model(got, single)
 
 
 def test_ddp_ranks_hold_identical_recorders_and_rank_0_writes_the_export(ddp_run):
