@@ -265,6 +265,13 @@ def test_compiled_submodule_names_lose_orig_mod(tmp_path):
     plain.load_state_dict(torch.load(tmp_path / "cmd.pt", weights_only=True), strict=True)
 
 
+def test_fit_that_ends_in_the_warm_up_warns_and_writes_no_export(tmp_path):
+    cmd = CMDCallback(**CONFIG, export_path=tmp_path / "cmd.pt")
+    with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
+        trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
+    assert not (tmp_path / "cmd.pt").exists()
+
+
 def test_sharded_strategy_is_refused_naming_it():
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy

@@ -198,10 +198,18 @@ def test_resume_from_a_checkpoint_without_cmd_state_is_refused_unless_resume_fal
 
 
 # ------------------------------------------------------------------------------------------ other runs
-def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights(tmp_path):
-    cmd, snapshots = CMDCallback(**CONFIG | dict(warmup=3)), Snapshots()
+def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights_and_log_to_the_writer(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    cmd, snapshots = CMDCallback(**CONFIG | dict(warmup=3), writer=writer, log_every=2), Snapshots()
     Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd, snapshots],
             args=arguments(tmp_path, num_train_epochs=6)).train()
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert len(events.Scalars("cmd/reference/mode_00")) == 6 - 3 + 1  # every record from the warm-up's end
     rec = cmd.recorder
     assert rec.num_records == 6 == len(snapshots.epochs)
     want = oracle(matrix(snapshots.epochs, rec.layout.names), rec, warmup=3)
@@ -223,6 +231,13 @@ def test_steps_the_grad_scaler_skips_are_not_counted_with_the_default_fused_adam
     skipped = round(math.log2(2.0 ** 70 / trainer.accelerator.scaler.get_scale()))  # no growth in 2000 steps
     assert 0 < skipped < STEPS and trainer.state.global_step == STEPS
     assert cmd.recorder.num_records == (STEPS - skipped) // 3
+
+
+def test_training_that_ends_in_the_warm_up_warns_and_writes_no_cmd_model(tmp_path):
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
+        Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd], args=arguments(tmp_path, max_steps=2)).train()
+    assert not (tmp_path / "cmd_model").exists()
 
 
 class Plain(torch.nn.Module):
