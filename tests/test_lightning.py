@@ -126,6 +126,8 @@ def test_checkpoints_written_during_validation_hold_the_trained_weights(run):
             saved = torch.load(run["folder"] / name, weights_only=True)["state_dict"]
             weights = torch.cat([saved[k].reshape(-1).double() for k in Digits().state_dict()])
             assert torch.equal(weights, W[:, epoch]), name
+        state = torch.load(run["folder"] / f"mid_validation_epoch{epoch}.ckpt", weights_only=True)["callbacks"]
+        assert state["CMDCallback"]["recorder"]["num_records"] == epoch + 1  # the epoch was recorded before
         if epoch > F:
             assert not torch.equal(validated[epoch], W[:, epoch])
 
@@ -161,8 +163,9 @@ def test_mode_statistics_go_to_the_trainers_tensorboard_logger(run):
     assert len(events.Scalars("cmd/reference/mode_00")) == EPOCHS - F + 1  # every record from the warm-up's end
 
 
-def test_fit_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_path):
-    checkpoint = run["folder"] / "ckpt" / "epoch=5.ckpt"
+@pytest.mark.parametrize("name", ["ckpt/epoch=5.ckpt", "mid_validation_epoch5.ckpt"])
+def test_fit_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_path, name):
+    checkpoint = run["folder"] / name
     assert torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"]["num_records"] == 6
     cmd = CMDCallback(**CONFIG, swap_for_validation=True)
     model = Digits()
@@ -270,6 +273,32 @@ def test_fit_that_ends_in_the_warm_up_warns_and_writes_no_export(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
         trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
     assert not (tmp_path / "cmd.pt").exists()
+
+
+def test_an_epoch_cut_short_by_max_steps_is_recorded_at_its_end():
+    cmd = CMDCallback(**CONFIG)
+    trainer(max_steps=24 + 6, callbacks=[cmd]).fit(Digits(), train_loader())  # 24 batches an epoch
+    assert cmd.recorder.num_records == 2
+
+
+def test_an_error_during_validation_on_the_cmd_weights_gives_the_trained_weights_back():
+    class FailingValidation(Digits):
+        def validation_step(self, batch, batch_idx):
+            if self.current_epoch == F:
+                self.weights_validated = flat(self)
+                raise KeyError("validation failed")
+            return super().validation_step(batch, batch_idx)
+
+    class LastTrained(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.weights = flat(pl_module)
+
+    model, last = FailingValidation(), LastTrained()
+    with pytest.raises(KeyError, match="validation failed"):
+        trainer(max_epochs=EPOCHS, callbacks=[CMDCallback(**CONFIG, swap_for_validation=True), last]).fit(
+            model, train_loader(), val_loader())
+    assert not torch.equal(model.weights_validated, last.weights)  # validation ran on the CMD weights
+    assert torch.equal(flat(model), last.weights)
 
 
 def test_sharded_strategy_is_refused_naming_it():

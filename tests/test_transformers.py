@@ -143,6 +143,16 @@ def test_cmd_model_folder_loads_with_from_pretrained_and_reproduces_cmd_state_di
     assert_same_cmd(flat, run["cmd"].recorder.trajectory().reconstruct(-1))
 
 
+def test_export_replaces_the_cmd_model_folder_and_leaves_no_temporary_folder(run):
+    cmd, folder = run["cmd"], run["out"] / "cmd_model"
+    cmd.export(folder, at=0)
+    loaded = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    for key, value in cmd.cmd_state_dict(at=0).items():
+        assert torch.equal(loaded[key], value), key
+    assert not [p.name for p in run["out"].iterdir() if p.name.startswith(".")]
+    cmd.export(folder)  # the last record again, for the other tests
+
+
 def test_evaluate_inside_swapped_evaluates_the_cmd_model_and_gives_the_weights_back(run):
     trainer, cmd = run["trainer"], run["cmd"]
     trained = trainer.evaluate()["eval_loss"]
@@ -190,11 +200,19 @@ def test_train_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_p
 def test_resume_from_a_checkpoint_without_cmd_state_is_refused_unless_resume_false(run, tmp_path):
     shutil.copytree(run["out"] / "checkpoint-8", tmp_path / "checkpoint-8")
     (tmp_path / "checkpoint-8" / "cmd_recorder.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"global step 8.*resume=False"):
+    with pytest.raises(FileNotFoundError, match=r"global step 8.*checkpoint-8/cmd_recorder\.pt.*resume=False"):
         train(tmp_path, CMDCallback(**CONFIG, record_every_n_steps=EVERY), resume=True)
     cmd = CMDCallback(**CONFIG, record_every_n_steps=EVERY, resume=False)
     train(tmp_path, cmd, resume=str(tmp_path / "checkpoint-8"))
     assert cmd.recorder.num_records == (STEPS - 8) // EVERY  # a new recording of the steps after 8
+
+
+def test_a_checkpoint_outside_output_dir_is_found_through_training_arguments(run, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-8"
+    shutil.copytree(run["out"] / "checkpoint-8", elsewhere)
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=EVERY)
+    train(tmp_path / "out", cmd, resume=str(elsewhere), resume_from_checkpoint=str(elsewhere))
+    assert torch.equal(cmd.recorder.trajectory().references, run["cmd"].recorder.trajectory().references)
 
 
 # ------------------------------------------------------------------------------------------ other runs
