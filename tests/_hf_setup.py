@@ -23,7 +23,8 @@ def corpus() -> tuple[torch.Tensor, list[str]]:
 
 
 class Chars(torch.utils.data.Dataset):
-    """Consecutive LENGTH-character pieces of the corpus, from piece ``start`` on; labels = inputs (the model shifts)."""
+    """Consecutive LENGTH-character pieces of the corpus from piece ``start`` on; labels = inputs (the model
+    shifts them)."""
 
     def __init__(self, count: int, start: int = 0):
         self.count, self.start = count, start

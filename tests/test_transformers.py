@@ -263,7 +263,8 @@ def test_steps_the_grad_scaler_skips_are_not_counted_with_the_default_fused_adam
 def test_training_that_ends_in_the_warm_up_warns_and_writes_no_cmd_model(tmp_path):
     cmd = CMDCallback(**CONFIG, record_every_n_steps=1)
     with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
-        Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd], args=arguments(tmp_path, max_steps=2)).train()
+        Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd],
+                args=arguments(tmp_path, max_steps=2)).train()
     assert not (tmp_path / "cmd_model").exists()
 
 
@@ -280,7 +281,8 @@ class Plain(torch.nn.Module):
 
     def forward(self, input_ids, labels=None, **kwargs):  # the Trainer may pass num_items_in_batch
         logits = self.out(self.embed(input_ids))
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        predicted, following = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(predicted, following)
         return {"loss": loss, "logits": logits}
 
 

@@ -1,9 +1,9 @@
 """What the Lightning and the Hugging Face callbacks share, written once.
 
 Argument checks, the one function that builds the recorder, finding the torch optimizer inside a
-framework's wrapper, the names the user sees (no ``_orig_mod.``), one record per epoch, swapping the
-CMD weights in and out, and the callback's state (in a framework checkpoint or in a file of its own).
-Nothing here imports a framework.
+framework's wrapper, the names the user sees (no ``_orig_mod.``), when to record (once per epoch, or
+every k optimizer steps that really happen), swapping the CMD weights in and out, and the callback's
+state (in a framework checkpoint or in a file of its own). Nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int ≥ {low}{' or None' if allow_none else ''}; got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int ≥ {low}{' or None' if allow_none else ''}; "
+                        f"got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be ≥ {low}; got {value}")
     return int(value)
@@ -108,8 +109,8 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and seen < 8:
         optimizer, seen = optimizer.optimizer, seen + 1
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"the trainer's optimizer is a {type(optimizer).__name__}, which is not a torch.optim.Optimizer "
-                        "and wraps none; CMD records the parameters of a torch optimizer")
+        raise TypeError(f"the trainer's optimizer is a {type(optimizer).__name__}, which is not a "
+                        "torch.optim.Optimizer and wraps none; CMD records the parameters of a torch optimizer")
     return optimizer
 
 
@@ -226,6 +227,27 @@ class StepRecords:
             self._rec.record()
 
 
+class Schedule:
+    """When a callback records: once per epoch, or after every k-th real optimizer step."""
+
+    def __init__(self, every_n_steps: int | None):
+        self.every_n_steps = every_n_steps
+        self.epochs = EpochRecords()
+        self.steps = None if every_n_steps is None else StepRecords(every_n_steps)
+
+    def start(self, optimizer: torch.optim.Optimizer, rec: CMDRecorder) -> None:
+        if self.steps is not None:
+            self.steps.attach(optimizer, rec)
+
+    def stop(self) -> None:
+        if self.steps is not None:
+            self.steps.detach()
+
+    def end_of_epoch(self, rec: CMDRecorder, epoch: int) -> None:
+        if self.steps is None:
+            self.epochs.record(rec, epoch)
+
+
 class Swap:
     """CMD weights in the recorded parameters and the trained ones back (torch_ema's store / copy_to / restore).
 
@@ -277,27 +299,6 @@ def require(rec: CMDRecorder | None, what: str) -> CMDRecorder:
 
 
 # ------------------------------------------------------------------------------------------ state
-class Schedule:
-    """When a callback records: once per epoch, or after every k-th real optimizer step."""
-
-    def __init__(self, every_n_steps: int | None):
-        self.every_n_steps = every_n_steps
-        self.epochs = EpochRecords()
-        self.steps = None if every_n_steps is None else StepRecords(every_n_steps)
-
-    def start(self, optimizer: torch.optim.Optimizer, rec: CMDRecorder) -> None:
-        if self.steps is not None:
-            self.steps.attach(optimizer, rec)
-
-    def stop(self) -> None:
-        if self.steps is not None:
-            self.steps.detach()
-
-    def end_of_epoch(self, rec: CMDRecorder, epoch: int) -> None:
-        if self.steps is None:
-            self.epochs.record(rec, epoch)
-
-
 def callback_state(rec: CMDRecorder, schedule: Schedule, **extra: int) -> dict[str, Any]:
     """The callback's state: plain tensors and numbers, loadable with ``torch.load(weights_only=True)``."""
     return {"format": STATE_FORMAT, "version": STATE_VERSION, "recorder": rec.state_dict(),

@@ -90,6 +90,11 @@ class LightningCMDHooks:
         # Lightning has created the optimizers (strategy.setup) and already called load_state_dict for a
         # checkpoint given as ckpt_path: build the recorder, then load that state into it.
         self._refuse_sharded(trainer)
+        state, self._pending = self._pending, None
+        if state is None and self.resume and trainer.ckpt_path is not None:
+            raise ValueError(f"CMDCallback: fit resumes from {trainer.ckpt_path}, which holds no CMDCallback state "
+                             "(saved without the callback, or with weights_only=True); pass "
+                             "CMDCallback(resume=False) to start a new recording from this point")
         optimizer = self._choose_optimizer(trainer)
         if self.recorder is not None:
             self.recorder.close()
@@ -99,13 +104,8 @@ class LightningCMDHooks:
         self.recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
                                                self._tensorboard(trainer))
         self._schedule.start(optimizer, self.recorder)
-        state, self._pending = self._pending, None
         if state is not None:
             _common.restore_state(self.recorder, self._schedule, state, f"the checkpoint {trainer.ckpt_path}")
-        elif self.resume and trainer.ckpt_path is not None:
-            raise ValueError(f"CMDCallback: fit resumes from {trainer.ckpt_path}, which holds no CMDCallback state "
-                             "(saved without the callback, or with weights_only=True); pass "
-                             "CMDCallback(resume=False) to start a new recording from this point")
 
     def _refuse_sharded(self, trainer) -> None:
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]

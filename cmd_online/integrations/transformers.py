@@ -99,6 +99,7 @@ class CMDCallback(TrainerCallback):
             raise ValueError("CMDCallback: the Trainer passed no optimizer or model to on_train_begin")
         model = _common.plain_module(model)
         optimizer = _common.torch_optimizer(optimizer)
+        saved = self._find_state(args, state.global_step) if state.global_step > 0 and self.resume else None
         if self.recorder is not None:
             self.recorder.close()
         self._schedule.stop()
@@ -107,9 +108,8 @@ class CMDCallback(TrainerCallback):
         self._schedule = Schedule(self.options.record_every_n_steps)
         self.recorder = _common.build_recorder(optimizer, model, self.options, self.writer)
         self._schedule.start(optimizer, self.recorder)
-        if state.global_step > 0 and self.resume:
-            path, saved = self._find_state(args, state.global_step)
-            _common.restore_state(self.recorder, self._schedule, saved, path)
+        if saved is not None:
+            _common.restore_state(self.recorder, self._schedule, saved[1], saved[0])
 
     def _refuse_sharded(self, args, model=None) -> None:
         strategy = ("FSDP (TrainingArguments.fsdp)" if getattr(args, "fsdp", None) else
