@@ -43,7 +43,7 @@ def number(pattern: str, text: str) -> float:
 
 def test_every_numbered_example_is_tested():
     tested = {"01_minimal.py", "02_per_step_amp.py", "03_checkpoint_resume.py", "04_batchnorm_update_bn.py",
-              "05_posthoc_checkpoints.py"}
+              "05_posthoc_checkpoints.py", "06_lightning.py", "07_hf_trainer.py"}
     assert {p.name for p in EXAMPLES.glob("[0-9][0-9]_*.py")} == tested
 
 
@@ -99,3 +99,27 @@ def test_posthoc_from_a_folder_reproduces_each_checkpoint(run_example, tmp_path)
     last = torch.load(tmp_path / "checkpoints" / "epoch_004.pt", weights_only=True)
     error = max((trajectory.state_dict(4)[k] - v).abs().max().item() for k, v in last.items())
     assert error == pytest.approx(float(rows[-1][3]), abs=1e-4)
+
+
+def test_lightning_example_prints_trained_and_cmd_accuracy_and_writes_the_cmd_model(run_example, tmp_path):
+    pytest.importorskip("lightning")
+    out = run_example("06_lightning.py", "--epochs", "6", "--warmup", "3", "--out", str(tmp_path))
+    assert "recorded 6 epochs into" in out
+    trained = number(r"trained test accuracy: ([\d.]+)", out)
+    cmd = number(r"CMD test accuracy:\s+([\d.]+)", out)
+    assert trained > 0.85 and abs(cmd - trained) < 0.05
+    assert number(r"exported CMD model:\s+([\d.]+)", out) == cmd
+    assert "holds the recorder with 6 records" in out
+    assert (tmp_path / "cmd_model.pt").exists()
+
+
+def test_hf_trainer_example_prints_trained_and_cmd_accuracy_and_saves_a_pretrained_cmd_model(run_example, tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example("07_hf_trainer.py", "--epochs", "1", "--every", "2", "--warmup", "3", "--pieces", "384",
+                      "--out", str(tmp_path))
+    assert "12 optimizer steps, 6 records" in out  # 384 pieces / (16 × 2 accumulated) = 12 steps
+    trained = number(r"trained model: .* accuracy ([\d.]+)", out)
+    cmd = number(r"CMD model: .* accuracy ([\d.]+)", out)
+    assert trained > 0.2 and abs(cmd - trained) < 0.05
+    assert number(r"from_pretrained from .*: accuracy ([\d.]+)", out) == cmd
+    assert "checkpoint-12 holds the recorder with 6 records" in out

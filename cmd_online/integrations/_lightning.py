@@ -1,0 +1,228 @@
+"""The hooks of the Lightning callback, apart from Lightning's ``Callback`` base class.
+
+``lightning.py`` and ``pytorch_lightning.py`` each mix this into their namespace's ``Callback``, so the
+one implementation serves ``import lightning.pytorch`` and ``import pytorch_lightning``. It imports
+neither: it reads the trainer through its public attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import torch
+
+from ..distributed import is_writer
+from ..files import atomic_save
+from ..recorder import CMDRecorder
+from ..trajectory import CMDTrajectory
+from . import _common
+from ._common import Options, Schedule, Swap
+
+# Sharded strategies: each rank's checkpoint holds its shard, the callback's state is whole.
+_SHARDED = {"FSDPStrategy": "strategy='fsdp'", "DeepSpeedStrategy": "strategy='deepspeed'",
+            "ModelParallelStrategy": "ModelParallelStrategy", "XLAFSDPStrategy": "XLAFSDPStrategy"}
+
+
+class LightningCMDHooks:
+    """Records the CMD model of a Lightning training run (``trainer.fit``) with a ``CMDRecorder``.
+
+    Created in one line, ``Trainer(callbacks=[CMDCallback(modes=5, warmup=10)])``. When ``fit`` starts it
+    builds ``callback.recorder`` on the LightningModule's torch optimizer; it records once at the end of
+    every training epoch (default) or after every k-th optimizer step; its state goes into Lightning's
+    checkpoints, so ``trainer.fit(model, ckpt_path=...)`` continues the same recording. See
+    docs/integrations.md.
+
+    Args:
+        modes (int): number of modes M (default 10 when ``threshold`` is None).
+        threshold (float): or the in-mode distance t ∈ (0, 1]; M then follows from the data (default None).
+        samples (int): K, the weights whose warm-up history is clustered (default 1000).
+        warmup (int): F ≥ 2, number of warm-up records (default 20).
+        freeze_modes_after (int): switch to compact memory this many records into the fit window (default None).
+        seed (int): seed of the sampling (default 0).
+        record_every_n_steps (int): record after every k-th optimizer step that really happens (not micro-batches
+            of gradient accumulation, not steps skipped by AMP's GradScaler); None records once at the end of every
+            training epoch, after its last batch and before the epoch's validation (default None).
+        swap_for_validation (bool): validate on the CMD weights once they exist; the trained weights come back
+            after validation, and any checkpoint written meanwhile holds the trained weights (default False).
+        export_path (str or path): write the CMD state_dict (the LightningModule's keys, without ``_orig_mod.``)
+            there at the end of ``fit``, on global rank 0, atomically (default None: no file).
+        log_every (int): log the mode statistics to the trainer's TensorBoard logger, if it has one, every this
+            many records (reference values every record); None: no logging (default 10).
+        optimizer_index (int): which of the LightningModule's optimizers to record; needed when it has
+            several (default None: the only one).
+        resume (bool): when ``fit`` resumes from a checkpoint, continue the recording stored in it, and refuse
+            a checkpoint without it; False starts a new recording (default True).
+        check_finite (bool): skip records whose weights hold NaN/Inf, with a warning (default True).
+        compile_update (bool): run the statistics update through ``torch.compile`` (default False).
+
+    Raises ``TypeError``/``ValueError`` naming the argument for bad input, and ``ValueError`` at the start of
+    ``fit`` for a sharded strategy (FSDP, DeepSpeed, ModelParallel), for several optimizers without
+    ``optimizer_index``, and for a resume from a checkpoint that holds no CMD state (with ``resume=True``).
+    """
+
+    def __init__(self, *, modes: int | None = None, threshold: float | None = None, samples: int = 1000,
+                 warmup: int = 20, freeze_modes_after: int | None = None, seed: int = 0,
+                 record_every_n_steps: int | None = None, swap_for_validation: bool = False,
+                 export_path: str | os.PathLike | None = None, log_every: int | None = 10,
+                 optimizer_index: int | None = None, resume: bool = True, check_finite: bool = True,
+                 compile_update: bool = False):
+        self.options = Options(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
+                               freeze_modes_after=freeze_modes_after, seed=seed,
+                               record_every_n_steps=record_every_n_steps, log_every=log_every,
+                               check_finite=check_finite, compile_update=compile_update)
+        self.swap_for_validation = _common.check_bool("swap_for_validation", swap_for_validation)
+        self.export_path = _common.check_path("export_path", export_path)
+        self.optimizer_index = _common.check_int("optimizer_index", optimizer_index, 0, allow_none=True)
+        self.resume = _common.check_bool("resume", resume)
+        self.recorder: CMDRecorder | None = None
+        self._schedule = Schedule(self.options.record_every_n_steps)
+        self._swap = Swap()
+        self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint before the optimizer exists
+
+    # ------------------------------------------------------------------------------------- set-up
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._refuse_sharded(trainer)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning has created the optimizers (strategy.setup) and already called load_state_dict for a
+        # checkpoint given as ckpt_path: build the recorder, then load that state into it.
+        self._refuse_sharded(trainer)
+        state, self._pending = self._pending, None
+        if state is None and self.resume and trainer.ckpt_path is not None:
+            raise ValueError(f"CMDCallback: fit resumes from {trainer.ckpt_path}, which holds no CMDCallback state "
+                             "(saved without the callback, or with weights_only=True); pass "
+                             "CMDCallback(resume=False) to start a new recording from this point")
+        optimizer = self._choose_optimizer(trainer)
+        if self.recorder is not None:
+            self.recorder.close()
+        self._schedule.stop()
+        self._swap.end()
+        self._schedule = Schedule(self.options.record_every_n_steps)
+        self.recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
+                                               self._tensorboard(trainer))
+        self._schedule.start(optimizer, self.recorder)
+        if state is not None:
+            _common.restore_state(self.recorder, self._schedule, state, f"the checkpoint {trainer.ckpt_path}")
+
+    def _refuse_sharded(self, trainer) -> None:
+        names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+        sharded = next((_SHARDED[n] for n in names if n in _SHARDED), "")
+        _common.refuse_sharded("Lightning", sharded)
+
+    def _choose_optimizer(self, trainer) -> torch.optim.Optimizer:
+        optimizers = list(trainer.optimizers)
+        if not optimizers:
+            raise ValueError("CMDCallback: the LightningModule's configure_optimizers() returned no optimizer")
+        if self.optimizer_index is None and len(optimizers) > 1:
+            kinds = ", ".join(type(_common.torch_optimizer(o)).__name__ for o in optimizers)
+            raise ValueError(f"CMDCallback: the LightningModule has {len(optimizers)} optimizers ({kinds}); pass "
+                             "CMDCallback(optimizer_index=i) to say whose parameters to record")
+        index = self.optimizer_index or 0
+        if index >= len(optimizers):
+            raise ValueError(f"optimizer_index={index} is out of range: the LightningModule has "
+                             f"{len(optimizers)} optimizer(s)")
+        return _common.torch_optimizer(optimizers[index])
+
+    def _tensorboard(self, trainer):
+        if self.options.log_every is None:
+            return None
+        for logger in trainer.loggers:
+            if any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):
+                try:
+                    return logger.experiment  # a SummaryWriter on rank 0; the recorder logs there only
+                except Exception as e:  # logging must never stop training
+                    _common.warn(f"the TensorBoard logger failed ({e!r}); CMD statistics are not logged")
+        return None
+
+    # ------------------------------------------------------------------------------------- recording
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Record an epoch after its last batch, so that the epoch's validation (which Lightning runs before
+        # on_train_epoch_end) and any checkpoint written then already include it.
+        if self.recorder is None:
+            return
+        batches = trainer.num_training_batches
+        if batches != float("inf") and batch_idx + 1 >= batches:
+            self._schedule.end_of_epoch(self.recorder, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # an epoch cut short (max_steps, an iterable loader without a length) is recorded here
+        if self.recorder is not None:
+            self._schedule.end_of_epoch(self.recorder, trainer.current_epoch)
+
+    # ------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if (self.swap_for_validation and self.recorder is not None and self.recorder.phase == "tracking"
+                and not self._swap.active):
+            self._swap.begin(self.recorder)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._swap.end()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._swap.end()
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.recorder is None:
+            return {}
+        return _common.callback_state(self.recorder, self._schedule)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before it creates the optimizer: keep the state for on_fit_start
+        self._pending = state_dict if self.resume else None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not self._swap.active:
+            return
+        # written during validation on the CMD weights: the checkpoint gets the trained ones
+        trained = self._swap.trained_values()
+        weights = checkpoint.get("state_dict", {})
+        for key, value in pl_module.state_dict(keep_vars=True).items():
+            if key in weights and id(value) in trained:
+                weights[key] = trained[id(value)]
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._swap.end()
+        self._pending = None
+
+    # ------------------------------------------------------------------------------------- the end
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._swap.end()
+        self._schedule.stop()
+        rec = self.recorder
+        if rec is None:
+            return
+        if self.export_path is not None:
+            if rec.phase == "warmup":
+                _common.warn(f"training ended during the warm-up ({rec.num_records} of {rec.config['warmup']} "
+                             f"records): no CMD model exists, {self.export_path} was not written")
+            elif trainer.is_global_zero:
+                try:
+                    atomic_save(_common.export_state_dict(rec), self.export_path)
+                except OSError as e:
+                    _common.warn(f"could not write the CMD model to {self.export_path}: {e}")
+        rec.close()
+
+    # ------------------------------------------------------------------------------------- for the user
+    def cmd_state_dict(self, at: int = -1) -> dict[str, torch.Tensor]:
+        """The LightningModule's state_dict with the CMD weights at record ``at`` (names without ``_orig_mod.``)."""
+        return _common.export_state_dict(_common.require(self.recorder, "cmd_state_dict"), at)
+
+    def trajectory(self) -> CMDTrajectory:
+        """``recorder.trajectory()`` with the parameter names of the uncompiled module."""
+        return _common.clean_trajectory(_common.require(self.recorder, "trajectory").trajectory())
+
+    def export(self, path: str | os.PathLike, at: int = -1) -> None:
+        """Write :meth:`cmd_state_dict` to ``path`` atomically (rank 0 only under DDP)."""
+        state = self.cmd_state_dict(at)
+        if is_writer():
+            atomic_save(state, path)
+
+    @contextlib.contextmanager
+    def swapped(self, at: int = -1) -> Iterator[None]:
+        """CMD weights in the model inside the block, the trained ones back on exit, even on error."""
+        with self._swap.around(_common.require(self.recorder, "swapped"), at):
+            yield

@@ -1,0 +1,54 @@
+"""cmd_online.integrations without a framework: the core imports none, and the shared pieces hold."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cmd_online as cmdo
+from cmd_online.integrations import _common
+
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+
+
+def test_importing_cmd_online_and_its_integrations_package_imports_no_framework():
+    code = ("import sys, cmd_online, cmd_online.integrations; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_clean_names_drop_orig_mod_components_only():
+    assert _common.clean_name("net._orig_mod.0.weight") == "net.0.weight"
+    assert _common.clean_name("_orig_mod.module.fc.bias") == "module.fc.bias"  # a user's 'module' stays
+    with pytest.raises(ValueError, match="both named 'fc.weight'"):
+        _common.clean_state_dict({"fc.weight": torch.zeros(1), "_orig_mod.fc.weight": torch.zeros(1)})
+
+
+def test_plain_module_unwraps_data_parallel_wrappers():  # and torch.compile's: tests of each framework
+    inner = torch.nn.Linear(2, 2)
+    assert _common.plain_module(torch.nn.DataParallel(torch.nn.DataParallel(inner))) is inner
+    assert _common.plain_module(inner) is inner
+
+
+def test_an_epoch_is_recorded_once_and_a_swap_gives_the_trained_weights_back_on_error():
+    model = torch.nn.Linear(4, 3)
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=1, samples=5, warmup=3)
+    epochs = _common.EpochRecords()
+    for epoch in (0, 0, 1, 2, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        epochs.record(rec, epoch)
+    assert rec.num_records == 4
+    trained = model.weight.detach().clone()
+    swap = _common.Swap()
+    with pytest.raises(KeyError):
+        with swap.around(rec, at=0):
+            assert not torch.equal(model.weight, trained) and swap.active
+            assert torch.equal(swap.trained_values()[id(model.weight)], trained)
+            raise KeyError("inside")
+    assert torch.equal(model.weight, trained) and not swap.active
+    rec.close()

@@ -1,0 +1,391 @@
+"""cmd_online.integrations.lightning.CMDCallback with real Lightning Trainers on CPU (digits).
+
+One uninterrupted 8-epoch run (validation on the CMD weights, checkpoints every epoch and in the middle
+of validation, TensorBoard logging, export) serves the tests of what it records and writes; the other
+tests run their own short fits. The DDP run (Lightning's ``strategy="ddp"``, 2 gloo processes) is a
+script started in the background at the module's first test: Lightning's DDP launcher starts the other
+rank by running the script again, which it cannot do with pytest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import cmd_online as cmdo  # noqa: E402
+from _cmd_checks import assert_same_cmd, assert_same_cmd_model  # noqa: E402
+from _lightning_setup import Digits, Snapshots, flat, train_loader, trainer, val_loader  # noqa: E402
+from cmd_online.integrations.lightning import CMDCallback  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONFIG = dict(modes=3, samples=300, warmup=4, seed=0)
+EPOCHS = 8
+F = CONFIG["warmup"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Some strategies set torch's thread count (Lightning's ModelParallelStrategy: to the core count); the
+    rest of the suite runs tiny models on one thread."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ DDP run
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Start tests/_lightning_ddp.py (2 processes) now; the DDP tests wait for it."""
+    out = tmp_path_factory.mktemp("lightning_ddp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               PYTHONWARNINGS="ignore")
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, str(HERE / "_lightning_ddp.py"), str(out)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=out)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_ddp_early(ddp_run):
+    """The DDP script spends most of its time importing Lightning: let it overlap with the other tests."""
+
+
+def ddp_results(ddp_run) -> tuple[Path, list[dict]]:
+    proc, out = ddp_run
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the Lightning DDP script did not finish in 300 s")
+    assert proc.returncode == 0, (out / "log.txt").read_text()[-3000:]
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+# ------------------------------------------------------------------------------------------ the main run
+class DuringValidation(pl.Callback):
+    """At the first validation batch: the weights validated, and a checkpoint written right then."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.validated: dict[int, torch.Tensor] = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            epoch = trainer.current_epoch
+            self.validated[epoch] = flat(pl_module)
+            trainer.save_checkpoint(self.folder / f"mid_validation_epoch{epoch}.ckpt")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lightning_run")
+    cmd = CMDCallback(**CONFIG, swap_for_validation=True, export_path=folder / "cmd.pt", log_every=2)
+    snapshots, during = Snapshots(), DuringValidation(folder)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", filename="{epoch}", save_top_k=-1)
+    fit = trainer(max_epochs=EPOCHS, callbacks=[cmd, snapshots, during, checkpoints], enable_checkpointing=True,
+                  logger=pl.loggers.TensorBoardLogger(folder, name="tb", version=0))
+    model = Digits()
+    fit.fit(model, train_loader(), val_loader())
+    return dict(folder=folder, cmd=cmd, model=model, W=snapshots.matrix(), during=during, trainer=fit)
+
+
+def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights(run):
+    rec = run["cmd"].recorder
+    assert rec.num_records == EPOCHS
+    W = run["W"]
+    oracle = cmdo.decompose(W, modes=CONFIG["modes"], samples=CONFIG["samples"], seed=CONFIG["seed"], warmup=F,
+                            layout=rec.layout)
+    traj = rec.trajectory()
+    assert torch.equal(traj.reference_index, oracle.reference_index)
+    for at in range(EPOCHS):
+        assert_same_cmd(traj.reconstruct(at), oracle.reconstruct(at))
+
+
+def test_validation_runs_on_the_cmd_weights_of_the_epoch_just_recorded(run):
+    W, validated = run["W"], run["during"].validated
+    assert sorted(validated) == list(range(EPOCHS))
+    for epoch in range(F - 1):  # no CMD weights during the warm-up: the trained ones are validated
+        assert torch.equal(validated[epoch], W[:, epoch])
+    # at record F-1 the fit window holds one record: the CMD weights are the trained ones (to round-off)
+    torch.testing.assert_close(validated[F - 1], W[:, F - 1], rtol=0, atol=1e-6)
+    for epoch in range(F, EPOCHS):  # the CMD model fitted on the records up to this epoch, at this epoch
+        oracle = cmdo.decompose(W[:, :epoch + 1], modes=CONFIG["modes"], samples=CONFIG["samples"], warmup=F,
+                                layout=run["cmd"].recorder.layout)
+        assert_same_cmd(validated[epoch], oracle.reconstruct(epoch))
+        if epoch > F:  # from 3 records of the window on, the fit is no longer exact: not the trained weights
+            assert (validated[epoch] - W[:, epoch]).abs().max() > 1e-3
+
+
+def test_checkpoints_written_during_validation_hold_the_trained_weights(run):
+    W, validated = run["W"], run["during"].validated
+    for epoch in range(EPOCHS):
+        for name in (f"mid_validation_epoch{epoch}.ckpt", f"ckpt/epoch={epoch}.ckpt"):
+            saved = torch.load(run["folder"] / name, weights_only=True)["state_dict"]
+            weights = torch.cat([saved[k].reshape(-1).double() for k in Digits().state_dict()])
+            assert torch.equal(weights, W[:, epoch]), name
+        state = torch.load(run["folder"] / f"mid_validation_epoch{epoch}.ckpt", weights_only=True)["callbacks"]
+        assert state["CMDCallback"]["recorder"]["num_records"] == epoch + 1  # the epoch was recorded before
+        if epoch > F:
+            assert not torch.equal(validated[epoch], W[:, epoch])
+
+
+def test_the_trained_weights_are_back_in_the_model_after_fit(run):
+    assert torch.equal(flat(run["model"]), run["W"][:, -1])
+
+
+def test_export_path_holds_the_cmd_state_dict_and_loads_into_the_module(run):
+    exported = torch.load(run["folder"] / "cmd.pt", weights_only=True)
+    want = run["cmd"].cmd_state_dict()
+    assert exported.keys() == want.keys() == Digits().state_dict().keys()
+    for key in want:
+        assert torch.equal(exported[key], want[key]), key
+    fresh = Digits()
+    fresh.load_state_dict(exported, strict=True)
+    assert_same_cmd(flat(fresh), run["cmd"].recorder.trajectory().reconstruct(-1))
+
+
+def test_checkpoints_hold_the_recorder_state_as_plain_tensors(run):
+    for epoch in (1, EPOCHS - 1):
+        state = torch.load(run["folder"] / f"ckpt/epoch={epoch}.ckpt", weights_only=True)["callbacks"]["CMDCallback"]
+        assert state["recorder"]["num_records"] == epoch + 1 and state["recorded_epoch"] == epoch
+
+
+def test_mode_statistics_go_to_the_trainers_tensorboard_logger(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run["folder"] / "tb" / "version_0"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "cmd/reference/mode_00" in scalars and "val_loss" in scalars
+    assert len(events.Scalars("cmd/reference/mode_00")) == EPOCHS - F + 1  # every record from the warm-up's end
+
+
+@pytest.mark.parametrize("name", ["ckpt/epoch=5.ckpt", "mid_validation_epoch5.ckpt"])
+def test_fit_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_path, name):
+    checkpoint = run["folder"] / name
+    assert torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"]["num_records"] == 6
+    cmd = CMDCallback(**CONFIG, swap_for_validation=True)
+    model = Digits()
+    trainer(max_epochs=EPOCHS, callbacks=[cmd], default_root_dir=tmp_path).fit(
+        model, train_loader(), val_loader(), ckpt_path=checkpoint)
+    assert cmd.recorder.num_records == EPOCHS
+    resumed, uninterrupted = cmd.recorder.trajectory(), run["cmd"].recorder.trajectory()
+    for key in ("references", "reference_index", "a", "b", "modes"):
+        assert torch.equal(getattr(resumed, key), getattr(uninterrupted, key)), key
+    assert torch.equal(flat(model), run["W"][:, -1])  # training went on from the trained weights
+
+
+def test_resume_from_a_checkpoint_without_cmd_state_is_refused_unless_resume_false(run, tmp_path):
+    checkpoint = torch.load(run["folder"] / "ckpt" / "epoch=5.ckpt", weights_only=True)
+    del checkpoint["callbacks"]["CMDCallback"]
+    torch.save(checkpoint, tmp_path / "without.ckpt")
+    with pytest.raises(ValueError, match=r"holds no CMDCallback state.*resume=False"):
+        trainer(max_epochs=EPOCHS, callbacks=[CMDCallback(**CONFIG)], default_root_dir=tmp_path).fit(
+            Digits(), train_loader(), ckpt_path=tmp_path / "without.ckpt")
+    cmd = CMDCallback(**CONFIG, resume=False)
+    trainer(max_epochs=EPOCHS, callbacks=[cmd], default_root_dir=tmp_path).fit(
+        Digits(), train_loader(), ckpt_path=tmp_path / "without.ckpt")
+    assert cmd.recorder.num_records == 2  # a new recording of epochs 6 and 7
+
+
+# ------------------------------------------------------------------------------------------ when it records
+def test_records_count_optimizer_steps_not_micro_batches_nor_amp_skipped_steps():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Batches(pl.Callback):
+        count = 0
+
+        def on_train_batch_end(self, *args):
+            self.count += 1
+
+    # Lightning refuses precision="16-mixed" on a CPU; its plugin with a GradScaler is the GPU set-up.
+    # A huge initial scale makes the first steps overflow: the scaler skips them and halves its scale.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    cmd, batches = CMDCallback(modes=3, samples=200, warmup=2, record_every_n_steps=3), Batches()
+    fit = trainer(max_epochs=1, callbacks=[cmd, batches], accumulate_grad_batches=2,
+                  plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    fit.fit(Digits(), train_loader())
+    skipped = round(math.log2(2.0 ** 24 / scaler.get_scale()))  # no growth within 2000 steps
+    assert batches.count == 24 and fit.global_step == 12  # Lightning's count includes the skipped steps
+    assert skipped > 0
+    assert cmd.recorder.num_records == (fit.global_step - skipped) // 3
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers, stepped through Lightning's LightningOptimizer wrappers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = torch.nn.Linear(64, 16), torch.nn.Linear(16, 10)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        body, head = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), y)
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(loss)
+        body.step()
+        head.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.body.parameters(), lr=0.1), torch.optim.Adam(self.head.parameters(), lr=1e-2)
+
+
+def test_several_optimizers_need_optimizer_index_and_lightning_optimizer_steps_are_counted():
+    with pytest.raises(ValueError, match=r"2 optimizers \(SGD, Adam\).*optimizer_index"):
+        trainer(max_steps=1, callbacks=[CMDCallback(samples=50)]).fit(TwoOptimizers(), train_loader())
+    cmd = CMDCallback(modes=2, samples=50, warmup=3, record_every_n_steps=2, optimizer_index=1)
+    fit = trainer(max_epochs=1, callbacks=[cmd])
+    fit.fit(TwoOptimizers(), train_loader())
+    assert cmd.recorder.layout.names == ("head.weight", "head.bias")
+    assert cmd.recorder.num_records == 24 // 2
+
+
+def test_torch_optimizer_is_found_inside_a_lightning_optimizer():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from cmd_online.integrations._common import torch_optimizer
+
+    sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert torch_optimizer(LightningOptimizer(sgd)) is sgd
+    with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
+        torch_optimizer(object())
+
+
+def test_compiled_submodule_names_lose_orig_mod(tmp_path):
+    cmd = CMDCallback(modes=2, samples=100, warmup=2, record_every_n_steps=2, export_path=tmp_path / "cmd.pt")
+    trainer(max_steps=6, callbacks=[cmd]).fit(Digits(compile_net=True), train_loader())
+    assert cmd.recorder.layout.names[0] == "net._orig_mod.0.weight"  # the recorder sees the compiled names
+    plain = Digits()
+    assert list(cmd.cmd_state_dict()) == list(plain.state_dict())
+    assert list(cmd.trajectory().state_dict()) == [n for n, _ in plain.named_parameters()]
+    plain.load_state_dict(torch.load(tmp_path / "cmd.pt", weights_only=True), strict=True)
+
+
+def test_fit_that_ends_in_the_warm_up_warns_and_writes_no_export(tmp_path):
+    cmd = CMDCallback(**CONFIG, export_path=tmp_path / "cmd.pt")
+    with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
+        trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
+    assert not (tmp_path / "cmd.pt").exists()
+
+
+def test_an_epoch_cut_short_by_max_steps_is_recorded_at_its_end():
+    cmd = CMDCallback(**CONFIG)
+    trainer(max_steps=24 + 6, callbacks=[cmd]).fit(Digits(), train_loader())  # 24 batches an epoch
+    assert cmd.recorder.num_records == 2
+
+
+def test_an_error_during_validation_on_the_cmd_weights_gives_the_trained_weights_back():
+    class FailingValidation(Digits):
+        def validation_step(self, batch, batch_idx):
+            if self.current_epoch == F:
+                self.weights_validated = flat(self)
+                raise KeyError("validation failed")
+            return super().validation_step(batch, batch_idx)
+
+    class LastTrained(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.weights = flat(pl_module)
+
+    model, last = FailingValidation(), LastTrained()
+    with pytest.raises(KeyError, match="validation failed"):
+        trainer(max_epochs=EPOCHS, callbacks=[CMDCallback(**CONFIG, swap_for_validation=True), last]).fit(
+            model, train_loader(), val_loader())
+    assert not torch.equal(model.weights_validated, last.weights)  # validation ran on the CMD weights
+    assert torch.equal(flat(model), last.weights)
+
+
+def test_sharded_strategy_is_refused_naming_it():
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    try:
+        with pytest.raises(ValueError, match="ModelParallelStrategy"):
+            trainer(max_steps=1, callbacks=[CMDCallback()], strategy=ModelParallelStrategy()).fit(
+                Digits(), train_loader())
+    finally:
+        if dist.is_initialized():  # the strategy set up a 1-process group
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(warmup=1), ValueError, "warmup"), (dict(record_every_n_steps=0), ValueError, "record_every_n_steps"),
+    (dict(swap_for_validation="yes"), TypeError, "swap_for_validation"),
+    (dict(export_path=3), TypeError, "export_path"), (dict(modes=3, threshold=0.1), ValueError, "modes and threshold"),
+    (dict(optimizer_index=-1), ValueError, "optimizer_index"),
+    (dict(log_every=0), ValueError, "log_every"),
+])
+def test_bad_arguments_are_refused_naming_them(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        CMDCallback(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def test_ddp_two_processes_give_the_single_process_cmd_model(ddp_run):
+    import _lightning_ddp as ddp
+
+    out, ranks = ddp_results(ddp_run)
+    cmd = CMDCallback(**ddp.CONFIG)
+    # Lightning gives each rank every other example of a DistributedSampler permutation seeded by the epoch;
+    # the same permutation in one process, in batches of 2 × BATCH, makes the same global batches
+    trainer(max_epochs=ddp.EPOCHS, callbacks=[cmd]).fit(Digits(), train_loader(2 * ddp.BATCH, shuffle=True))
+    single = cmd.recorder.trajectory()
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for got in ranks:
+        assert got["global_step"] == 4 * 24 and got["num_records"] == cmd.recorder.num_records == 24
+        assert_same_cmd_model(got, single)
+
+
+def test_ddp_ranks_hold_identical_recorders_and_rank_0_writes_the_export(ddp_run):
+    out, (r0, r1) = ddp_results(ddp_run)
+    s0, s1 = r0["state"], r1["state"]
+    assert s0["num_records"] == s1["num_records"] > 0
+    for key in ("references", "history", "sample_index", "reference_index"):
+        assert torch.equal(s0[key], s1[key]), key
+    for name, value in s0["stats"].items():
+        for a, b in zip(value if isinstance(value, list) else [value], s1["stats"][name] if isinstance(
+                s1["stats"][name], list) else [s1["stats"][name]]):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), name
+    assert (out / "export_rank0.pt").exists() and not (out / "export_rank1.pt").exists()
+    exported = torch.load(out / "export_rank0.pt", weights_only=True)
+    for key, value in r0["cmd"].items():
+        assert torch.equal(exported[key], value), key
+    checkpoint = next((out / "checkpoints").glob("*.ckpt"))
+    assert torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"]["num_records"] == 24
+
+
+# ------------------------------------------------------------------------------------------ the other namespace
+def test_pytorch_lightning_namespace_records_with_a_pytorch_lightning_trainer():
+    ptl = pytest.importorskip("pytorch_lightning")
+    from cmd_online.integrations.pytorch_lightning import CMDCallback as PTLCallback
+
+    class Module(ptl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cmd = PTLCallback(modes=2, samples=100, warmup=3)
+    ptl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, callbacks=[cmd]).fit(Module(), train_loader())
+    assert isinstance(cmd, ptl.Callback) and cmd.recorder.num_records == 4 and cmd.recorder.phase == "tracking"

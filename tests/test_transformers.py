@@ -1,0 +1,350 @@
+"""cmd_online.integrations.transformers.CMDCallback with real Hugging Face Trainers on CPU.
+
+The model is a 1-layer character-level GPT-2 built from a config (no download), trained on the text of
+two Python standard-library modules. One run (gradient accumulation 2, a record every 2 optimizer
+steps, checkpoints every 8 steps) serves the tests of what it records and writes; the others run their
+own short trainings. The DDP run (``torchrun --nproc_per_node 2``, gloo) starts in the background at the
+module's first test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
+
+import cmd_online as cmdo  # noqa: E402
+from _cmd_checks import assert_same_cmd, assert_same_cmd_model  # noqa: E402
+from _hf_setup import Chars, Snapshots, arguments, make_model, matrix  # noqa: E402
+from cmd_online.integrations.transformers import CMDCallback  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONFIG = dict(modes=3, samples=300, warmup=4, seed=0)
+STEPS, EVERY = 24, 2  # optimizer steps; a record every EVERY of them
+
+
+def oracle(W: torch.Tensor, rec, **config) -> cmdo.CMDTrajectory:
+    config = CONFIG | config
+    return cmdo.decompose(W, modes=config["modes"], samples=config["samples"], seed=config["seed"],
+                          warmup=config["warmup"], layout=rec.layout)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Some strategies set torch's thread count (Lightning's ModelParallelStrategy: to the core count); the
+    rest of the suite runs tiny models on one thread."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ DDP run
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Start tests/_hf_ddp.py under torchrun (2 processes) now; the DDP tests wait for it."""
+    out = tmp_path_factory.mktemp("hf_ddp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(HERE / "_hf_ddp.py"), str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=out)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_ddp_early(ddp_run):
+    """The DDP processes spend most of their time importing: let them overlap with the other tests."""
+
+
+def ddp_results(ddp_run) -> tuple[Path, list[dict]]:
+    proc, out = ddp_run
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("torchrun did not finish in 300 s")
+    assert proc.returncode == 0, (out / "log.txt").read_text()[-3000:]
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+# ------------------------------------------------------------------------------------------ the main run
+class Micro(TrainerCallback):
+    """Counts micro-batches (substeps and steps) and keeps the optimizer the Trainer hands to callbacks."""
+
+    def __init__(self):
+        self.micro_batches = 0
+        self.optimizer = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.micro_batches += 1
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.micro_batches += 1
+        self.optimizer = optimizer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf_run")
+    cmd, snapshots, micro = CMDCallback(**CONFIG, record_every_n_steps=EVERY), Snapshots(), Micro()
+    trainer = Trainer(model=make_model(), train_dataset=Chars(256), eval_dataset=Chars(64, start=256),
+                      callbacks=[cmd, snapshots, micro],
+                      args=arguments(out, gradient_accumulation_steps=2, max_steps=STEPS, save_strategy="steps",
+                                     save_steps=8))
+    trainer.train()
+    return dict(out=out, cmd=cmd, snapshots=snapshots, micro=micro, trainer=trainer)
+
+
+def test_records_every_k_optimizer_steps_equal_decompose_of_the_step_weights(run):
+    rec, snapshots = run["cmd"].recorder, run["snapshots"]
+    assert run["micro"].micro_batches == 2 * STEPS and len(snapshots.steps) == STEPS
+    assert rec.num_records == STEPS // EVERY  # per optimizer step, not per micro-batch
+    W = matrix(snapshots.steps[EVERY - 1::EVERY], rec.layout.names)
+    want = oracle(W, rec)
+    traj = rec.trajectory()
+    assert torch.equal(traj.reference_index, want.reference_index)
+    for at in range(rec.num_records):
+        assert_same_cmd(traj.reconstruct(at), want.reconstruct(at))
+
+
+def test_the_callback_unwraps_accelerates_optimizer_which_has_no_step_hooks(run):
+    from cmd_online.integrations._common import torch_optimizer
+
+    wrapped = run["micro"].optimizer
+    assert type(wrapped).__name__ == "AcceleratedOptimizer"
+    with pytest.raises(AttributeError):
+        wrapped.register_step_post_hook(lambda *a: None)
+    assert run["cmd"].recorder.params[0] is wrapped.optimizer.param_groups[0]["params"][0]
+    assert torch_optimizer(wrapped) is wrapped.optimizer
+
+
+def test_every_checkpoint_folder_holds_the_recorder_state(run):
+    for step in (8, 16, 24):
+        state = torch.load(run["out"] / f"checkpoint-{step}" / "cmd_recorder.pt", weights_only=True)
+        assert state["global_step"] == step and state["optimizer_steps"] == step
+        assert state["recorder"]["num_records"] == step // EVERY
+
+
+def test_cmd_model_folder_loads_with_from_pretrained_and_reproduces_cmd_state_dict(run):
+    loaded = GPT2LMHeadModel.from_pretrained(run["out"] / "cmd_model").state_dict()
+    want = run["cmd"].cmd_state_dict()
+    assert loaded.keys() == want.keys()
+    for key in want:
+        assert torch.equal(loaded[key], want[key]), key
+    names = run["cmd"].recorder.layout.names
+    flat = torch.cat([loaded[n].reshape(-1) for n in names])
+    assert_same_cmd(flat, run["cmd"].recorder.trajectory().reconstruct(-1))
+
+
+def test_export_replaces_the_cmd_model_folder_and_leaves_no_temporary_folder(run):
+    cmd, folder = run["cmd"], run["out"] / "cmd_model"
+    cmd.export(folder, at=0)
+    loaded = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    for key, value in cmd.cmd_state_dict(at=0).items():
+        assert torch.equal(loaded[key], value), key
+    assert not [p.name for p in run["out"].iterdir() if p.name.startswith(".")]
+    cmd.export(folder)  # the last record again, for the other tests
+
+
+def test_evaluate_inside_swapped_evaluates_the_cmd_model_and_gives_the_weights_back(run):
+    trainer, cmd = run["trainer"], run["cmd"]
+    trained = trainer.evaluate()["eval_loss"]
+    with cmd.swapped():
+        cmd_loss = trainer.evaluate(metric_key_prefix="cmd_eval")["cmd_eval_loss"]
+    assert trainer.evaluate()["eval_loss"] == trained
+    exported = Trainer(model=GPT2LMHeadModel.from_pretrained(run["out"] / "cmd_model"), args=trainer.args,
+                       eval_dataset=Chars(64, start=256))
+    assert cmd_loss == pytest.approx(exported.evaluate()["eval_loss"], rel=1e-6)
+    assert abs(cmd_loss - trained) > 1e-3
+
+
+class StopAt(TrainerCallback):
+    """Stops training after the step ``step`` (its checkpoint is written first): an interrupted run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def train(folder, cmd, resume=None, stop=None, **kwargs) -> Trainer:
+    """The main run's training in ``folder``."""
+    trainer = Trainer(model=make_model(), train_dataset=Chars(256), callbacks=[cmd] + ([StopAt(stop)] if stop else []),
+                      args=arguments(folder, gradient_accumulation_steps=2, max_steps=STEPS, save_strategy="steps",
+                                     save_steps=8, **kwargs))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_train_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_path):
+    train(tmp_path, CMDCallback(**CONFIG, record_every_n_steps=EVERY), stop=8)
+    assert not (tmp_path / "checkpoint-16").exists()
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=EVERY)
+    train(tmp_path, cmd, resume=True)
+    assert cmd.recorder.num_records == STEPS // EVERY
+    resumed, uninterrupted = cmd.recorder.trajectory(), run["cmd"].recorder.trajectory()
+    for key in ("references", "reference_index", "a", "b", "modes"):
+        assert torch.equal(getattr(resumed, key), getattr(uninterrupted, key)), key
+    assert torch.load(tmp_path / "checkpoint-24" / "cmd_recorder.pt", weights_only=True)["optimizer_steps"] == STEPS
+
+
+def test_resume_from_a_checkpoint_without_cmd_state_is_refused_unless_resume_false(run, tmp_path):
+    shutil.copytree(run["out"] / "checkpoint-8", tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-8" / "cmd_recorder.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"global step 8.*checkpoint-8/cmd_recorder\.pt.*resume=False"):
+        train(tmp_path, CMDCallback(**CONFIG, record_every_n_steps=EVERY), resume=True)
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=EVERY, resume=False)
+    train(tmp_path, cmd, resume=str(tmp_path / "checkpoint-8"))
+    assert cmd.recorder.num_records == (STEPS - 8) // EVERY  # a new recording of the steps after 8
+
+
+def test_a_checkpoint_outside_output_dir_is_found_through_training_arguments(run, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-8"
+    shutil.copytree(run["out"] / "checkpoint-8", elsewhere)
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=EVERY)
+    train(tmp_path / "out", cmd, resume=str(elsewhere), resume_from_checkpoint=str(elsewhere))
+    assert torch.equal(cmd.recorder.trajectory().references, run["cmd"].recorder.trajectory().references)
+
+
+# ------------------------------------------------------------------------------------------ other runs
+def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights_and_log_to_the_writer(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    cmd, snapshots = CMDCallback(**CONFIG | dict(warmup=3), writer=writer, log_every=2), Snapshots()
+    Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd, snapshots],
+            args=arguments(tmp_path, num_train_epochs=6)).train()
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert len(events.Scalars("cmd/reference/mode_00")) == 6 - 3 + 1  # every record from the warm-up's end
+    rec = cmd.recorder
+    assert rec.num_records == 6 == len(snapshots.epochs)
+    want = oracle(matrix(snapshots.epochs, rec.layout.names), rec, warmup=3)
+    traj = rec.trajectory()
+    assert torch.equal(traj.reference_index, want.reference_index)
+    for at in range(6):
+        assert_same_cmd(traj.reconstruct(at), want.reconstruct(at))
+
+
+def test_steps_the_grad_scaler_skips_are_not_counted_with_the_default_fused_adamw(tmp_path):
+    cmd = CMDCallback(modes=3, samples=200, warmup=2, record_every_n_steps=3, export_dir=None)
+    trainer = Trainer(model=make_model(), train_dataset=Chars(256), callbacks=[cmd],
+                      args=arguments(tmp_path, gradient_accumulation_steps=2, max_steps=STEPS, max_grad_norm=0))
+    # accelerate makes a GradScaler for fp16 on GPUs only; the same scaler here, with a huge initial scale
+    # so that the first steps overflow: the scaler skips them and halves its scale each time
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 70)
+    trainer.train()
+    assert trainer.optimizer.optimizer.defaults["fused"]  # GradScaler calls its step() even for a skipped step
+    skipped = round(math.log2(2.0 ** 70 / trainer.accelerator.scaler.get_scale()))  # no growth in 2000 steps
+    assert 0 < skipped < STEPS and trainer.state.global_step == STEPS
+    assert cmd.recorder.num_records == (STEPS - skipped) // 3
+
+
+def test_training_that_ends_in_the_warm_up_warns_and_writes_no_cmd_model(tmp_path):
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
+        Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd],
+                args=arguments(tmp_path, max_steps=2)).train()
+    assert not (tmp_path / "cmd_model").exists()
+
+
+class Plain(torch.nn.Module):
+    """Not a PreTrainedModel: an embedding and a linear layer that predict the next character."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        from _hf_setup import corpus
+
+        vocab = len(corpus()[1])
+        self.embed, self.out = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids, labels=None, **kwargs):  # the Trainer may pass num_items_in_batch
+        logits = self.out(self.embed(input_ids))
+        predicted, following = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(predicted, following)
+        return {"loss": loss, "logits": logits}
+
+
+def test_compiled_plain_model_is_exported_as_a_safetensors_state_dict_with_its_own_names(tmp_path):
+    from safetensors.torch import load_file
+
+    plain = Plain()
+    cmd = CMDCallback(modes=2, samples=100, warmup=2, record_every_n_steps=2)
+    Trainer(model=torch.compile(plain, backend="eager"), train_dataset=Chars(64), callbacks=[cmd],
+            args=arguments(tmp_path, max_steps=8, remove_unused_columns=False)).train()  # forward(*args, **kwargs)
+    assert os.listdir(tmp_path / "cmd_model") == ["model.safetensors"]
+    exported = load_file(tmp_path / "cmd_model" / "model.safetensors")
+    assert exported.keys() == Plain().state_dict().keys() == cmd.trajectory().state_dict().keys()
+    for key, value in cmd.cmd_state_dict().items():
+        assert torch.equal(exported[key], value), key
+    fresh = Plain()
+    fresh.load_state_dict(exported, strict=True)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(samples=0), ValueError, "samples"), (dict(record_every_n_steps=1.5), TypeError, "record_every_n_steps"),
+    (dict(export_dir=""), TypeError, "export_dir"), (dict(resume=1), TypeError, "resume"),
+    (dict(threshold=2.0), ValueError, "threshold"), (dict(modes=50, samples=10), ValueError, "modes"),
+])
+def test_bad_arguments_are_refused_naming_them(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        CMDCallback(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def test_ddp_under_torchrun_gives_the_single_process_cmd_model(ddp_run, tmp_path):
+    import _hf_ddp as ddp
+
+    out, ranks = ddp_results(ddp_run)
+    cmd = CMDCallback(**ddp.CONFIG, export_dir=None)
+    Trainer(model=make_model(), train_dataset=Chars(ddp.EXAMPLES), callbacks=[cmd],
+            args=arguments(tmp_path, per_device_train_batch_size=2 * ddp.BATCH, max_steps=ddp.STEPS,
+                           train_sampling_strategy="sequential")).train()
+    single = cmd.recorder.trajectory()
+    for got in ranks:
+        assert got["world_size"] == 2 and got["global_step"] == ddp.STEPS
+        assert got["num_records"] == cmd.recorder.num_records == ddp.STEPS // ddp.CONFIG["record_every_n_steps"]
+        assert_same_cmd_model(got, single)
+
+
+def test_ddp_ranks_hold_identical_recorders_and_rank_0_writes_the_files(ddp_run):
+    out, (r0, r1) = ddp_results(ddp_run)
+    for key in ("references", "history", "sample_index", "reference_index"):
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    for name, value in r0["state"]["stats"].items():
+        other = r1["state"]["stats"][name]
+        for a, b in zip(value if isinstance(value, list) else [value], other if isinstance(other, list) else [other]):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), name
+    run = out / "run"
+    assert (run / "cmd_model_rank0").is_dir() and not (run / "cmd_model_rank1").exists()
+    loaded = GPT2LMHeadModel.from_pretrained(run / "cmd_model_rank0").state_dict()
+    for key, value in r0["cmd"].items():
+        assert torch.equal(loaded[key], value), key
+    assert torch.load(run / "checkpoint-8" / "cmd_recorder.pt", weights_only=True)["recorder"]["num_records"] == 8 // 3
+
+
+def test_fsdp_trainer_is_refused_naming_it(ddp_run):
+    _, ranks = ddp_results(ddp_run)
+    for got in ranks:  # FSDP needs a distributed run to get as far as the callbacks
+        assert got["fsdp"].startswith("ValueError: CMDCallback does not support the Hugging Face Trainer with FSDP")
