@@ -290,6 +290,11 @@ class CMDRecorder:
 
     # ----------------------------------------------------------------------------- recording
     def _after_step(self, optimizer, args, kwargs) -> None:
+        # GradScaler calls step() of optimizers that unscale themselves (fused Adam, AdamW, SGD) even for a
+        # step it skips, with found_inf set: such a step changed nothing and does not count (one read)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf):
+            return
         self._steps += 1
         every = self.config.record_every
         if every is not None and self._steps % every == 0:

@@ -326,7 +326,7 @@ def test_sharded_strategy_is_refused_naming_it():
 @pytest.mark.parametrize("kwargs, error, name", [
     (dict(warmup=1), ValueError, "warmup"), (dict(record_every_n_steps=0), ValueError, "record_every_n_steps"),
     (dict(swap_for_validation="yes"), TypeError, "swap_for_validation"),
-    (dict(export_path=3), TypeError, "export_path"), (dict(modes=3, threshold=0.1), ValueError, "modes and threshold"),
+    (dict(export_path=3), TypeError, "export_path"), (dict(modes=3, threshold=0.1), ValueError, "modes or threshold"),
     (dict(optimizer_index=-1), ValueError, "optimizer_index"),
     (dict(log_every=0), ValueError, "log_every"),
 ])

@@ -137,7 +137,7 @@ def test_the_callback_unwraps_accelerates_optimizer_which_has_no_step_hooks(run)
 def test_every_checkpoint_folder_holds_the_recorder_state(run):
     for step in (8, 16, 24):
         state = torch.load(run["out"] / f"checkpoint-{step}" / "cmd_recorder.pt", weights_only=True)
-        assert state["global_step"] == step and state["optimizer_steps"] == step
+        assert state["global_step"] == step and state["recorder"]["steps"] == step
         assert state["recorder"]["num_records"] == step // EVERY
 
 
@@ -203,7 +203,7 @@ def test_train_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_p
     resumed, uninterrupted = cmd.recorder.trajectory(), run["cmd"].recorder.trajectory()
     for key in ("references", "reference_index", "a", "b", "modes"):
         assert torch.equal(getattr(resumed, key), getattr(uninterrupted, key)), key
-    assert torch.load(tmp_path / "checkpoint-24" / "cmd_recorder.pt", weights_only=True)["optimizer_steps"] == STEPS
+    assert torch.load(tmp_path / "checkpoint-24" / "cmd_recorder.pt", weights_only=True)["recorder"]["steps"] == STEPS
 
 
 def test_resume_from_a_checkpoint_without_cmd_state_is_refused_unless_resume_false(run, tmp_path):

@@ -9,7 +9,6 @@ state (in a framework checkpoint or in a file of its own). Nothing here imports 
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,9 +16,11 @@ from typing import Any, Iterator
 
 import torch
 
+from ..config import CMDConfig, check_bool, check_int
 from ..files import atomic_save, check_format, safe_load
 from ..layout import Layout
 from ..recorder import CMDRecorder
+from ..tensorboard import TensorBoardLogger
 from ..trajectory import CMDTrajectory
 
 STATE_FORMAT = "cmd_online.integrations.CMDCallback"
@@ -28,23 +29,6 @@ STATE_FILE = "cmd_recorder.pt"  # the callback's file in a Hugging Face checkpoi
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int ≥ {low}{' or None' if allow_none else ''}; "
-                        f"got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be ≥ {low}; got {value}")
-    return int(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {type(value).__name__}")
-    return value
-
-
 def check_path(name: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -55,49 +39,37 @@ def check_path(name: str, value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Options:
-    """The recorder's arguments and when to record, checked when the callback is created."""
+    """The recorder's settings and when to record, checked when the callback is created."""
 
-    modes: int | None = None
-    threshold: float | None = None
-    samples: int = 1000
-    warmup: int = 20
-    freeze_modes_after: int | None = None
-    seed: int = 0
-    record_every_n_steps: int | None = None
+    config: CMDConfig  # record_every is the callback's record_every_n_steps (None: once per epoch)
     log_every: int | None = 10
     check_finite: bool = True
     compile_update: bool = False
 
-    def __post_init__(self):
-        check_int("samples", self.samples, 1)
-        check_int("warmup", self.warmup, 2)
-        check_int("freeze_modes_after", self.freeze_modes_after, 1, allow_none=True)
-        check_int("seed", self.seed, 0)
-        check_int("record_every_n_steps", self.record_every_n_steps, 1, allow_none=True)
-        check_int("log_every", self.log_every, 1, allow_none=True)
-        check_int("modes", self.modes, 1, allow_none=True)
-        if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real):
-                raise TypeError(f"threshold must be a float in (0, 1] or None; got {type(self.threshold).__name__}")
-            if not 0 < self.threshold <= 1:
-                raise ValueError(f"threshold must be in (0, 1]; got {self.threshold}")
-            if self.modes is not None:
-                raise ValueError("give one of modes and threshold, not both")
-        if self.modes is not None and self.modes > self.samples:
-            raise ValueError(f"modes ({self.modes}) must be ≤ samples ({self.samples})")
-        check_bool("check_finite", self.check_finite)
-        check_bool("compile_update", self.compile_update)
+    @classmethod
+    def of(cls, *, record_every_n_steps: int | None, log_every: int | None, check_finite: bool,
+           compile_update: bool, **recorder: Any) -> "Options":
+        """From a callback's arguments: ``recorder`` holds the CMDConfig ones (modes, samples, warmup, …)."""
+        every = check_int("record_every_n_steps", record_every_n_steps, 1, allow_none=True)
+        return cls(CMDConfig(record_every=every, **recorder), check_int("log_every", log_every, 1, allow_none=True),
+                   check_bool("check_finite", check_finite), check_bool("compile_update", compile_update))
+
+    @property
+    def record_every_n_steps(self) -> int | None:
+        return self.config.record_every
 
 
 def build_recorder(optimizer: torch.optim.Optimizer, model: torch.nn.Module, options: Options,
                    writer=None) -> CMDRecorder:
-    """The one place where an integration makes its recorder. It records when told to (``record()``): the
-    callbacks decide when, per epoch or through :class:`StepRecords`."""
-    return CMDRecorder(optimizer, model, modes=options.modes, threshold=options.threshold,
-                       samples=options.samples, warmup=options.warmup, record_every=None,
-                       freeze_modes_after=options.freeze_modes_after, seed=options.seed,
-                       writer=writer if options.log_every is not None else None,
-                       log_every=options.log_every or 10,
+    """The one place where an integration makes its recorder.
+
+    With ``record_every_n_steps`` the recorder counts the optimizer's real steps itself (its step hook
+    runs once per optimizer step, not per micro-batch, and skips steps AMP's GradScaler skipped);
+    otherwise the callbacks call ``record()`` once per epoch. The mode statistics go to ``writer``
+    through a :class:`cmd_online.tensorboard.TensorBoardLogger` observer.
+    """
+    logger = None if writer is None or options.log_every is None else TensorBoardLogger(writer, every=options.log_every)
+    return CMDRecorder(optimizer, model, **options.config, callbacks=[] if logger is None else [logger],
                        check_finite=options.check_finite, compile_update=options.compile_update)
 
 
@@ -115,11 +87,11 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def plain_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside ``torch.compile`` (``_orig_mod``) and DDP/DataParallel (``module``) wrappers."""
+    """The user's module inside ``torch.compile`` (submodule ``_orig_mod``) and DDP/DataParallel (``module``)."""
     parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     for _ in range(8):
-        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+        if "_orig_mod" in dict(model.named_children()):  # torch.compile's OptimizedModule
+            model = model.get_submodule("_orig_mod")
         elif isinstance(model, parallel):
             model = model.module
         else:
@@ -190,61 +162,16 @@ class EpochRecords:
         return rec.record()
 
 
-class StepRecords:
-    """A record after every k-th optimizer step that really updates the weights.
-
-    It counts in a step hook on the torch optimizer, which runs once per optimizer step whatever the
-    framework (not once per micro-batch of gradient accumulation). A step that AMP's GradScaler skips
-    does not count: for most optimizers the scaler then does not call ``step`` at all; for those that
-    unscale inside their own step (fused Adam, AdamW, SGD; the Hugging Face Trainer's default
-    ``adamw_torch_fused``) it calls ``step`` with ``optimizer.found_inf`` set and the update is skipped
-    inside, so the hook reads that flag (one scalar read on the host, only in that case). The count is
-    part of the callback's state, so it continues on resume.
-    """
-
-    def __init__(self, every: int):
-        self.every = every
-        self.steps = 0
-        self._rec: CMDRecorder | None = None
-        self._hook = None
-
-    def attach(self, optimizer: torch.optim.Optimizer, rec: CMDRecorder) -> None:
-        self.detach()
-        self._rec = rec
-        self._hook = optimizer.register_step_post_hook(self._after_step)
-
-    def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = self._rec = None
-
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        found_inf = getattr(optimizer, "found_inf", None)
-        if isinstance(found_inf, torch.Tensor) and bool(found_inf):
-            return
-        self.steps += 1
-        if self._rec is not None and self.steps % self.every == 0:
-            self._rec.record()
-
-
 class Schedule:
-    """When a callback records: once per epoch, or after every k-th real optimizer step."""
+    """When a callback records: once per epoch (here), or after every k-th real optimizer step (the
+    recorder's own step hook, ``record_every``)."""
 
     def __init__(self, every_n_steps: int | None):
         self.every_n_steps = every_n_steps
         self.epochs = EpochRecords()
-        self.steps = None if every_n_steps is None else StepRecords(every_n_steps)
-
-    def start(self, optimizer: torch.optim.Optimizer, rec: CMDRecorder) -> None:
-        if self.steps is not None:
-            self.steps.attach(optimizer, rec)
-
-    def stop(self) -> None:
-        if self.steps is not None:
-            self.steps.detach()
 
     def end_of_epoch(self, rec: CMDRecorder, epoch: int) -> None:
-        if self.steps is None:
+        if self.every_n_steps is None:
             self.epochs.record(rec, epoch)
 
 
@@ -303,8 +230,7 @@ def callback_state(rec: CMDRecorder, schedule: Schedule, **extra: int) -> dict[s
     """The callback's state: plain tensors and numbers, loadable with ``torch.load(weights_only=True)``."""
     return {"format": STATE_FORMAT, "version": STATE_VERSION, "recorder": rec.state_dict(),
             "recorded_epoch": schedule.epochs.last_epoch,
-            "record_every_n_steps": schedule.every_n_steps,
-            "optimizer_steps": None if schedule.steps is None else schedule.steps.steps, **extra}
+            "record_every_n_steps": schedule.every_n_steps, **extra}
 
 
 def restore_state(rec: CMDRecorder, schedule: Schedule, state: Any, where: str) -> None:
@@ -316,8 +242,6 @@ def restore_state(rec: CMDRecorder, schedule: Schedule, state: Any, where: str) 
                          f"but this callback has record_every_n_steps={schedule.every_n_steps!r}; use the same")
     rec.load_state_dict(state["recorder"])
     schedule.epochs.last_epoch = int(state["recorded_epoch"])
-    if schedule.steps is not None:
-        schedule.steps.steps = int(state["optimizer_steps"])
 
 
 def save_state_file(state: dict[str, Any], path: str | os.PathLike) -> None:

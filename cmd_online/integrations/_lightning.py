@@ -17,6 +17,7 @@ from ..distributed import is_writer
 from ..files import atomic_save
 from ..recorder import CMDRecorder
 from ..trajectory import CMDTrajectory
+from ..config import check_bool, check_int
 from . import _common
 from ._common import Options, Schedule, Swap
 
@@ -56,6 +57,7 @@ class LightningCMDHooks:
             a checkpoint without it; False starts a new recording (default True).
         check_finite (bool): skip records whose weights hold NaN/Inf, with a warning (default True).
         compile_update (bool): run the statistics update through ``torch.compile`` (default False).
+        distance (str): the clustering distance, ``"correlation"`` or ``"euclidean"`` (default "correlation").
 
     Raises ``TypeError``/``ValueError`` naming the argument for bad input, and ``ValueError`` at the start of
     ``fit`` for a sharded strategy (FSDP, DeepSpeed, ModelParallel), for several optimizers without
@@ -67,15 +69,15 @@ class LightningCMDHooks:
                  record_every_n_steps: int | None = None, swap_for_validation: bool = False,
                  export_path: str | os.PathLike | None = None, log_every: int | None = 10,
                  optimizer_index: int | None = None, resume: bool = True, check_finite: bool = True,
-                 compile_update: bool = False):
-        self.options = Options(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
-                               freeze_modes_after=freeze_modes_after, seed=seed,
-                               record_every_n_steps=record_every_n_steps, log_every=log_every,
-                               check_finite=check_finite, compile_update=compile_update)
-        self.swap_for_validation = _common.check_bool("swap_for_validation", swap_for_validation)
+                 compile_update: bool = False, distance: str = "correlation"):
+        self.options = Options.of(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
+                                  freeze_modes_after=freeze_modes_after, seed=seed, distance=distance,
+                                  record_every_n_steps=record_every_n_steps, log_every=log_every,
+                                  check_finite=check_finite, compile_update=compile_update)
+        self.swap_for_validation = check_bool("swap_for_validation", swap_for_validation)
         self.export_path = _common.check_path("export_path", export_path)
-        self.optimizer_index = _common.check_int("optimizer_index", optimizer_index, 0, allow_none=True)
-        self.resume = _common.check_bool("resume", resume)
+        self.optimizer_index = check_int("optimizer_index", optimizer_index, 0, allow_none=True)
+        self.resume = check_bool("resume", resume)
         self.recorder: CMDRecorder | None = None
         self._schedule = Schedule(self.options.record_every_n_steps)
         self._swap = Swap()
@@ -98,12 +100,10 @@ class LightningCMDHooks:
         optimizer = self._choose_optimizer(trainer)
         if self.recorder is not None:
             self.recorder.close()
-        self._schedule.stop()
         self._swap.end()
         self._schedule = Schedule(self.options.record_every_n_steps)
         self.recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
                                                self._tensorboard(trainer))
-        self._schedule.start(optimizer, self.recorder)
         if state is not None:
             _common.restore_state(self.recorder, self._schedule, state, f"the checkpoint {trainer.ckpt_path}")
 
@@ -191,7 +191,6 @@ class LightningCMDHooks:
     # ------------------------------------------------------------------------------------- the end
     def on_train_end(self, trainer, pl_module) -> None:
         self._swap.end()
-        self._schedule.stop()
         rec = self.recorder
         if rec is None:
             return

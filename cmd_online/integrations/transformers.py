@@ -26,6 +26,7 @@ from ..distributed import is_writer
 from ..files import atomic_write
 from ..recorder import CMDRecorder
 from ..trajectory import CMDTrajectory
+from ..config import check_bool, check_int
 from . import _common
 from ._common import STATE_FILE, Options, Schedule, Swap
 
@@ -63,6 +64,7 @@ class CMDCallback(TrainerCallback):
             a checkpoint without it; False starts a new recording (default True).
         check_finite (bool): skip records whose weights hold NaN/Inf, with a warning (default True).
         compile_update (bool): run the statistics update through ``torch.compile`` (default False).
+        distance (str): the clustering distance, ``"correlation"`` or ``"euclidean"`` (default "correlation").
 
     Raises ``TypeError``/``ValueError`` naming the argument for bad input; ``ValueError`` when the Trainer
     is created with FSDP or DeepSpeed; ``FileNotFoundError`` when training resumes (``resume=True``) from a
@@ -73,15 +75,15 @@ class CMDCallback(TrainerCallback):
                  warmup: int = 20, freeze_modes_after: int | None = None, seed: int = 0,
                  record_every_n_steps: int | None = None, export_dir: str | os.PathLike | None = "cmd_model",
                  writer=None, log_every: int = 10, resume: bool = True, check_finite: bool = True,
-                 compile_update: bool = False):
-        _common.check_int("log_every", log_every, 1)
-        self.options = Options(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
-                               freeze_modes_after=freeze_modes_after, seed=seed,
-                               record_every_n_steps=record_every_n_steps, log_every=log_every,
-                               check_finite=check_finite, compile_update=compile_update)
+                 compile_update: bool = False, distance: str = "correlation"):
+        check_int("log_every", log_every, 1)
+        self.options = Options.of(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
+                                  freeze_modes_after=freeze_modes_after, seed=seed, distance=distance,
+                                  record_every_n_steps=record_every_n_steps, log_every=log_every,
+                                  check_finite=check_finite, compile_update=compile_update)
         self.export_dir = _common.check_path("export_dir", export_dir)
         self.writer = writer
-        self.resume = _common.check_bool("resume", resume)
+        self.resume = check_bool("resume", resume)
         self.recorder: CMDRecorder | None = None
         self._model: weakref.ref | None = None
         self._schedule = Schedule(self.options.record_every_n_steps)
@@ -102,12 +104,10 @@ class CMDCallback(TrainerCallback):
         saved = self._find_state(args, state.global_step) if state.global_step > 0 and self.resume else None
         if self.recorder is not None:
             self.recorder.close()
-        self._schedule.stop()
         self._swap.end()
         self._model = weakref.ref(model)
         self._schedule = Schedule(self.options.record_every_n_steps)
         self.recorder = _common.build_recorder(optimizer, model, self.options, self.writer)
-        self._schedule.start(optimizer, self.recorder)
         if saved is not None:
             _common.restore_state(self.recorder, self._schedule, saved[1], saved[0])
 
@@ -153,7 +153,6 @@ class CMDCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------- the end
     def on_train_end(self, args, state, control, **kwargs):
         self._swap.end()
-        self._schedule.stop()
         rec = self.recorder
         if rec is None:
             return
