@@ -46,6 +46,8 @@ def _is_dtensor(p: torch.Tensor) -> bool:
 class ShardInfo:
     """Parameters held whole by this process (single process or DDP)."""
 
+    sharded = False  # True when each process holds only a part of some parameters (FSDP2)
+
     @staticmethod
     def of(params: Sequence[torch.Tensor], model: torch.nn.Module | None = None) -> "ShardInfo":
         """The sharding of ``params``: whole tensors, or row shards for FSDP2 DTensors.
@@ -136,6 +138,8 @@ class RowShards(ShardInfo):
     (``Replicate()`` or a plain tensor, identical on every rank) every rank holds all rows and
     rank 0 owns them, so no value is counted twice.
     """
+
+    sharded = True
 
     def __init__(self, params: Sequence[torch.Tensor], model: torch.nn.Module | None = None):
         names = {}

@@ -7,6 +7,7 @@ CMD weights, checkpoints and trajectories, and tells its observers (``cmd_online
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import warnings
@@ -22,6 +23,7 @@ from .config import CMDConfig, check_bool, check_choice, check_int
 from .files import atomic_save
 from .layout import GatherPlan, Layout
 from .observers import check_observers, notify, tensorboard_logger
+from .offload import Job, Offload
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
 from .stats import BLOCK, KERNELS, AffineFit, StreamingMoments, mode_dtype, mode_means, pin_references
@@ -78,7 +80,8 @@ class CMDRecorder:
                  threshold: float | None = None, samples: int = 1000, warmup: int = 20,
                  record_every: int | None = None, freeze_modes_after: int | None = None,
                  distance: str = "correlation", writer=None, log_every: int = 10, callbacks=None, seed: int = 0,
-                 check_finite: bool = True, compile_update: bool = False, kernel: str | None = None):
+                 check_finite: bool = True, compile_update: bool = False, kernel: str | None = None,
+                 offload: bool = False):
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if warmup is None:
@@ -93,6 +96,10 @@ class CMDRecorder:
             if self.compile_update and kernel != "compiled":
                 raise ValueError(f"compile_update=True asks for kernel='compiled'; got kernel={kernel!r}")
         self._kernel = "compiled" if self.compile_update else kernel
+        self.offload = check_bool("offload", offload)
+        if self.offload and self._kernel == "flat":
+            raise ValueError("kernel='flat' keeps the statistics on the parameters' device; offload=True keeps them "
+                             "in host memory (kernel 'blocks' or 'compiled')")
         log_every = check_int("log_every", log_every, 1)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
@@ -105,7 +112,8 @@ class CMDRecorder:
         devices = {p.device for p in local}
         if len(devices) != 1:
             raise ValueError(f"all parameters must be on one device; got {sorted(map(str, devices))}")
-        self.device = devices.pop()
+        self._param_device = devices.pop()
+        self.device = torch.device("cpu") if self.offload else self._param_device  # where the statistics live
 
         # weak references, as torch_ema keeps: dropping the model and optimizer frees the parameters
         self._optimizer = weakref.ref(optimizer)
@@ -117,7 +125,7 @@ class CMDRecorder:
             raise ValueError(f"samples ({self.config.samples}) must be ≤ the number of weights N = {self.layout.numel}")
 
         self.sample_index = sample_indices(self.layout.sizes, self.config.samples, self.config.seed)
-        self._sample_plan = self._shards.gather_plan(self.layout, self.sample_index, self.device)
+        self._sample_plan = self._shards.gather_plan(self.layout, self.sample_index, self._param_device)
         self._history = torch.zeros(self.config.samples, self.config.warmup, dtype=self._coefficient_dtype,
                                     device=self.device)
         self._warmup_records = 0  # records of the warm-up taken so far
@@ -138,6 +146,11 @@ class CMDRecorder:
         self._log_every = log_every
         self._loggers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # for log(writer)
         self._lock = threading.RLock()  # records, queries and state changes happen one at a time
+        self._offload: Offload | None = None
+        self._done: collections.deque = collections.deque()  # offload: what the worker did, told on this thread
+        if self.offload:
+            self._offload = Offload(local, self.config.samples, self._coefficient_dtype, self._apply_offloaded)
+            weakref.finalize(self, self._offload.stop)
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
     def _warn_about_tiny_settings(self) -> None:
@@ -179,23 +192,37 @@ class CMDRecorder:
     # ----------------------------------------------------------------------------- state
     @property
     def phase(self) -> str:
-        """``"warmup"`` until the clustering is done, then ``"tracking"``."""
+        """``"warmup"`` until the clustering is done, then ``"tracking"`` (with offload, waits for pending records)."""
+        self._sync()
         return "warmup" if self._stats is None else "tracking"
 
     @property
     def num_records(self) -> int:
-        """Records taken, skipped ones not counted (with the flat kernel, reading it synchronises)."""
-        if self._stats is None:
-            return self._warmup_records
+        """Records taken, skipped ones not counted (flat kernel: reading it synchronises; offload: waits)."""
+        self._sync()
         self._report_skips()
-        return self.window_start + self._stats.window_count()
+        return self._records()
 
     @property
     def skipped_records(self) -> int:
-        """Records skipped because of NaN/Inf weights (with the flat kernel, reading it synchronises)."""
+        """Records skipped because of NaN/Inf weights (flat kernel: reading it synchronises; offload: waits)."""
+        self._sync()
+        return self._skips()
+
+    def _records(self) -> int:
+        return self._warmup_records if self._stats is None else self.window_start + self._stats.window_count()
+
+    def _skips(self) -> int:
         if self._stats is None or self._stats.kernel != "flat":
             return self._skipped
         return self._skipped + self._device_attempts + 1 - self._stats.window_count()
+
+    def _sync(self) -> None:
+        """With offload, on the training thread: wait for pending records and tell what they did."""
+        if self._offload is not None and not self._offload.is_worker():
+            with self._lock:
+                self._offload.drain()
+                self._deliver()
 
     @property
     def num_modes(self) -> int | None:
@@ -304,23 +331,36 @@ class CMDRecorder:
         """Take one trajectory point now.
 
         Returns False if the record was skipped because a weight is NaN/Inf. With the flat kernel
-        (accelerators) records after the warm-up are checked on the device, without waiting: they
-        return True, and a skipped one shows in ``skipped_records`` and a warning at the next query.
-        Records work under ``torch.no_grad()``, ``torch.inference_mode()`` or neither, from any thread
-        (one at a time).
+        (accelerators) records after the warm-up are checked on the device, without waiting, and with
+        ``offload=True`` in the background: they return True, and a skipped one shows in
+        ``skipped_records`` and a warning at the next query. Records work under ``torch.no_grad()``,
+        ``torch.inference_mode()`` or neither, from any thread (one at a time).
         """
         with self._lock, torch.inference_mode(False), torch.no_grad():
             self._warn_if_params_changed()
             weights = self._local_weights()
+            if self._offload is not None:
+                self._deliver()
+                self._submit(weights)
+                return True
             started = self._stats is not None
-            taken = self._tracking_record(weights) if started else self._warmup_record(weights)
-            if not taken:
-                return False
-            if not started and self._stats is not None:
-                notify(self.observers, "on_tracking_start", self)
-            if self.observers:
-                notify(self.observers, "on_record", self, self.num_records - 1)
+            if started and self._stats.kernel == "flat":
+                self._flat_record(weights)
+            else:
+                values = self._shards.assemble((self._ref_plan if started else self._sample_plan)(weights))
+                if self.check_finite and not self._finite_now(weights):
+                    return False
+                self._take(weights, values)
+            self._tell(started, self._stats is not None, None)
             return True
+
+    def _tell(self, was_tracking: bool, tracking: bool, index: int | None) -> None:
+        """The observers: the warm-up ended (if it did at this record), and record ``index`` (default the
+        last) was taken."""
+        if tracking and not was_tracking:
+            notify(self.observers, "on_tracking_start", self)
+        if self.observers:
+            notify(self.observers, "on_record", self, self._records() - 1 if index is None else index)
 
     def _warn_if_params_changed(self) -> None:
         optimizer = self._optimizer()
@@ -335,32 +375,77 @@ class CMDRecorder:
         """This process's part of every parameter, flat, in its own dtype (views: nothing is copied)."""
         return [w.detach().reshape(-1) for w in self._shards.local(self.params)]
 
-    def _warmup_record(self, weights: list[torch.Tensor]) -> bool:
-        if self.check_finite and not self._finite_now(weights):
-            return False
-        t = self._warmup_records
-        self._history[:, t] = self._shards.assemble(self._sample_plan(weights))
-        self._warmup_records += 1
-        if t == self.config.warmup - 1:
-            self._start_tracking(weights)
-        return True
+    def _take(self, weights: list[torch.Tensor], values: torch.Tensor) -> None:
+        """Apply one checked record (on the training thread, or the offload worker with host copies):
+        ``values`` are the sampled weights during the warm-up, the reference values after it."""
+        if self._stats is None:
+            t = self._warmup_records
+            self._history[:, t] = values
+            if t == self.config.warmup - 1:
+                self._start_tracking(weights)  # if it fails, the record is not taken: it can come again
+            self._warmup_records = t + 1
+            return
+        self._table.write(self.window_start + self._stats.count, values)
+        self._stats.update(weights, values)
+        self._freeze_when_due()
 
-    def _tracking_record(self, weights: list[torch.Tensor]) -> bool:
+    def _flat_record(self, weights: list[torch.Tensor]) -> None:
+        """A record of the flat kernel after the warm-up: nothing here waits for the device."""
         stats = self._stats
         refs = self._shards.assemble(self._ref_plan(weights))
-        if stats.kernel == "flat":  # nothing here waits for the device
-            ok = self._finite_flags(weights, exact=True)[0].all() if self.check_finite else None
-            self._table.reserve(self.window_start + self._device_attempts + 2)
-            self._table.write(stats.count_t.long() + self.window_start, refs)  # overwritten if skipped
-            stats.update(weights, refs, ok)
-            self._device_attempts += 1
-        else:
-            if self.check_finite and not self._finite_now(weights):
-                return False
-            self._table.write(self.window_start + stats.count, refs)
-            stats.update(weights, refs)
+        ok = self._finite_flags(weights, exact=True)[0].all() if self.check_finite else None
+        self._table.reserve(self.window_start + self._device_attempts + 2)
+        self._table.write(stats.count_t.long() + self.window_start, refs)  # overwritten if skipped
+        stats.update(weights, refs, ok)
+        self._device_attempts += 1
         self._freeze_when_due()
-        return True
+
+    # ----------------------------------------------------------------------------- offload
+    def _submit(self, weights: list[torch.Tensor]) -> None:
+        """Hand one record to the offload worker: host copies of the weights and of the gathered values."""
+        if self._stats is None and self._warmup_records + self._offload.pending() >= self.config.warmup - 1:
+            self._offload.drain()  # this record, or one in flight, may end the warm-up: its values change
+            self._deliver()
+        tracking = self._stats is not None
+        values = self._shards.assemble((self._ref_plan if tracking else self._sample_plan)(weights))
+        finite = None
+        if self.check_finite and self._shards.sharded:  # the ranks must agree: check their shards together
+            finite = self._finite_flags(weights, exact=True)[0].all()
+        self._offload.submit(weights, values, finite, tracking)
+
+    def _apply_offloaded(self, job: Job) -> None:
+        """The worker thread: check and apply one record from host copies; tell the training thread later."""
+        weights = job.weights
+        if job.finite is not None:
+            bad = [] if bool(job.finite) else ["(a shard of another rank)"]
+        else:
+            bad = self._nonfinite(weights) if self.check_finite else []
+        if bad:
+            self._skipped += 1
+            self._done.append(("skip", bad, self._records()))
+            return
+        started = self._stats is not None
+        if job.tracking != started:
+            raise RuntimeError("offload: a record's values were gathered for another phase")
+        self._take(weights, job.values.to(self._coefficient_dtype))
+        self._done.append(("record", (started, self._stats is not None), self._records() - 1))
+
+    def _deliver(self) -> None:
+        """On the training thread: raise a failure of the worker, warn about skipped records, tell observers."""
+        if self._offload is None:
+            return
+        try:
+            self._offload.check()
+        finally:
+            while self._done:
+                kind, detail, index = self._done.popleft()
+                if kind == "skip":
+                    self._skips_reported += 1
+                    warnings.warn(f"CMDRecorder: record {index} skipped (offloaded): non-finite (NaN/Inf) values in "
+                                  f"{', '.join(detail[:5])}{' …' if len(detail) > 5 else ''}; the statistics are "
+                                  f"unchanged", RuntimeWarning, stacklevel=4)
+                else:
+                    self._tell(*detail, index)
 
     def _finite_flags(self, weights: list[torch.Tensor], exact: bool) -> tuple[torch.Tensor, list[int]]:
         """Device flags, one per parameter, that all its values on every rank are finite, and the
@@ -381,18 +466,22 @@ class CMDRecorder:
             flags.append(torch.isfinite(torch.stack(norms)))
         return self._shards.all_ranks(torch.cat(flags)), order
 
-    def _finite_now(self, weights: list[torch.Tensor]) -> bool:
-        """The finite check on the host: False (and a warning naming the parameters) for a skipped record."""
+    def _nonfinite(self, weights: list[torch.Tensor]) -> list[str]:
+        """The parameters holding NaN/Inf (checked on the host; empty for a record that may be taken)."""
         finite, order = self._finite_flags(weights, exact=False)
         if bool(finite.all()):
-            return True
+            return []
         finite, order = self._finite_flags(weights, exact=True)  # rare: an overflowing norm, or a real NaN/Inf
-        if bool(finite.all()):
+        return [self.layout.names[order[j]] for j in torch.nonzero(~finite).flatten().tolist()]
+
+    def _finite_now(self, weights: list[torch.Tensor]) -> bool:
+        """The finite check on the host: False (and a warning naming the parameters) for a skipped record."""
+        bad = self._nonfinite(weights)
+        if not bad:
             return True
-        bad = [self.layout.names[order[j]] for j in torch.nonzero(~finite).flatten().tolist()]
         self._skipped += 1
         self._skips_reported += 1
-        warnings.warn(f"CMDRecorder: record {self.num_records} skipped: non-finite (NaN/Inf) values in "
+        warnings.warn(f"CMDRecorder: record {self._records()} skipped: non-finite (NaN/Inf) values in "
                       f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the statistics are unchanged",
                       RuntimeWarning, stacklevel=4)
         return False
@@ -401,7 +490,7 @@ class CMDRecorder:
         """Warn about records the flat kernel skipped since the last report (reads its count)."""
         if self._stats is None or self._stats.kernel != "flat":
             return
-        skipped = self.skipped_records
+        skipped = self._skips()
         if skipped > self._skips_reported:
             warnings.warn(f"CMDRecorder: {skipped - self._skips_reported} record(s) skipped since the last report: "
                           f"non-finite (NaN/Inf) weights; the statistics are unchanged", RuntimeWarning, stacklevel=4)
@@ -410,20 +499,21 @@ class CMDRecorder:
     def _start_tracking(self, weights: list[torch.Tensor]) -> None:
         """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4)."""
         found = cluster(self._history, self.config.modes, self.config.threshold, self.config.distance)
-        self.clustering = found
         position = torch.from_numpy(found.reference)
         self._set_references(self.sample_index[position], self._history[position.to(self.device)])
+        self.clustering = found
         self._stats.update(weights, self._table.columns(self.config.warmup)[:, -1])
 
     def _set_references(self, reference_index: torch.Tensor, values: torch.Tensor) -> None:
-        """References, their table and fresh statistics (end of warm-up, or a resumed state)."""
-        self.reference_index = reference_index.long().cpu()
-        self._ref_plan = self._shards.gather_plan(self.layout, self.reference_index, self.device)
-        self._slots = self._shards.reference_slots(self.layout, self.reference_index)
-        self._table = ReferenceTable(values.to(self.device, self._coefficient_dtype))
-        self._stats = StreamingMoments([s.numel() for s in self._local_shapes], self.num_modes, self.device,
-                                       shift_dtype=self._coefficient_dtype, kernel=self._kernel)
-        self._device_attempts = 0
+        """References, their table and fresh statistics (end of warm-up, or a resumed state); all or nothing."""
+        reference_index = reference_index.long().cpu()
+        ref_plan = self._shards.gather_plan(self.layout, reference_index, self._param_device)
+        slots = self._shards.reference_slots(self.layout, reference_index)
+        table = ReferenceTable(values.to(self.device, self._coefficient_dtype))
+        stats = StreamingMoments([s.numel() for s in self._local_shapes], reference_index.numel(), self.device,
+                                 shift_dtype=self._coefficient_dtype, kernel=self._kernel)
+        self.reference_index, self._ref_plan, self._slots, self._table = reference_index, ref_plan, slots, table
+        self._stats, self._device_attempts = stats, 0
 
     def _freeze_when_due(self) -> None:
         stats, due = self._stats, self.config.freeze_modes_after
@@ -441,6 +531,7 @@ class CMDRecorder:
 
     # ----------------------------------------------------------------------------- queries
     def _require_tracking(self, what: str) -> None:
+        self._sync()
         if self._stats is None:
             remaining = self.config.warmup - self._warmup_records
             raise RuntimeError(f"{what} is not available during the warm-up: {remaining} more record(s) "
@@ -470,7 +561,7 @@ class CMDRecorder:
                 out[block.local] = reconstruct(a, b, block.fit.modes, column).to(out.dtype)
             if not bool(torch.isfinite(out).all()):
                 overflow.append(self.layout.names[i])
-            yield i, out.view(shape)
+            yield i, out.view(shape).to(self._param_device)
         if overflow:
             warnings.warn(f"CMDRecorder: the CMD weights of {', '.join(overflow[:5])}{' …' if len(overflow) > 5 else ''}"
                           f" at record {at} are not all finite: the fit goes beyond the range of "
@@ -551,11 +642,12 @@ class CMDRecorder:
             out = torch.empty(sum(self._stats.sizes), dtype=torch.float32, device=self.device)
             for block in self.fit_blocks():
                 out[block.flat] = block.fit.r2
-            return self._stats.views(out)
+            return [v.to(self._param_device) for v in self._stats.views(out)]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references,
-        indices) and their ``total``."""
+        indices, the offload's host ``staging`` buffers) and their ``total``."""
+        self._sync()
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         out = {
             "statistics": 0 if self._stats is None else self._stats.nbytes(),
@@ -563,6 +655,7 @@ class CMDRecorder:
             "history": size(self._history),
             "references": 0 if self._table is None else self._table.nbytes(),
             "indices": size(self.sample_index) + size(self.reference_index),
+            "staging": 0 if self._offload is None else self._offload.nbytes(),
         }
         out["total"] = sum(out.values())
         return out
@@ -588,6 +681,7 @@ class CMDRecorder:
         As a module's ``state_dict`` does, it holds references to the recorder's tensors, not copies:
         save it (``torch.save``) before the next record changes them.
         """
+        self._sync()
         with self._lock:
             stats = None
             if self._stats is not None:
@@ -610,6 +704,7 @@ class CMDRecorder:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Refuses (changing nothing) a state of another configuration."""
+        self._sync()
         with self._lock:
             self._load_state_dict(state)
 
@@ -632,6 +727,7 @@ class CMDRecorder:
 
     def close(self) -> None:
         """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed)."""
+        self._sync()
         with self._lock:
             if self._hook is not None:
                 self._hook.remove()
