@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import secrets
 import stat
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -158,15 +160,34 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> 
         raise ValueError(f"{str(path)!r} is a directory, not a {what} file")
     try:
         _verify_checksums(path)
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: not news to the user
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{str(path)!r} is not a {what} file, or holds objects that are refused "
-                         f"for safety (weights_only load): {first}") from None
+                         f"for safety (weights_only load): {_refusal_reason(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, KeyError, ValueError,
             IndexError, TypeError, UnicodeDecodeError, AssertionError) as e:  # torch asserts on a bad pickle
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): {first}") from None
+        raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): "
+                         f"{_first_line(str(e)) or type(e).__name__}") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(text: str) -> str:
+    text = _ANSI.sub("", text).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What the weights_only unpickler refused, without torch's advice to load with weights_only=False."""
+    text = _ANSI.sub("", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    if found:
+        return found.group(1).strip()
+    first = _first_line(text)
+    return first if first and "weights_only" not in first else "it holds more than tensors and plain values"
 
 
 def read_checkpoint(item: Any, what: str = "checkpoint") -> Mapping:

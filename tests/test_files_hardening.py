@@ -1,4 +1,4 @@
-"""Files, continued: a full disk, long names, symlinks and permissions.
+"""Files, continued: a full disk, long names, symlinks, permissions and a harmful pickle given to the CLI.
 
 Each test writes real files: a real full filesystem (a tmpfs, or a file-size limit), real symlinks,
 real permission bits, and runs the real ``cmd-online`` command.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import resource
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,54 @@ def small_saved(folder: Path) -> Path:
     cmdo.CMDTrajectory(torch.randn(2, 4), [0, 3], torch.randn(5), torch.randn(5),
                        torch.tensor([0, 1, 1, 1, 0], dtype=torch.int32)).save(path)
     return path
+
+
+# ---------------------------------------------------------------------------------- harmful pickles on the CLI
+class Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def write_malicious(path: Path, marker: Path, bare: bool) -> None:
+    payload = {"format": "cmd_online.CMDTrajectory", "version": 1, "a": Payload(marker)}
+    if bare:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        torch.save(payload, path)
+
+
+ADVICE = ("weights_only` set to `False", "weights_only=False", "add_safe_globals", "trusted source", "\x1b[")
+
+
+def test_cli_on_a_bare_malicious_pickle_prints_one_line_without_torchs_advice(tmp_path):
+    path, marker = tmp_path / "evil.cmd", tmp_path / "pwned"
+    write_malicious(path, marker, bare=True)
+    proc = run_cli("inspect", str(path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    line = one_error_line(proc.stderr)  # no warning lines before it
+    assert "refused for safety" in line and str(path) in line
+    assert not any(words in proc.stderr for words in ADVICE), proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bare", [True, False], ids=["bare_pickle", "torch_zip"])
+@pytest.mark.parametrize("command", ["inspect", "export", "decompose"])
+def test_cli_refuses_a_malicious_pickle_in_one_line_with_no_warning(tmp_path, capsys, bare, command):
+    path, marker = tmp_path / "evil.cmd", tmp_path / "pwned"
+    write_malicious(path, marker, bare)
+    argv = {"inspect": ["inspect", str(path)], "export": ["export", str(path), "-o", str(tmp_path / "x.pt")],
+            "decompose": ["decompose", str(path), str(path), "-o", str(tmp_path / "x.pt")]}[command]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 2
+    assert [str(w.message) for w in caught] == []
+    line = one_error_line(capsys.readouterr().err)
+    assert "refused for safety" in line
+    assert not any(words in line for words in ADVICE), line
+    assert not marker.exists() and not (tmp_path / "x.pt").exists()
