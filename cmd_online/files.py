@@ -63,7 +63,7 @@ def _create_temporary(target: Path) -> tuple[int, Path]:
     except (OSError, ValueError, AttributeError):
         limit = 255
     name = target.name
-    while len(os.fsencode(f".{name}.01234567.tmp")) > limit:
+    while name and len(os.fsencode(f".{name}.01234567.tmp")) > limit:
         name = name[:-1]
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
@@ -82,7 +82,8 @@ def _keep_owner_and_mode(tmp: Path, target: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        os.chown(tmp, old.st_uid, old.st_gid)
+        if hasattr(os, "chown"):
+            os.chown(tmp, old.st_uid, old.st_gid)
     except OSError:  # only root may give a file away: the new file then belongs to the writer
         pass
     os.chmod(tmp, stat.S_IMODE(old.st_mode))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import resource
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 import cmd_online as cmdo
 from cmd_online.cli import main
 from cmd_online.files import atomic_save, atomic_write
+from test_files import small_trajectory, write_malicious
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +85,10 @@ def test_full_disk_raises_os_error_naming_the_path_and_keeps_the_old_file(full_d
     assert "No space left on device (ENOSPC)" in str(caught.value) and str(target) in str(caught.value)
     assert target.read_bytes() == before
     assert names(full_disk) == ["old.pt"]  # the temporary file is gone
+    # the control: torch.save into a file object swallows the OSError and says something else
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with open(full_disk / "control.pt", "wb") as f:
+            torch.save({"w": torch.zeros(100_000)}, f)
 
 
 def test_cli_export_to_a_full_disk_prints_one_line_and_keeps_the_old_file(full_disk, tmp_path, capsys):
@@ -165,14 +169,23 @@ def test_a_dangling_symlink_is_written_through_and_a_loop_is_refused(tmp_path):
     assert loop.is_symlink() and names(tmp_path) == ["loop.pt", "model.pt", "target.pt"]
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755, 0o444])
 def test_overwriting_a_file_keeps_its_permission_bits(tmp_path, mode):
     target = tmp_path / "t.cmd"
     target.write_bytes(b"old")
     target.chmod(mode)
-    cmdo.CMDTrajectory.load(small_saved(tmp_path)).save(target)
+    small_trajectory().save(target)
     assert target.stat().st_mode & 0o7777 == mode
-    assert cmdo.CMDTrajectory.load(target).num_weights == 5
+    assert cmdo.CMDTrajectory.load(target).num_weights == 40
+
+
+def test_a_hard_linked_file_is_replaced_so_its_other_names_keep_the_old_content(tmp_path):
+    """Atomic replacement swaps one name's file: unlike torch.save, which writes in place."""
+    target, other = tmp_path / "model.pt", tmp_path / "other_name.pt"
+    target.write_bytes(b"old")
+    os.link(target, other)
+    atomic_save({"w": torch.ones(2)}, target)
+    assert other.read_bytes() == b"old" and target.read_bytes() != b"old"
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -195,39 +208,13 @@ def test_overwriting_another_users_file_as_root_keeps_its_owner(tmp_path):
     assert (target.stat().st_uid, target.stat().st_gid) == (12345, 23456)
 
 
-def small_saved(folder: Path) -> Path:
-    path = folder / "small.cmd"
-    cmdo.CMDTrajectory(torch.randn(2, 4), [0, 3], torch.randn(5), torch.randn(5),
-                       torch.tensor([0, 1, 1, 1, 0], dtype=torch.int32)).save(path)
-    return path
-
-
 # ---------------------------------------------------------------------------------- harmful pickles on the CLI
-class Payload:
-    """Unpickling this runs code: it creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def write_malicious(path: Path, marker: Path, bare: bool) -> None:
-    payload = {"format": "cmd_online.CMDTrajectory", "version": 1, "a": Payload(marker)}
-    if bare:
-        with open(path, "wb") as f:
-            pickle.dump(payload, f)
-    else:
-        torch.save(payload, path)
-
-
 ADVICE = ("weights_only` set to `False", "weights_only=False", "add_safe_globals", "trusted source", "\x1b[")
 
 
 def test_cli_on_a_bare_malicious_pickle_prints_one_line_without_torchs_advice(tmp_path):
     path, marker = tmp_path / "evil.cmd", tmp_path / "pwned"
-    write_malicious(path, marker, bare=True)
+    write_malicious(path, marker, legacy=True)
     proc = run_cli("inspect", str(path))
     assert proc.returncode == 2 and proc.stdout == ""
     line = one_error_line(proc.stderr)  # no warning lines before it
@@ -240,7 +227,7 @@ def test_cli_on_a_bare_malicious_pickle_prints_one_line_without_torchs_advice(tm
 @pytest.mark.parametrize("command", ["inspect", "export", "decompose"])
 def test_cli_refuses_a_malicious_pickle_in_one_line_with_no_warning(tmp_path, capsys, bare, command):
     path, marker = tmp_path / "evil.cmd", tmp_path / "pwned"
-    write_malicious(path, marker, bare)
+    write_malicious(path, marker, legacy=bare)
     argv = {"inspect": ["inspect", str(path)], "export": ["export", str(path), "-o", str(tmp_path / "x.pt")],
             "decompose": ["decompose", str(path), str(path), "-o", str(tmp_path / "x.pt")]}[command]
     with warnings.catch_warnings(record=True) as caught:
@@ -248,6 +235,7 @@ def test_cli_refuses_a_malicious_pickle_in_one_line_with_no_warning(tmp_path, ca
         assert main(argv) == 2
     assert [str(w.message) for w in caught] == []
     line = one_error_line(capsys.readouterr().err)
-    assert "refused for safety" in line
+    reason = "Unsupported operand 149" if bare else "Unsupported global: GLOBAL exec was not an allowed global"
+    assert "refused for safety (weights_only load): " + reason in line, line
     assert not any(words in line for words in ADVICE), line
     assert not marker.exists() and not (tmp_path / "x.pt").exists()
