@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--modes", type=_int_at_least(1), default=10, help="number of modes (default 10)")
     demo.add_argument("--samples", type=_int_at_least(1), default=1000, help="sampled weights clustered at "
                       "the end of the warm-up (default 1000)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of split, init, shuffling and sampling "
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of split, init, shuffling and sampling "
                       "(default 0)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--batch-size", type=_int_at_least(1), default=64, help="mini-batch size (default 64)")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "every pair in a mode has |corr| ≥ 1 − t")
     decompose.add_argument("--samples", type=_int_at_least(1), default=1000,
                            help="sampled weights that are clustered (default 1000, at most the weights)")
-    decompose.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    decompose.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the sampling (default 0)")
     decompose.add_argument("--distance", choices=("correlation", "euclidean"), default="correlation",
                            help="clustering distance: 1 − |corr| (default), or the Euclidean distance between "
                            "rows of |corr| as the paper authors' code")

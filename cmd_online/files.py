@@ -7,9 +7,13 @@ the target, so a crash mid-write leaves the previous file intact. Reading uses
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import stat
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,35 +22,117 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+class _KeepWriteError:
+    """Writes through to ``file`` and keeps the first OSError a write raised.
+
+    torch's zip writer swallows that error and fails later with a RuntimeError ("unexpected pos")
+    that no longer says the disk is full; :func:`atomic_write` raises the kept error instead.
+    """
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_target(path: Path) -> Path:
+    """The file a write to ``path`` lands in: symbolic links are followed, as ``open`` (and torch.save) does."""
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops at a loop
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+    if target.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory, not a file")
+    return target
+
+
+def _create_temporary(target: Path) -> tuple[int, Path]:
+    """A new hidden file beside ``target``, created with mode 0o666 so that the umask applies as for open().
+
+    Its name, ``.NAME.XXXXXXXX.tmp``, is cut to the folder's name limit: a name torch.save accepts works.
+    """
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    name = target.name
+    while name and len(os.fsencode(f".{name}.01234567.tmp")) > limit:
+        name = name[:-1]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = target.parent / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(target.parent))
+
+
+def _keep_owner_and_mode(tmp: Path, target: Path) -> None:
+    """Give the new file the owner, group and permission bits of the file it replaces, if there is one."""
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        return
+    try:
+        if hasattr(os, "chown"):
+            os.chown(tmp, old.st_uid, old.st_gid)
+    except OSError:  # only root may give a file away: the new file then belongs to the writer
+        pass
+    os.chmod(tmp, stat.S_IMODE(old.st_mode))
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` with the file named and the errno spelled out, e.g. ``No space left on device (ENOSPC)``."""
+    if error.filename is not None or error.errno is None:
+        return error
+    code = errno.errorcode.get(error.errno, str(error.errno))
+    return type(error)(error.errno, f"{error.strerror or os.strerror(error.errno)} ({code}) while writing; "
+                       f"the file was left as it was", str(path))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, and rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, and rename it over ``path``.
+
+    Like ``torch.save``, it writes through a symbolic link (the link stays), keeps an existing file's
+    permission bits (and owner, when run as root) and gives a new file 0o666 & ~umask. A failed write
+    (a full disk, a file-size limit) raises the ``OSError`` naming ``path``; the temporary file is
+    removed and the previous file is untouched.
+    """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"path {str(path)!r} is a directory, not a file")
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    target = _write_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temporary(target)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            kept = _KeepWriteError(f)
+            try:
+                write(kept)
+            except Exception:
+                if kept.error is None:
+                    raise
+                raise kept.error from None
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
+        _keep_owner_and_mode(tmp, target)
+        os.replace(tmp, target)
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _naming(e, path) from None
         raise
     try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -75,15 +161,34 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> 
         raise ValueError(f"{str(path)!r} is a directory, not a {what} file")
     try:
         _verify_checksums(path)
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: not news to the user
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{str(path)!r} is not a {what} file, or holds objects that are refused "
-                         f"for safety (weights_only load): {first}") from None
+                         f"for safety (weights_only load): {_refusal_reason(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, KeyError, ValueError,
             IndexError, TypeError, UnicodeDecodeError, AssertionError) as e:  # torch asserts on a bad pickle
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): {first}") from None
+        raise ValueError(f"{str(path)!r} is not a readable {what} file (truncated or corrupted?): "
+                         f"{_first_line(str(e)) or type(e).__name__}") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(text: str) -> str:
+    text = _ANSI.sub("", text).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What the weights_only unpickler refused, without torch's advice to load with weights_only=False."""
+    text = _ANSI.sub("", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    if found:
+        return found.group(1).strip()
+    first = _first_line(text)
+    return first if first and "weights_only" not in first else "it holds more than tensors and plain values"
 
 
 def read_checkpoint(item: Any, what: str = "checkpoint") -> Mapping:

@@ -17,6 +17,8 @@ from .layout import Layout
 
 FORMAT = "cmd_online.CMDTrajectory"
 VERSION = 1
+_REQUIRED = ("references", "reference_index", "a", "b", "modes", "window_start", "layout")
+_OPTIONAL = ("mode_r2",)  # constructor arguments that default to None: saved when set, checked when in a file
 
 
 def normalize_at(at: int, num_records: int, name: str = "at") -> int:
@@ -39,46 +41,121 @@ def reconstruct(a: torch.Tensor, b: torch.Tensor, modes: torch.Tensor, column: t
     return torch.addcmul(b.to(torch.float64), a.to(torch.float64), picked).to(a.dtype)
 
 
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_KINDS = {  # what each kind of field must hold, and how an error names it
+    "float": (lambda t: t.dtype in _FLOATS, "a floating-point (float64/32/16, bfloat16)"),
+    "int": (lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool), "an integer"),
+    "bool": (lambda t: t.dtype == torch.bool, "a bool"),
+}
+
+
+def _tensor(name: str, value, kind: str) -> torch.Tensor:
+    """``value`` as a tensor whose dtype is of ``kind`` ("float", "int" or "bool"); a TypeError names it."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor (or array) of {_KINDS[kind][1]} dtype; "
+                        f"got {type(value).__name__}") from None
+    ok, words = _KINDS[kind]
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor; got layout {t.layout}")
+    if not ok(t):
+        raise TypeError(f"{name} must be {words} tensor; got dtype {t.dtype}")
+    return t
+
+
+def _vector(name: str, t: torch.Tensor, length: int, what: str) -> None:
+    if t.shape != (length,):
+        raise ValueError(f"{name} must be a vector of {what} = {length} entries; got shape {tuple(t.shape)}")
+
+
+def _finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite; it holds {int((~torch.isfinite(t)).sum())} NaN or Inf value(s)")
+
+
+def _in_range(name: str, t: torch.Tensor, high: int, what: str) -> None:
+    """Every entry of the integer tensor ``t`` in [0, high), checked before any cast could wrap it."""
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+        raise ValueError(f"{name} must lie in [0, {what} = {high}); got values from {int(t.min())} to {int(t.max())}")
+
+
+def _check_layout(layout: Layout, N: int) -> Layout:
+    for name, shape in zip(layout.names, layout.shapes):
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in shape):
+            raise TypeError(f"layout: tensor {name!r} has shape {shape}; sizes must be ints")
+        if any(x < 0 for x in shape):
+            raise ValueError(f"layout: tensor {name!r} has a negative size in its shape {shape}")
+    if layout.numel != N:
+        raise ValueError(f"a has {N} entries but layout covers {layout.numel} weights; both must be N")
+    return layout
+
+
 class CMDTrajectory:
     """A CMD model of N weights over T records.
 
     Attributes:
-        references (tensor): M × T reference trajectories.
-        reference_index (tensor): M flat indices of the reference weights.
-        a, b (tensor): N affine coefficients.
-        modes (tensor): N mode labels (int32), 0 = the largest mode.
-        window_start (int): first record of the window over which a and b were fitted.
-        layout (Layout): names, shapes and dtypes of the tensors the flat index runs over.
-        mode_r2 (tensor): mean R² of each mode's members over the window (M,).
+        references (tensor): M × T reference trajectories (floating point, finite).
+        reference_index (tensor): M distinct flat indices of the reference weights, in [0, N) (int64).
+        a, b (tensor): N affine coefficients (floating point of one dtype, finite).
+        modes (tensor): N mode labels (int32) in [0, M), 0 = the largest mode.
+        window_start (int): first record of the window over which a and b were fitted, in [0, T).
+        layout (Layout): names, shapes and dtypes of the tensors the flat index runs over (N weights).
+        mode_r2 (tensor): mean R² of each mode's members over the window (M,), or None.
+
+    Every argument is checked: a wrong type or dtype raises TypeError, a wrong shape, range or value
+    ValueError, each naming the argument.
     """
 
     def __init__(self, references, reference_index, a, b, modes, window_start: int = 0,
                  layout: Layout | None = None, mode_r2=None):
-        self.references = torch.as_tensor(references)
-        self.reference_index = torch.as_tensor(reference_index).long()
-        self.a = torch.as_tensor(a)
-        self.b = torch.as_tensor(b)
-        self.modes = torch.as_tensor(modes).to(torch.int32)
-        self.window_start = int(window_start)
-        n = self.a.numel()
-        self.layout = layout if layout is not None else Layout.flat(n, self.a.dtype)
-        self.mode_r2 = None if mode_r2 is None else torch.as_tensor(mode_r2)
-        self._validate()
+        references = _tensor("references", references, "float")
+        reference_index = _tensor("reference_index", reference_index, "int")
+        a, b = _tensor("a", a, "float"), _tensor("b", b, "float")
+        modes = _tensor("modes", modes, "int")
+        mode_r2 = None if mode_r2 is None else _tensor("mode_r2", mode_r2, "float")
+        if isinstance(window_start, bool) or not isinstance(window_start, numbers.Integral):
+            raise TypeError(f"window_start must be an int record index; got {type(window_start).__name__}")
+        if layout is not None and not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a Layout (cmd_online.layout.Layout); got {type(layout).__name__}")
 
-    def _validate(self):
-        M = self.reference_index.numel()
-        if self.references.dim() != 2 or self.references.shape[0] != M:
-            raise ValueError(f"references must be M × T with M = {M}; got {tuple(self.references.shape)}")
-        n = self.a.numel()
-        for name in ("a", "b", "modes"):
-            if getattr(self, name).shape != (n,):
-                raise ValueError(f"{name} must be a vector of N = {n} entries; got {tuple(getattr(self, name).shape)}")
-        if self.layout.numel != n:
-            raise ValueError(f"layout covers {self.layout.numel} weights but a has {n}")
-        if n and (int(self.modes.min()) < 0 or int(self.modes.max()) >= M):
-            raise ValueError(f"modes must lie in [0, {M}); the file or arguments are inconsistent")
-        if not 0 <= self.window_start < max(self.num_records, 1):
-            raise ValueError(f"window_start={self.window_start} outside [0, {self.num_records})")
+        if reference_index.dim() != 1 or reference_index.numel() == 0:
+            raise ValueError(f"reference_index must be a non-empty vector (M ≥ 1 reference weights); "
+                             f"got shape {tuple(reference_index.shape)}")
+        M = reference_index.numel()
+        if references.dim() != 2 or references.shape[0] != M:
+            raise ValueError(f"references must be M × T with M = {M} (one row per entry of reference_index); "
+                             f"got shape {tuple(references.shape)}")
+        if references.shape[1] == 0:
+            raise ValueError("references must hold at least one record (T ≥ 1); got 0 columns")
+        _finite("references", references)
+        if a.dim() != 1:
+            raise ValueError(f"a must be a vector of N entries; got shape {tuple(a.shape)}")
+        N = a.numel()
+        if N == 0:
+            raise ValueError("a must hold at least one weight (N ≥ 1); got 0")
+        _finite("a", a)
+        layout = _check_layout(layout if layout is not None else Layout.flat(N, a.dtype), N)
+        _vector("b", b, N, "N")
+        if b.dtype != a.dtype:
+            raise TypeError(f"b must have a's dtype {a.dtype}; got {b.dtype}")
+        _finite("b", b)
+        _vector("modes", modes, N, "N")
+        _in_range("modes", modes, M, "M")
+        _in_range("reference_index", reference_index, N, "N")
+        if torch.unique(reference_index).numel() != M:
+            raise ValueError("reference_index must hold distinct flat indices; some appear more than once")
+        T = references.shape[1]
+        if not 0 <= window_start < T:
+            raise ValueError(f"window_start must lie in [0, T = {T}); got {window_start}")
+        if mode_r2 is not None:
+            _vector("mode_r2", mode_r2, M, "M")
+            _finite("mode_r2", mode_r2)
+
+        self.references, self.a, self.b, self.layout, self.mode_r2 = references, a, b, layout, mode_r2
+        self.reference_index = reference_index.long()
+        self.modes = modes.to(torch.int32)
+        self.window_start = int(window_start)
 
     @property
     def num_records(self) -> int:
@@ -129,22 +206,49 @@ class CMDTrajectory:
             "window_start": self.window_start,
             "layout": self.layout.to_dict(),
         }
-        if self.mode_r2 is not None:
-            payload["mode_r2"] = self.mode_r2.cpu()
+        for name in _OPTIONAL:
+            if getattr(self, name) is not None:
+                payload[name] = getattr(self, name).detach().cpu()
         atomic_save(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "CMDTrajectory":
-        """Read a file written by :meth:`save`; refuses other files with a ValueError that says why."""
+        """Read a file written by :meth:`save`; refuses other files with a ValueError that says why.
+
+        Every field is checked as the constructor checks its argument, and must be a tensor (an int for
+        ``window_start``, a dict of lists for ``layout``); an optional field is checked when present.
+        """
         obj = check_format(safe_load(path, "CMD trajectory", map_location), path, FORMAT, (VERSION,))
         try:
-            return cls(obj["references"], obj["reference_index"], obj["a"], obj["b"], obj["modes"],
-                       obj["window_start"], Layout.from_dict(obj["layout"]), obj.get("mode_r2"))
-        except KeyError as e:
-            raise ValueError(f"{str(path)!r} is a damaged CMD trajectory file: missing {e}") from None
-        except (TypeError, RuntimeError) as e:
+            missing = [name for name in _REQUIRED if name not in obj]
+            if missing:
+                raise ValueError(f"missing {', '.join(map(repr, missing))}")
+            fields = {name: obj[name] for name in (*_REQUIRED, *_OPTIONAL) if name in obj}
+            for name, value in fields.items():
+                if name not in ("window_start", "layout") and not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{name} must be a tensor; got {type(value).__name__}")
+            fields["layout"] = _layout_from_file(fields["layout"])
+            return cls(**fields)
+        except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"{str(path)!r} is a damaged CMD trajectory file: {e}") from None
 
     def __repr__(self) -> str:
         return (f"CMDTrajectory(weights={self.num_weights}, modes={self.num_modes}, "
                 f"records={self.num_records}, window_start={self.window_start})")
+
+
+def _layout_from_file(entry) -> Layout:
+    """The layout entry of a file (a dict of three lists) as a Layout, refusing anything else by name."""
+    if not isinstance(entry, dict) or not {"names", "shapes", "dtypes"} <= entry.keys():
+        raise ValueError("layout must be a dict with the lists 'names', 'shapes' and 'dtypes'")
+    names, shapes, dtypes = entry["names"], entry["shapes"], entry["dtypes"]
+    for key, items in (("names", names), ("dtypes", dtypes)):
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ValueError(f"layout: {key} must be a list of str")
+    if not isinstance(shapes, list) or not all(
+            isinstance(s, list) and all(type(x) is int for x in s) for s in shapes):
+        raise ValueError("layout: shapes must be lists of ints")
+    try:
+        return Layout.from_dict(entry)
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith("layout") else f"layout: {e}") from None

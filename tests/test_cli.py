@@ -280,6 +280,9 @@ def _one_line_error(capsys, code: int, *words: str) -> str:
      ["not allowed with"]),
     (["decompose", "{out}/checkpoints", "-o", "{tmp}/t.pt", "--warmup", "9"], ["warmup"]),
     (["decompose", "{tmp}", "-o", "{tmp}/t.pt"], ["holds 0 .pt/.pth file(s)"]),
+    (["decompose", "{out}/checkpoints", "-o", "{tmp}/t.pt", "--seed", "-3"], ["--seed", "≥ 0", "-3"]),
+    (["decompose", "{tmp}/notes.txt", "{tmp}/notes.txt", "-o", "{tmp}/t.pt", "--seed", "-3"], ["--seed"]),  # before reading
+    (["demo", "--seed", "-3"], ["--seed", "≥ 0", "-3"]),
     (["demo", "--epochs", "3", "--warmup", "5"], ["warmup (5) must be < epochs (3)"]),
     (["demo", "--epochs", "0"], ["--epochs", "≥ 1"]),
     (["demo", "--data", "mnist"], ["--data", "invalid choice"]),
