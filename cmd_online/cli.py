@@ -180,6 +180,11 @@ def _inspect(args) -> None:
     print(f"weights      {N:,} in {len(layout.names)} tensors")
     print(f"records      {T} (a, b fitted over records {traj.window_start}..{T - 1})")
     print(f"modes        {M}")
+    if traj.set_aside is not None:
+        aside = torch.nonzero(traj.set_aside).flatten().tolist()
+        detail = f" (mode{'s' if len(aside) > 1 else ''} {', '.join(map(str, aside))}: the reference moved only by " \
+                 f"rounding in the window; no weight is assigned to it)" if aside else ""
+        print(f"set aside    {len(aside)} of {M} references{detail}")
     print(f"file size    {human_bytes(file_bytes)}; the full history N×T×4 bytes would be "
           f"{human_bytes(history)} ({history / file_bytes:.1f}× larger)")
     print()

@@ -89,7 +89,8 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     pin_references(fit, ref.tolist(), range(M))
     dtype = _result_dtype(W)
     return CMDTrajectory(references.to(dtype), ref, fit.a.to(dtype), fit.b.to(dtype), fit.modes, window_start,
-                         layout if layout is not None else Layout.flat(N, W.dtype), mode_means(fit.modes, fit.r2, M))
+                         layout if layout is not None else Layout.flat(N, W.dtype), mode_means(fit.modes, fit.r2, M),
+                         (Q == 0).cpu())
 
 
 def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,

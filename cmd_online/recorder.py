@@ -633,7 +633,8 @@ class CMDRecorder:
             a, b, modes, r2 = (self._shards.full_flat(self._stats.views(x)) for x in self._flat_fit())
             references = self._table.columns(self.num_records).clone()
             return CMDTrajectory(references, self.reference_index.clone(), a, b, modes, self.window_start,
-                                 self.layout, mode_means(modes, r2, self.num_modes).float())
+                                 self.layout, mode_means(modes, r2, self.num_modes).float(),
+                                 ~self._stats.resolved_references())
 
     def r2(self) -> list[torch.Tensor]:
         """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""

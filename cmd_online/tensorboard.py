@@ -13,6 +13,7 @@ read-only API only. Everything goes under one tag tree, ``cmd/``, in the writer'
     cmd/fit/mean_r2            mean R² over all weights               } for size and share)
     cmd/fit/relative_residual  sqrt(Σ S_i(1 − ρ_i²) / Σ S_i): the CMD fit's residual norm over the
                                centred trajectory's norm in the window, from the statistics alone
+    cmd/fit/references_set_aside  references that moved only by rounding in the window (concepts.md)
     cmd/hist/a, cmd/hist/r2    histograms of the slopes a and of R²   (same interval)
     cmd/figures/correlation    clustered |corr| of the K samples with mode boundaries (warm-up end)
     cmd/figures/references     the reference weights over the warm-up (warm-up end)
@@ -125,7 +126,8 @@ class TensorBoardLogger:
         summary = None
         if full:
             summary = mode_summary(rec)
-            device_values += [summary["sizes"].float(), summary["r2_sum"], summary["totals"].float()]
+            device_values += [summary["sizes"].float(), summary["r2_sum"], summary["totals"].float(),
+                              summary["set_aside"].float().reshape(1)]
         elif rec.moments.compact:  # frozen modes: sizes are known without a pass over the weights
             device_values.append(self._frozen_sizes(rec).float())
         host = torch.cat([v.to(torch.float32) for v in device_values]).cpu().double().numpy()  # O(M)
@@ -142,11 +144,12 @@ class TensorBoardLogger:
                 items += [(_mode_tag("mode_share", m, M), sizes[m] / n) for m in range(M)]
                 self._last_sizes = record
         if summary is not None:
-            r2_sum, (total_r2, total_s, total_explained) = rest[M:2 * M], rest[2 * M:]
+            r2_sum, (total_r2, total_s, total_explained, set_aside) = rest[M:2 * M], rest[2 * M:]
             items += [(_mode_tag("mode_r2", m, M), r2_sum[m] / max(sizes[m], 1.0)) for m in range(M)]
             items.append((f"{TAG}/fit/mean_r2", total_r2 / n))
             residual = math.sqrt(max(total_s - total_explained, 0.0) / total_s) if total_s > 0 else 0.0
             items.append((f"{TAG}/fit/relative_residual", residual))
+            items.append((f"{TAG}/fit/references_set_aside", set_aside))
         _write_scalars(self.writer, items, step)
         if summary is not None:
             _write_histograms(self.writer, summary, step)
@@ -191,7 +194,8 @@ def mode_summary(rec) -> dict[str, torch.Tensor]:
         rec (CMDRecorder): a recorder in the tracking phase.
 
     Returns:
-        dict with ``sizes`` (M,), ``r2_sum`` (M,), ``totals`` (Σ R², Σ S, Σ S·R², float64),
+        dict with ``sizes`` (M,), ``r2_sum`` (M,), ``totals`` (Σ R², Σ S, Σ S·R², float64), ``set_aside``
+        (the number of references set aside),
         ``layer_counts`` (layers × M), ``a_range`` and ``a_moments``/``r2_moments`` (min, max, sum,
         sum of squares) and ``a_counts``/``r2_counts`` (HIST_BINS each).
     """
@@ -215,6 +219,7 @@ def mode_summary(rec) -> dict[str, torch.Tensor]:
             acc[2:] += torch.stack([x.sum(), torch.dot(x, x)])
             counts[key] += torch.histc(x.float().clamp(*ranges[key]), HIST_BINS, *ranges[key])
     return {"sizes": layer_counts.sum(0), "r2_sum": r2_sum, "totals": totals, "layer_counts": layer_counts,
+            "set_aside": (~rec.moments.resolved_references()).sum(),
             "a_range": (low, high), "a_moments": moments["a"], "r2_moments": moments["r2"],
             "a_counts": counts["a"], "r2_counts": counts["r2"]}
 

@@ -18,7 +18,7 @@ from .layout import Layout
 FORMAT = "cmd_online.CMDTrajectory"
 VERSION = 1
 _REQUIRED = ("references", "reference_index", "a", "b", "modes", "window_start", "layout")
-_OPTIONAL = ("mode_r2",)  # constructor arguments that default to None: saved when set, checked when in a file
+_OPTIONAL = ("mode_r2", "set_aside")  # constructor arguments that default to None: saved when set, checked when in a file
 
 
 def normalize_at(at: int, num_records: int, name: str = "at") -> int:
@@ -102,18 +102,21 @@ class CMDTrajectory:
         window_start (int): first record of the window over which a and b were fitted, in [0, T).
         layout (Layout): names, shapes and dtypes of the tensors the flat index runs over (N weights).
         mode_r2 (tensor): mean R² of each mode's members over the window (M,), or None.
+        set_aside (tensor): which references were set aside (M bool: they moved only by rounding in
+            the window, so no weight was assigned to them; concepts.md), or None (not known).
 
     Every argument is checked: a wrong type or dtype raises TypeError, a wrong shape, range or value
     ValueError, each naming the argument.
     """
 
     def __init__(self, references, reference_index, a, b, modes, window_start: int = 0,
-                 layout: Layout | None = None, mode_r2=None):
+                 layout: Layout | None = None, mode_r2=None, set_aside=None):
         references = _tensor("references", references, "float")
         reference_index = _tensor("reference_index", reference_index, "int")
         a, b = _tensor("a", a, "float"), _tensor("b", b, "float")
         modes = _tensor("modes", modes, "int")
         mode_r2 = None if mode_r2 is None else _tensor("mode_r2", mode_r2, "float")
+        set_aside = None if set_aside is None else _tensor("set_aside", set_aside, "bool")
         if isinstance(window_start, bool) or not isinstance(window_start, numbers.Integral):
             raise TypeError(f"window_start must be an int record index; got {type(window_start).__name__}")
         if layout is not None and not isinstance(layout, Layout):
@@ -151,8 +154,11 @@ class CMDTrajectory:
         if mode_r2 is not None:
             _vector("mode_r2", mode_r2, M, "M")
             _finite("mode_r2", mode_r2)
+        if set_aside is not None:
+            _vector("set_aside", set_aside, M, "M")
 
         self.references, self.a, self.b, self.layout, self.mode_r2 = references, a, b, layout, mode_r2
+        self.set_aside = set_aside
         self.reference_index = reference_index.long()
         self.modes = modes.to(torch.int32)
         self.window_start = int(window_start)
@@ -183,9 +189,9 @@ class CMDTrajectory:
         return self.layout.split(self.reconstruct(at))
 
     def to(self, device) -> "CMDTrajectory":
+        optional = {name: None if getattr(self, name) is None else getattr(self, name).to(device) for name in _OPTIONAL}
         return CMDTrajectory(self.references.to(device), self.reference_index.to(device), self.a.to(device),
-                             self.b.to(device), self.modes.to(device), self.window_start, self.layout,
-                             None if self.mode_r2 is None else self.mode_r2.to(device))
+                             self.b.to(device), self.modes.to(device), self.window_start, self.layout, **optional)
 
     def nbytes(self) -> int:
         """Bytes of the tensors that make up the model."""

@@ -95,11 +95,13 @@ def ddp(rank, world_size, out: Path):
     optimizer = make_optimizer(wrapped.parameters())
     writer = SummaryWriter(str(out / f"tb_rank{rank}"))  # every rank passes one; only rank 0 may log
     rec = cmdo.CMDRecorder(optimizer, model, record_every=RECORD_EVERY, writer=writer, **CONFIG)
+    offloaded = cmdo.CMDRecorder(optimizer, model, record_every=RECORD_EVERY, offload=True, **CONFIG)
     train_steps(model, optimizer, range(STEPS), rank, world_size, forward=wrapped)
     rec.close()
     writer.close()
     rec.export(out / f"ddp_export_{rank}.pt")  # only rank 0 writes
-    torch.save({**summary(rec), "state": rec.state_dict()}, out / f"ddp_rank{rank}.pt")
+    torch.save({**summary(rec), "state": rec.state_dict(), "offloaded": offloaded.state_dict()},
+               out / f"ddp_rank{rank}.pt")
 
 
 def _fsdp_model():
@@ -118,6 +120,7 @@ def fsdp(rank, world_size, out: Path):
     model = _fsdp_model()
     optimizer = make_optimizer(model.parameters())
     rec = cmdo.CMDRecorder(optimizer, model, record_every=RECORD_EVERY, **CONFIG)
+    offloaded = cmdo.CMDRecorder(optimizer, model, record_every=RECORD_EVERY, offload=True, **CONFIG)
     # a plain copy fed the gathered weights at every record: the same trajectory, recorded unsharded
     shadow = make_model()
     shadow_rec = cmdo.CMDRecorder(torch.optim.SGD(shadow.parameters(), lr=0.0), shadow, **CONFIG)
@@ -143,8 +146,10 @@ def fsdp(rank, world_size, out: Path):
         x, y = digits()
         swapped_loss = torch.nn.functional.cross_entropy(model(x), y).item()
     local_cmd = [t.clone() for t in rec.cmd_parameters()]
+    offloaded.close()  # the pending records first
     torch.save({**summary(rec), "shadow": summary(shadow_rec), "swapped_loss": swapped_loss,
-                "local_cmd": local_cmd, "state": rec.state_dict()}, out / f"fsdp_rank{rank}.pt")
+                "local_cmd": local_cmd, "state": rec.state_dict(), "offloaded": offloaded.state_dict(),
+                "offloaded_fit": summary(offloaded)}, out / f"fsdp_rank{rank}.pt")
 
     # resume: fresh model, optimizer and recorder from the sharded checkpoint, same remaining batches
     model2 = _fsdp_model()

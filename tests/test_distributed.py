@@ -91,6 +91,19 @@ def test_ddp_ranks_hold_identical_states(out):
     assert r0["state"]["shards"] == r1["state"]["shards"] == {"kind": "whole"}
 
 
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp"])
+def test_offload_under_ddp_and_fsdp_keeps_each_ranks_statistics_bit_identical(out, scenario):
+    for rank in range(WORLD):
+        saved = load(out, scenario, rank)
+        plain, offloaded = flat_state(saved["state"]), flat_state(saved["offloaded"])
+        assert plain.keys() == offloaded.keys() and "stats.comoment.0" in plain
+        assert all(torch.equal(plain[k], offloaded[k]) for k in plain), scenario
+        assert saved["offloaded"]["num_records"] == saved["state"]["num_records"]
+    if scenario == "fsdp":
+        saved = load(out, "fsdp", 0)
+        assert all(torch.equal(saved[k], saved["offloaded_fit"][k]) for k in FIT)  # gathered: the same model
+
+
 def test_ddp_fit_equals_single_process_run(out, single):
     _, single = single
     got = load(out, "ddp", 0)

@@ -351,3 +351,70 @@ def test_the_euclidean_distance_reproduces_the_authors_clustering():
     pairs = np.triu_indices(len(varying), 1)
     assert np.array_equal(ours[pairs[0]] == ours[pairs[1]], authors[pairs[0]] == authors[pairs[1]])
     assert rec.num_modes == len(np.unique(authors))
+
+
+# ------------------------------------------------------------------------------------------ fidelity
+def dead_reference_trajectory(T=20, F=6, seed=0):
+    """300 float32 weights over T records: 150 follow one signal all along; 150 follow another (with a
+    little noise) during the warm-up, then keep only a small noise of their own — except their mode's
+    reference, which stops and jitters by one float32 step of its value (a unit that died).
+
+    Returns the trajectory and the dead reference's index (the references are chosen from the warm-up,
+    so the window is planted once they are known)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T, dtype=torch.float64)
+    live = torch.randn(T, generator=g, dtype=torch.float64).cumsum(0)
+    a = torch.randn(300, generator=g, dtype=torch.float64)
+    b = torch.randn(300, generator=g, dtype=torch.float64)
+    W = a[:, None] * live + b[:, None]
+    W[150:] = a[150:, None] * torch.sin(t) + b[150:, None] + 1e-2 * torch.randn(150, T, generator=g, dtype=torch.float64)
+    W = W.float()
+    reference = torch.from_numpy(cluster(W[:, :F], modes=2).reference)
+    dead = int(reference[reference >= 150][0])
+    W[150:, F:] = W[150:, F - 1:F] + 1e-3 * torch.randn(150, T - F, generator=g)  # the dying mode stops moving ...
+    steps = torch.randint(-1, 2, (T - F,), generator=g)
+    value = W[dead, F - 1]
+    W[dead, F:] = torch.where(steps > 0, torch.nextafter(value, torch.tensor(float("inf"))),  # ... its reference
+                              torch.where(steps < 0, torch.nextafter(value, torch.tensor(-float("inf"))), value))
+    return W, dead
+
+
+def test_a_reference_that_stops_moving_is_set_aside_online_and_post_hoc():
+    F = 6
+    W, dead_index = dead_reference_trajectory(F=F)
+    weights = torch.nn.Parameter(W[:, 0].clone())
+    rec = cmdo.CMDRecorder(torch.optim.SGD([weights], lr=0.1), modes=2, samples=300, warmup=F)
+    for column in W.T:
+        with torch.no_grad():
+            weights.copy_(column)
+        rec.record()
+    online = rec.trajectory()
+    post = cmdo.decompose(W, modes=2, samples=300, warmup=F)
+    assert torch.equal(online.reference_index, post.reference_index)
+    for traj in (online, post):
+        dead = traj.reference_index.tolist().index(dead_index)
+        assert traj.set_aside.tolist() == [m == dead for m in range(2)]
+        others = torch.ones(300, dtype=torch.bool)
+        others[traj.reference_index] = False
+        assert (traj.modes[others] != dead).all()  # its weights went to the mode that still moves ...
+        assert traj.a[others][150:].abs().max() < 1  # ... with small slopes (3e5 without the rule)
+    oracle = cmdo.fit_affine(W.double(), online.reference_index, window_start=F - 1)
+    assert oracle.set_aside.tolist() == [False, False]  # in float64 the stopped reference still moves
+    exact = cmdo.fit_affine(W, online.reference_index, window_start=F - 1)  # float32 values: the same rule
+    assert torch.equal(exact.set_aside, online.set_aside) and torch.equal(exact.modes, online.modes)
+    for at in range(F - 1, 20):
+        scale = W[:, F - 1:].abs().amax(1).double() + 1
+        assert ((online.reconstruct(at).double() - exact.reconstruct(at).double()).abs() <= 1e-5 * scale).all()
+
+
+def test_the_set_aside_references_are_saved_and_inspect_reports_them(tmp_path):
+    F = 6
+    W, dead_index = dead_reference_trajectory(F=F)
+    traj = cmdo.decompose(W, modes=2, samples=300, warmup=F)
+    traj.save(tmp_path / "t.pt")
+    loaded = cmdo.CMDTrajectory.load(tmp_path / "t.pt")
+    assert torch.equal(loaded.set_aside, traj.set_aside) and loaded.set_aside.sum() == 1
+    out = subprocess.run([sys.executable, "-m", "cmd_online.cli", "inspect", str(tmp_path / "t.pt")],
+                         capture_output=True, text=True, check=True).stdout
+    dead = traj.reference_index.tolist().index(dead_index)
+    assert f"set aside    1 of 2 references (mode {dead}: the reference moved only by rounding" in out

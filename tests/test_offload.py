@@ -131,7 +131,7 @@ class Gate:
 
         def held(stats, *args, **kwargs):
             self.entered.set()
-            assert self.opened.wait(30)
+            assert self.opened.wait(120)
             return update(stats, *args, **kwargs)
 
         monkeypatch.setattr(StreamingMoments, "update", held)
@@ -158,15 +158,15 @@ def test_offload_bounds_the_records_in_flight_and_queries_wait(monkeypatch):
         return True
 
     thread, done = in_thread(three_records)
-    assert gate.entered.wait(10)  # the worker holds the first of them
+    assert gate.entered.wait(60)  # the worker holds the first of them
     thread.join(0.5)
     assert thread.is_alive()  # two staging buffers: the third record waits for one to be free
     gate.opened.set()
-    thread.join(10)
+    thread.join(60)
     assert done["value"] and not thread.is_alive()
     walk(model, rec, steps, 7, 8)
     query, result = in_thread(lambda: rec.cmd_parameters())
-    query.join(10)
+    query.join(60)
     assert all(torch.equal(x, y) for x, y in zip(result["value"], reference.cmd_parameters()))
     assert rec.nbytes()["staging"] == staging  # the staging memory is fixed
     assert rec.num_records == 8

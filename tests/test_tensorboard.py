@@ -63,7 +63,7 @@ def test_scalar_tags_form_one_tree(run):
     rec, _, ea = run
     expected = {f"cmd/{kind}/mode_{m:02d}" for kind in ("reference", "mode_size", "mode_share", "mode_r2")
                 for m in range(rec.num_modes)}
-    expected |= {"cmd/memory/bytes", "cmd/fit/mean_r2", "cmd/fit/relative_residual"}
+    expected |= {"cmd/memory/bytes", "cmd/fit/mean_r2", "cmd/fit/relative_residual", "cmd/fit/references_set_aside"}
     assert set(ea.Tags()["scalars"]) == expected
 
 
