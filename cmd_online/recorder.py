@@ -150,7 +150,8 @@ class CMDRecorder:
         self._done: collections.deque = collections.deque()  # offload: what the worker did, told on this thread
         if self.offload:
             self._offload = Offload(local, self.config.samples, self._coefficient_dtype, self._apply_offloaded)
-            weakref.finalize(self, self._offload.stop)
+            stop = weakref.finalize(self, self._offload.stop)  # the worker ends with its recorder
+            stop.atexit = False  # at exit the daemon thread just stops
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
     def _warn_about_tiny_settings(self) -> None:
