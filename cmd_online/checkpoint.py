@@ -5,9 +5,22 @@ reads it). :func:`check_state` validates every field — types, dtypes, shapes, 
 number of modes M wherever it appears — against the recorder that loads it, and returns the parts
 in one form whatever the version, so that a state that fails any check changes nothing.
 
-Version 2 (this one): per-weight statistics as flat tensors over this process's weights, P as a
-list of M rows (one row, p, in the compact form). Version 1 (cmd_online 0.1): one tensor per
-parameter, P as M × n blocks; it is converted on load.
+Version 3 (this one) is built for ``torch.distributed.checkpoint`` (DCP) as much as for
+``torch.save``: its structure depends on neither the phase nor the number of modes found, so a
+freshly built recorder's ``state_dict()`` is the template DCP loads any checkpoint of the same
+configuration into::
+
+    {"meta":  bytes: torch.save of the replicated part (config, layout, counters, samples, warm-up
+              history, references, the reference moments), read back with weights_only=True,
+     "stats": {"shift"/"mean"/"sumsq"/"modes": {parameter name: a tensor shaped like the parameter},
+               "rows": {parameter name: the row indices this process holds, a vector},
+               "comoment": {"mode_m": {parameter name: P's row m}, m < the mode bound}}}
+
+Under FSDP2 every per-weight tensor is a DTensor placed like its parameter, so DCP saves, loads
+and reshards it with the model (``rows`` then tells which rows each rank received); in one
+process or under DDP they are plain tensors of the parameters' shapes. Rows of P beyond the modes
+found, and the modes before the freeze, are zeros. Versions 2 (flat statistics; cmd_online
+development builds) and 1 (cmd_online 0.1: one tensor per parameter, P as M × n blocks) still load.
 """
 
 from __future__ import annotations
@@ -15,13 +28,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import io
+
 import torch
 
 from .config import CMDConfig
 from .layout import Layout
 
 FORMAT = "cmd_online.CMDRecorder"
-VERSION = 2
+VERSION = 3
 KEYS = ("config", "layout", "num_records", "skipped_records", "steps", "sample_index", "history",
         "reference_index", "references", "stats", "shards")
 _STATS = ("count", "shift", "mean", "sumsq", "comoment", "ref_shift", "ref_mean", "ref_sumsq")
@@ -67,6 +82,27 @@ def _tensor(value: Any, field: str, shape: tuple[int, ...], kind: str = "float",
     return value
 
 
+def check_header(state: Any, *, config: CMDConfig, layout: Layout) -> int:
+    """The format, version, entries, configuration and parameter shapes of a state (or of a version-3
+    state's ``meta``); returns the version."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError("state is not a CMDRecorder state_dict")
+    version = state.get("version")
+    if version not in (1, 2, VERSION):
+        raise ValueError(f"CMDRecorder state_dict version {version!r} is not supported (expected 1 to {VERSION})")
+    missing = [key for key in KEYS if key not in state and not (key == "stats" and version == VERSION)]
+    if missing:
+        raise ValueError(f"state is missing {', '.join(missing)}; it is not a complete CMDRecorder state_dict")
+    saved = CMDConfig.from_dict(state["config"])
+    for key, value in config.items():
+        if saved[key] != value:
+            raise ValueError(f"state was recorded with {key}={saved[key]!r}, but this recorder has {key}={value!r}; "
+                             f"build the recorder with the same configuration")
+    if Layout.from_dict(state["layout"]).shapes != layout.shapes:
+        raise ValueError("state was recorded for parameters of other shapes than this optimizer's")
+    return version
+
+
 def check_state(state: Any, *, config: CMDConfig, layout: Layout, shards: dict, sample_index: torch.Tensor,
                 local_size: int) -> CheckedState:
     """Validate a ``CMDRecorder.state_dict()`` against the recorder that loads it.
@@ -78,22 +114,8 @@ def check_state(state: Any, *, config: CMDConfig, layout: Layout, shards: dict, 
 
     Raises ValueError naming the first field that fails.
     """
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError("state is not a CMDRecorder state_dict")
-    version = state.get("version")
-    if version not in (1, VERSION):
-        raise ValueError(f"CMDRecorder state_dict version {version!r} is not supported (expected 1 or {VERSION})")
-    missing = [key for key in KEYS if key not in state]
-    if missing:
-        raise ValueError(f"state is missing {', '.join(missing)}; it is not a complete CMDRecorder state_dict")
-    saved = CMDConfig.from_dict(state["config"])
-    for key, value in config.items():
-        if saved[key] != value:
-            raise ValueError(f"state was recorded with {key}={saved[key]!r}, but this recorder has {key}={value!r}; "
-                             f"build the recorder with the same configuration")
-    if Layout.from_dict(state["layout"]).shapes != layout.shapes:
-        raise ValueError("state was recorded for parameters of other shapes than this optimizer's")
-    if state["shards"] != shards:
+    version = check_header(state, config=config, layout=layout)
+    if version < VERSION and state["shards"] != shards:  # version 3 tells the rows of each statistic
         raise ValueError(f"state was recorded with sharding {state['shards']}, but this recorder has {shards}")
     K, F = config.samples, config.warmup
     index = _tensor(state["sample_index"], "sample_index", (K,), "int")
@@ -169,3 +191,121 @@ def _from_version_1(stats: dict, M: int) -> dict:
     except (TypeError, IndexError, RuntimeError, AttributeError) as e:
         raise _fail("stats", f"is not version-1 statistics: {e}") from None
     return {**stats, **flat}
+
+
+# ------------------------------------------------------------------------------------------ version 3
+def pack(meta: dict) -> bytes:
+    """The replicated part of a version-3 state as bytes (plain tensors and numbers)."""
+    buffer = io.BytesIO()
+    torch.save(meta, buffer)
+    return buffer.getvalue()
+
+
+def read_meta(state: dict) -> dict:
+    """The replicated part of a ``CMDRecorder.state_dict()`` (version 3) as a dict: ``num_records``,
+    ``skipped_records``, ``steps``, ``config``, ``layout``, ``history``, ``references``, … ."""
+    if not isinstance(state, dict) or "meta" not in state:
+        raise ValueError("state is not a CMDRecorder state_dict of version 3 (no 'meta')")
+    return unpack(state["meta"])
+
+
+def unpack(blob: Any) -> dict:
+    """:func:`pack`'s bytes back, with ``torch.load(weights_only=True)``; a ValueError for anything else."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise ValueError(f"state['meta'] must be bytes (a version-3 CMDRecorder state); got {type(blob).__name__}")
+    try:
+        meta = torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged state
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"state['meta'] is not readable (damaged, or objects refused for safety): {first}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"state['meta'] must hold a dict; got {type(meta).__name__}")
+    return meta
+
+
+def per_parameter(names: list[str], shapes: list[tuple[int, ...]], fields: dict[str, list[torch.Tensor]],
+                  rows: list[torch.Tensor], bound: int, like) -> dict:
+    """The ``stats`` part of a version-3 state from per-parameter tensors (this process's parts).
+
+    Args:
+        names, shapes: each parameter's name and this process's shape of it.
+        fields: ``shift``, ``mean``, ``sumsq``, ``modes`` and ``comoment`` (a list of rows): per
+            parameter, flat views of this process's part (None for zeros).
+        rows: the row indices this process holds, per parameter.
+        bound (int): the rows of P the state holds (the mode bound).
+        like (callable): ``like(i, local)`` places a tensor like parameter i (a DTensor under FSDP2).
+    """
+    def block(flat_views, dtype):
+        out = {}
+        for i, (name, shape) in enumerate(zip(names, shapes)):
+            view = flat_views[i] if flat_views is not None else None
+            local = view.view(shape) if view is not None else torch.zeros((), dtype=dtype).expand(shape)
+            out[name] = like(i, local)
+        return out
+
+    comoment = fields["comoment"]
+    return {
+        "shift": block(fields["shift"], torch.float32),
+        "mean": block(fields["mean"], torch.float32),
+        "sumsq": block(fields["sumsq"], torch.float32),
+        "modes": block(fields["modes"], torch.uint8),
+        "rows": {name: like(i, r) for i, (name, r) in enumerate(zip(names, rows))},
+        "comoment": {f"mode_{m}": block(comoment[m] if m < len(comoment) else None, torch.float32)
+                     for m in range(bound)},
+    }
+
+
+def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], local, *, config: CMDConfig,
+                       layout: Layout) -> dict:
+    """A version-3 state as the version-2 form :func:`check_state` validates (flat statistics).
+
+    Args:
+        meta (dict): the unpacked ``meta``; its header is checked first (:func:`check_header`).
+        stats: the state's ``stats``.
+        rows: the rows [start, stop) of each parameter this process holds.
+        local (callable): ``local(i, value, shape, field)``, this process's part of a per-weight tensor
+            of parameter i (a DTensor's local part, or the held rows of a whole plain tensor).
+        config, layout: the loading recorder's.
+
+    The ``rows`` markers must name exactly the rows this process holds: a shard saved by another rank
+    (a per-rank ``torch.save``) is refused.
+    """
+    if not isinstance(stats, dict):
+        raise _fail("stats", f"must be a dict of per-parameter tensors; got {type(stats).__name__}")
+    check_header(meta, config=config, layout=layout)
+    state = {key: meta[key] for key in KEYS if key in meta and key != "stats"}
+    state.update(format=FORMAT, version=VERSION, stats=None, shards=meta.get("shards"))
+    if meta.get("reference_index") is None:
+        return state
+    names, shapes = list(layout.names), [tuple(s) for s in layout.shapes]
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+        start, stop = rows[i]
+        marker = _local(stats, ("rows", name), i, shape[:1] if shape else (1,), local)
+        if marker.shape != (stop - start,) or not torch.equal(marker.cpu().long(), torch.arange(start, stop)):
+            raise _fail(f"stats.rows.{name}", f"does not name rows [{start}, {stop}) of {name!r}: a shard saved by "
+                        f"another rank, or of another sharding (reshard with torch.distributed.checkpoint)")
+    compact = bool(meta.get("compact"))
+    M = meta["reference_index"].numel() if isinstance(meta["reference_index"], torch.Tensor) else 0
+
+    def flat(*path: str) -> torch.Tensor:
+        return torch.cat([_local(stats, (*path, name), i, shape, local).reshape(-1)
+                          for i, (name, shape) in enumerate(zip(names, shapes))])
+
+    out = {kind: flat(kind) for kind in ["shift", "mean", "sumsq"] + (["modes"] if compact else [])}
+    out["comoment"] = [flat("comoment", f"mode_{m}") for m in range(1 if compact else M)]
+    out.update({key: meta.get(key) for key in ("count", "ref_shift", "ref_mean", "ref_sumsq")})
+    state["stats"] = out
+    return state
+
+
+def _local(stats: dict, path: tuple[str, ...], i: int, shape: tuple[int, ...], local) -> torch.Tensor:
+    field = "stats." + ".".join(path)
+    group = stats
+    for key in path:
+        if not isinstance(group, dict) or key not in group:
+            raise _fail(field, "is missing (a state saved with a smaller mode bound, or damaged)")
+        group = group[key]
+    try:
+        return local(i, group, shape, field)
+    except ValueError as e:
+        raise _fail(field, str(e).removeprefix(f"state[{field!r}] ")) from None

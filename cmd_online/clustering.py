@@ -46,7 +46,7 @@ ROUNDOFF = 8.0
 
 
 def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, threshold: float | None = None,
-            distance: str = "correlation") -> Clustering:
+            distance: str = "correlation", max_modes: int | None = None) -> Clustering:
     """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
 
     Complete linkage on the distance between samples, then a cut. Merge heights that differ by the
@@ -62,6 +62,8 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
             hypothesis with ε = threshold.
         distance (str): ``"correlation"``: 1 − |C_ij| (default); ``"euclidean"``: the Euclidean
             distance between rows i and j of |C|, as the paper authors' code computes it.
+        max_modes (int): with ``threshold``, a cut that gives more modes is coarsened to this many
+            (criterion ``maxclust``) (default None: no bound).
     """
     modes, threshold = check_modes(modes, threshold)
     check_choice("distance", distance, DISTANCES)
@@ -81,7 +83,7 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
     abs_corr = np.nan_to_num(np.clip(abs_corr, 0.0, 1.0), nan=0.0)
     raw = np.zeros(len(varying), dtype=np.int64) if len(varying) == 1 else \
         _cut(linkage(_condensed(abs_corr, distance), method="complete"), modes, threshold,
-             ROUNDOFF * eps * np.sqrt(len(varying)))
+             ROUNDOFF * eps * np.sqrt(len(varying)), max_modes)
     # Number modes by size, largest first; ties broken by the first member's position.
     ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
     order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
@@ -106,14 +108,17 @@ def _condensed(abs_corr: np.ndarray, distance: str) -> np.ndarray:
     return squareform(d, checks=False)
 
 
-def _cut(tree: np.ndarray, modes: int | None, threshold: float | None, roundoff: float) -> np.ndarray:
-    """Flat clusters of a linkage: at most ``modes`` of them, or merged up to ``threshold``.
+def _cut(tree: np.ndarray, modes: int | None, threshold: float | None, roundoff: float,
+         max_modes: int | None = None) -> np.ndarray:
+    """Flat clusters of a linkage: at most ``modes`` of them, or merged up to ``threshold`` (and then
+    at most ``max_modes``).
 
     The cut is made at a height, and every merge within ``roundoff`` (relative) above it is taken too.
     """
     heights = tree[:, 2]
-    if threshold is not None:
-        height = threshold
-    else:  # the lowest height that leaves at most `modes` clusters: K − modes merges (heights ascend)
-        height = heights[len(heights) - modes] if modes <= len(heights) else 0.0
+    # the lowest height that leaves at most `bound` clusters: K − bound merges (heights ascend)
+    lowest = lambda bound: heights[len(heights) - bound] if bound <= len(heights) else 0.0  # noqa: E731
+    height = lowest(modes) if threshold is None else threshold
+    if threshold is not None and max_modes is not None:
+        height = max(height, lowest(max_modes))
     return fcluster(tree, t=height + roundoff * max(1.0, float(heights.max())), criterion="distance")

@@ -98,6 +98,10 @@ class CMDConfig(Mapping):
         freeze_modes_after (int): switch to the compact form this many records into the fit window
             (default None: keep the full form).
         seed (int): seed of the sampling, ≥ 0 (default 0).
+        max_modes (int): with ``threshold``, at most this many modes: a cut that gives more is
+            coarsened to ``max_modes`` (criterion ``maxclust``). It bounds the full form's memory and
+            fixes the shapes of the state a freshly built recorder loads through
+            torch.distributed.checkpoint (default None: no bound). With ``modes`` it must be None.
         distance (str): clustering distance between two sampled weights: ``"correlation"``, 1 − |C_ij|
             (default), or ``"euclidean"``, the Euclidean distance between rows i and j of |C|, as the
             paper authors' code does.
@@ -111,6 +115,7 @@ class CMDConfig(Mapping):
     freeze_modes_after: int | None = None
     seed: int = 0
     distance: str = "correlation"
+    max_modes: int | None = None
 
     def __post_init__(self):
         modes, threshold = check_modes(self.modes, self.threshold)
@@ -124,7 +129,10 @@ class CMDConfig(Mapping):
             freeze_modes_after=check_int("freeze_modes_after", self.freeze_modes_after, 1, allow_none=True),
             seed=check_int("seed", self.seed, 0),
             distance=check_choice("distance", self.distance, DISTANCES),
+            max_modes=check_int("max_modes", self.max_modes, 1, samples, allow_none=True),
         )
+        if checked["max_modes"] is not None and threshold is None:
+            raise ValueError("max_modes bounds the modes a threshold gives; with modes=M it must be None (M is the bound)")
         for key, value in checked.items():
             object.__setattr__(self, key, value)
 
@@ -166,6 +174,11 @@ class CMDConfig(Mapping):
             return cls(**d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"config is invalid: {e}") from None
+
+    @property
+    def mode_bound(self) -> int | None:
+        """The most modes the clustering can give: ``modes``, or ``max_modes`` with a threshold (None: no bound)."""
+        return self.modes if self.modes is not None else self.max_modes
 
     def replace(self, **changes: Any) -> "CMDConfig":
         """A copy with some fields changed (validated again)."""

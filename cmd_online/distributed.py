@@ -60,8 +60,11 @@ class ShardInfo:
         or ``Replicate()`` on one 1-D mesh), naming the parameter and its placements.
         """
         if not any(_is_dtensor(p) for p in params):
-            return ShardInfo()
+            return ShardInfo(params)
         return RowShards(params, model)
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self._rows = [(0, p.shape[0] if p.dim() else 1) for p in params]
 
     def local(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The part of each parameter this process holds."""
@@ -100,6 +103,26 @@ class ShardInfo:
         slots.sort()
         return ReferenceSlots(tuple(p for p, _ in slots), tuple(m for _, m in slots))
 
+    def rows(self, i: int) -> tuple[int, int]:
+        """The rows [start, stop) of parameter ``i`` this process holds."""
+        return self._rows[i]
+
+    def like_param(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """A per-weight statistic of parameter ``i`` (this process's part, shaped like it) in a state_dict:
+        placed like the parameter. Here the tensor itself."""
+        return local
+
+    def from_state(self, i: int, value, shape: tuple[int, ...], field: str) -> torch.Tensor:
+        """This process's part of a per-weight statistic of parameter ``i`` (whole shape ``shape``) from a
+        state: a plain tensor of the whole shape (a DTensor is refused: it needs the sharded run)."""
+        if _is_dtensor(value):
+            raise ValueError(f"state[{field!r}] is a DTensor of a sharded run: load such a state into a sharded "
+                             f"run, or reshard it with torch.distributed.checkpoint (docs/distributed.md)")
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+            raise ValueError(f"state[{field!r}] must be a tensor of shape {tuple(shape)}; got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        return value
+
     def full_tensors(self, local: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Whole tensors from this process's parts."""
         return list(local)
@@ -110,6 +133,22 @@ class ShardInfo:
 
     def describe(self) -> dict:
         return {"kind": "whole"}
+
+
+def _at_offset_zero(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as ``t``, as a tensor with storage offset 0 (a slice of its storage).
+
+    ``torch.save`` fails on a DTensor whose local tensor is a view at an offset of its storage ("invalid
+    python storage"); the statistics are such views of flat buffers. The result aliases ``t``, so
+    torch.distributed.checkpoint still loads in place.
+    """
+    if t.storage_offset() == 0 or t.numel() == 0:
+        return t
+    size = t.element_size()
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    start = t.storage_offset() * size
+    storage = t.untyped_storage()[start:start + extent * size]
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, t.shape, t.stride())
 
 
 class _ShardPlan:
@@ -171,6 +210,8 @@ class RowShards(ShardInfo):
                 raise ValueError(f"{what} lives on device mesh {p.device_mesh}, other parameters on {mesh}; "
                                  f"CMDRecorder needs all sharded parameters on one mesh")
             sharded.append(row_shard)
+        self.mesh, self.placements = mesh, [p.placements[0] if _is_dtensor(p) else None for p in params]
+        self.shapes = [tuple(p.shape) for p in params]
         self.group = mesh.get_group()
         self.world_size = mesh.size()
         self.rank = mesh.get_local_rank()
@@ -185,6 +226,7 @@ class RowShards(ShardInfo):
                 stop = min(start + chunk, rows) if is_sharded else (rows if r == 0 else 0)
                 self.owned[r].append((start, stop))
             self.held.append(self.owned[self.rank][-1] if is_sharded else (0, rows))
+        self._rows = self.held
         for i, (p, local) in enumerate(zip(params, self.local(params))):
             start, stop = self.held[i]
             if local.numel() != (stop - start) * self.row_sizes[i]:
@@ -224,6 +266,36 @@ class RowShards(ShardInfo):
 
     def local_sizes(self, layout: Layout) -> list[int]:
         return [(stop - start) * size for (start, stop), size in zip(self.held, self.row_sizes)]
+
+    def like_param(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """The statistic as a DTensor with parameter ``i``'s mesh and placement (a plain tensor for a plain
+        parameter): torch.distributed.checkpoint then saves, loads and reshards it with the model."""
+        placement = self.placements[i]
+        if placement is None:
+            return local
+        whole = self.shapes[i][:1] + tuple(local.shape[1:]) if local.dim() else self.shapes[i]
+        stride = [1] * len(whole)
+        for d in range(len(whole) - 2, -1, -1):
+            stride[d] = stride[d + 1] * whole[d + 1]
+        return _dtensor_module().DTensor.from_local(_at_offset_zero(local), self.mesh, [placement], run_check=False,
+                                                    shape=torch.Size(whole), stride=tuple(stride))
+
+    def from_state(self, i: int, value, shape: tuple[int, ...], field: str) -> torch.Tensor:
+        """This rank's rows of a per-weight statistic of parameter ``i``: a DTensor's local part (as
+        torch.distributed.checkpoint resharded it), or the held rows of a plain tensor of the whole shape."""
+        start, stop = self.held[i]
+        if _is_dtensor(value):
+            local = value.to_local()
+            if tuple(value.shape) != tuple(shape) or local.shape[:1] != (stop - start,) and local.dim():
+                raise ValueError(f"state[{field!r}] holds rows of shape {tuple(local.shape)} of a {tuple(value.shape)} "
+                                 f"statistic, but this rank holds rows [{start}, {stop}) of {tuple(shape)}: a shard "
+                                 f"saved by another rank, or of another sharding (reshard with "
+                                 f"torch.distributed.checkpoint)")
+            return local
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+            raise ValueError(f"state[{field!r}] must be a tensor of shape {tuple(shape)} or a DTensor; got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        return value[start:stop] if value.dim() else value
 
     def local_offset(self, tensor: int, offset: int) -> int | None:
         start, stop = self.held[tensor]

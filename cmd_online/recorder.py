@@ -17,7 +17,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, check_state
+from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, pack, per_parameter, unpack
 from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
 from .files import atomic_save
@@ -81,14 +81,14 @@ class CMDRecorder:
                  record_every: int | None = None, freeze_modes_after: int | None = None,
                  distance: str = "correlation", writer=None, log_every: int = 10, callbacks=None, seed: int = 0,
                  check_finite: bool = True, compile_update: bool = False, kernel: str | None = None,
-                 offload: bool = False):
+                 offload: bool = False, max_modes: int | None = None):
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if warmup is None:
             raise TypeError("warmup must be an int ≥ 2; got NoneType")
         self.config = CMDConfig(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
                                 record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed,
-                                distance=distance)
+                                distance=distance, max_modes=max_modes)
         self.check_finite = check_bool("check_finite", check_finite)
         self.compile_update = check_bool("compile_update", compile_update)
         if kernel is not None:
@@ -499,22 +499,27 @@ class CMDRecorder:
 
     def _start_tracking(self, weights: list[torch.Tensor]) -> None:
         """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4)."""
-        found = cluster(self._history, self.config.modes, self.config.threshold, self.config.distance)
+        found = cluster(self._history, self.config.modes, self.config.threshold, self.config.distance,
+                        self.config.max_modes)
         position = torch.from_numpy(found.reference)
         self._set_references(self.sample_index[position], self._history[position.to(self.device)])
         self.clustering = found
         self._stats.update(weights, self._table.columns(self.config.warmup)[:, -1])
 
-    def _set_references(self, reference_index: torch.Tensor, values: torch.Tensor) -> None:
-        """References, their table and fresh statistics (end of warm-up, or a resumed state); all or nothing."""
+    def _set_references(self, reference_index: torch.Tensor, values: torch.Tensor, stats: dict | None = None,
+                        copy: bool = True) -> None:
+        """References, their table and statistics — zeros, or those of a resumed state ``stats`` — all or
+        nothing."""
         reference_index = reference_index.long().cpu()
         ref_plan = self._shards.gather_plan(self.layout, reference_index, self._param_device)
         slots = self._shards.reference_slots(self.layout, reference_index)
         table = ReferenceTable(values.to(self.device, self._coefficient_dtype))
-        stats = StreamingMoments([s.numel() for s in self._local_shapes], reference_index.numel(), self.device,
-                                 shift_dtype=self._coefficient_dtype, kernel=self._kernel)
+        moments = StreamingMoments([s.numel() for s in self._local_shapes], reference_index.numel(), self.device,
+                                   shift_dtype=self._coefficient_dtype, kernel=self._kernel, allocate=stats is None)
+        if stats is not None:
+            moments.restore(stats, copy)
         self.reference_index, self._ref_plan, self._slots, self._table = reference_index, ref_plan, slots, table
-        self._stats, self._device_attempts = stats, 0
+        self._stats, self._device_attempts = moments, 0
 
     def _freeze_when_due(self) -> None:
         stats, due = self._stats, self.config.freeze_modes_after
@@ -678,39 +683,71 @@ class CMDRecorder:
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: config, counters, samples, history, references, statistics.
+        """Everything needed to resume: configuration, counters, samples, history, references, statistics.
+
+        ``{"meta": bytes, "stats": {...}}`` (version 3, module ``cmd_online.checkpoint``): ``meta`` holds
+        the replicated part, ``stats`` one tensor per parameter and statistic, placed like the parameter
+        (DTensors under FSDP2), with P padded to the mode bound. Its structure depends on neither the
+        phase nor the modes found, so a freshly built recorder is a ``torch.distributed.checkpoint``
+        ``Stateful`` that loads, and reshards, any checkpoint of its configuration.
 
         As a module's ``state_dict`` does, it holds references to the recorder's tensors, not copies:
-        save it (``torch.save``) before the next record changes them.
+        save it (``torch.save``, ``dcp.save``) before the next record changes them. Before the warm-up
+        ends the statistics are zeros, allocated for the call.
         """
         self._sync()
         with self._lock:
-            stats = None
-            if self._stats is not None:
-                stats = {"count": self._stats.window_count(), **self._stats.tensors()}
-            return {
-                "format": FORMAT,
-                "version": VERSION,
-                "config": self.config.to_dict(),
-                "layout": self.layout.to_dict(),
-                "num_records": self.num_records,
-                "skipped_records": self.skipped_records,
-                "steps": self._steps,
-                "sample_index": self.sample_index,
-                "history": self._history,
+            return {"meta": pack(self._meta()), "stats": self._per_parameter_stats()}
+
+    def _mode_bound(self) -> int:
+        """Rows of P in a state: the configured bound, else the modes found (0 during the warm-up)."""
+        bound = self.config.mode_bound
+        return bound if bound is not None else (self.num_modes or 0)
+
+    def _meta(self) -> dict[str, Any]:
+        stats = self._stats
+        moments = {name: None if stats is None else getattr(stats, name) for name in ("ref_shift", "ref_mean",
+                                                                                      "ref_sumsq")}
+        return {"format": FORMAT, "version": VERSION, "config": self.config.to_dict(),
+                "layout": self.layout.to_dict(), "num_records": self._records(), "skipped_records": self._skips(),
+                "steps": self._steps, "sample_index": self.sample_index, "history": self._history,
                 "reference_index": self.reference_index,
-                "references": None if self._table is None else self._table.columns(self.num_records),
-                "stats": stats,
-                "shards": self._shards.describe(),
-            }
+                "references": None if self._table is None else self._table.columns(self._records()),
+                "count": 0 if stats is None else stats.window_count(), "compact": stats is not None and stats.compact,
+                "shards": self._shards.describe(), **moments}
+
+    def _per_parameter_stats(self) -> dict:
+        sizes = [s.numel() for s in self._local_shapes]
+        bound = self._mode_bound()
+        stats = self._stats
+        if stats is None:  # zeros of the final shapes: the template a checkpoint of any phase loads into
+            stats = StreamingMoments(sizes, bound, self.device, shift_dtype=self._coefficient_dtype, kernel=self._kernel)
+            modes = torch.zeros(sum(sizes), dtype=mode_dtype(max(bound, 1)), device=self.device)
+        else:
+            modes = stats.modes
+        views = lambda flat: None if flat is None else list(torch.split(flat, sizes))  # noqa: E731
+        fields = {name: views(getattr(stats, name)) for name in ("shift", "mean", "sumsq")}
+        fields["modes"] = views(modes)
+        fields["comoment"] = [views(row) for row in stats.comoment[:bound]]
+        rows = [torch.arange(*self._shards.rows(i), device=self.device) for i in range(len(sizes))]
+        return per_parameter(list(self.layout.names), [tuple(s) for s in self._local_shapes], fields, rows, bound,
+                             self._shards.like_param)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`. Refuses (changing nothing) a state of another configuration."""
+        """Restore from :meth:`state_dict` (this version, or 1 and 2 of earlier cmd_online). Every field is
+        checked first: a state of another configuration, other parameter shapes, other samples, or one
+        damaged, is refused with a ValueError and changes nothing."""
         self._sync()
         with self._lock:
             self._load_state_dict(state)
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
+        fresh = False
+        if isinstance(state, dict) and "meta" in state:  # version 3
+            state = from_per_parameter(unpack(state["meta"]), state.get("stats"),
+                                       [self._shards.rows(i) for i in range(len(self.layout.names))],
+                                       self._shards.from_state, config=self.config, layout=self.layout)
+            fresh = True  # its flat statistics are new tensors: taken, not copied again
         checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
                               sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes))
         # everything checked: now change the recorder
@@ -723,8 +760,7 @@ class CMDRecorder:
             self.reference_index = self._ref_plan = self._slots = self._table = self._stats = None
             return
         self._warmup_records = self.config.warmup
-        self._set_references(checked.reference_index, checked.references)
-        self._stats.restore(checked.stats)
+        self._set_references(checked.reference_index, checked.references, checked.stats, copy=not fresh)
         self._device_attempts = self._stats.window_count() - 1
 
     def close(self) -> None:

@@ -386,7 +386,7 @@ class StreamingMoments:
     """
 
     def __init__(self, sizes: Sequence[int], num_modes: int, device: torch.device | str = "cpu", *,
-                 shift_dtype: torch.dtype = torch.float32, kernel: str | None = None):
+                 shift_dtype: torch.dtype = torch.float32, kernel: str | None = None, allocate: bool = True):
         self.device = torch.device(device)
         self.kernel = kernel or ("blocks" if self.device.type == "cpu" else "flat")
         if self.kernel not in KERNELS:
@@ -397,10 +397,12 @@ class StreamingMoments:
         zeros = lambda n, dtype=torch.float32: torch.zeros(n, dtype=dtype, device=self.device)  # noqa: E731
         self.count = 0  # records in the window (host); the flat kernel keeps it on the device, count_t
         self.count_t = torch.zeros((), dtype=torch.float64, device=self.device) if self.kernel == "flat" else None
-        self.shift = zeros(N, shift_dtype)
-        self.mean = zeros(N)
-        self.sumsq = zeros(N)
-        self.comoment = [zeros(N) for _ in range(self.num_modes)]
+        self.shift_dtype = shift_dtype
+        # allocate=False: restore() brings the per-weight tensors (a resumed state, without a copy)
+        self.shift = zeros(N if allocate else 0, shift_dtype)
+        self.mean = zeros(N if allocate else 0)
+        self.sumsq = zeros(N if allocate else 0)
+        self.comoment = [zeros(N) for _ in range(self.num_modes)] if allocate else []
         self.modes: torch.Tensor | None = None  # set by freeze()
         self.ref_shift = zeros(self.num_modes, shift_dtype)
         self.ref_mean, self.ref_sumsq = zeros(self.num_modes), zeros(self.num_modes)
@@ -503,22 +505,30 @@ class StreamingMoments:
             out["modes"] = self.modes
         return out
 
-    def restore(self, state: dict) -> None:
-        """Take the count and tensors of a ``{"count": …, **tensors()}`` dict (as saved), on this device."""
-        count = int(state["count"])
-        if "modes" in state:
-            self.comoment = [self.comoment[0]]
-            self.modes = state["modes"].to(self.device, torch.int32 if self.kernel == "flat"
-                                           else mode_dtype(self.num_modes))
+    def restore(self, state: dict, copy: bool = True) -> None:
+        """Take the count and tensors of a ``{"count": …, **tensors()}`` dict (as saved), on this device.
+
+        ``copy=False`` keeps the given tensors themselves where they already have this object's device
+        and dtypes (a state built for this recorder, e.g. the template torch.distributed.checkpoint
+        loaded into); otherwise they are copied.
+        """
+        def own(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            moved = value.to(self.device, dtype).contiguous()
+            return moved.clone() if copy and moved.data_ptr() == value.data_ptr() and moved.numel() else moved
+
+        compact = "modes" in state
+        for name, dtype in (("shift", self.shift_dtype), ("mean", torch.float32), ("sumsq", torch.float32),
+                            ("ref_shift", self.shift_dtype), ("ref_mean", torch.float32),
+                            ("ref_sumsq", torch.float32)):
+            setattr(self, name, own(state[name], dtype))
+        self.comoment = [own(row, torch.float32) for row in state["comoment"][:1 if compact else self.num_modes]]
+        if compact:
+            self.modes = own(state["modes"], torch.int32 if self.kernel == "flat" else mode_dtype(self.num_modes))
             self._allocate_scratch(compact=True)
             self._step = _STEPS[(self.kernel, True)]
-        for name in ("shift", "mean", "sumsq", "ref_shift", "ref_mean", "ref_sumsq"):
-            getattr(self, name).copy_(state[name])
-        for row, saved in zip(self.comoment, state["comoment"]):
-            row.copy_(saved)
-        self.count = count
+        self.count = int(state["count"])
         if self.count_t is not None:
-            self.count_t.fill_(float(count))
+            self.count_t.fill_(float(self.count))
 
     def nbytes(self) -> int:
         """Bytes of the statistics (the state; scratch not included)."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from cmd_online.checkpoint import read_meta
 from cmd_online.integrations.lightning import CMDCallback
 
 
@@ -94,7 +95,7 @@ def main():
     print(f"trained test accuracy: {trained:.4f}")
     print(f"CMD test accuracy:     {cmd:.4f}")
     print(f"exported CMD model:    {accuracy(exported, test):.4f} ({out / 'cmd_model.pt'})")
-    print(f"checkpoint {checkpoint.name} holds the recorder with {saved['num_records']} records")
+    print(f"checkpoint {checkpoint.name} holds the recorder with {read_meta(saved)['num_records']} records")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
+from cmd_online.checkpoint import read_meta
 from cmd_online.integrations.transformers import CMDCallback
 
 TRAIN_MODULES = ("argparse", "textwrap", "json.decoder", "json.encoder", "csv", "string")
@@ -91,7 +92,7 @@ def main():
     print(f"trained model: eval loss {trainer.evaluate()['eval_loss']:.4f}, next-character accuracy {trained:.4f}")
     print(f"CMD model:     eval loss {cmd_loss:.4f}, next-character accuracy {cmd:.4f}")
     print(f"loaded with from_pretrained from {Path(args.out) / 'cmd_model'}: accuracy {accuracy(loaded, test):.4f}")
-    print(f"{checkpoints[-1].name} holds the recorder with {saved['recorder']['num_records']} records")
+    print(f"{checkpoints[-1].name} holds the recorder with {read_meta(saved['recorder'])['num_records']} records")
 
 
 if __name__ == "__main__":

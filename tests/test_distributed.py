@@ -13,12 +13,15 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.tensor  # noqa: F401 - loading the FSDP ranks' states (DTensors) needs it
 
 import cmd_online as cmdo
 from cmd_online.distributed import ShardInfo, is_writer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # the worker module must be importable by the children
 import _dist_workers as workers  # noqa: E402
+from _states import leaves  # noqa: E402
+from cmd_online.checkpoint import read_meta  # noqa: E402
 
 WORLD = 2
 FIT = ("a", "b", "modes", "references", "reference_index")
@@ -68,17 +71,8 @@ def assert_same_fit(got, want, rtol=1e-4, atol=1e-6):
 
 
 def flat_state(state):
-    """Every tensor of a recorder state_dict, by a path name."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value
-        elif key == "stats" and value is not None:
-            for name, v in value.items():
-                for i, t in enumerate(v if isinstance(v, list) else [v]):
-                    if isinstance(t, torch.Tensor):
-                        out[f"stats.{name}.{i}"] = t
-    return out
+    """Every tensor of a recorder state_dict (this rank's part of a DTensor), by a path name."""
+    return {key: value for key, value in leaves(state).items() if isinstance(value, torch.Tensor)}
 
 
 # ------------------------------------------------------------------------------------------- DDP
@@ -88,7 +82,7 @@ def test_ddp_ranks_hold_identical_states(out):
     assert s0.keys() == s1.keys() and len(s0) > 10
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
-    assert r0["state"]["shards"] == r1["state"]["shards"] == {"kind": "whole"}
+    assert read_meta(r0["state"])["shards"] == read_meta(r1["state"])["shards"] == {"kind": "whole"}
 
 
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp"])
@@ -96,9 +90,9 @@ def test_offload_under_ddp_and_fsdp_keeps_each_ranks_statistics_bit_identical(ou
     for rank in range(WORLD):
         saved = load(out, scenario, rank)
         plain, offloaded = flat_state(saved["state"]), flat_state(saved["offloaded"])
-        assert plain.keys() == offloaded.keys() and "stats.comoment.0" in plain
+        assert plain.keys() == offloaded.keys() and any(k.startswith("stats.comoment.mode_0.") for k in plain)
         assert all(torch.equal(plain[k], offloaded[k]) for k in plain), scenario
-        assert saved["offloaded"]["num_records"] == saved["state"]["num_records"]
+        assert read_meta(saved["offloaded"])["num_records"] == read_meta(saved["state"])["num_records"]
     if scenario == "fsdp":
         saved = load(out, "fsdp", 0)
         assert all(torch.equal(saved[k], saved["offloaded_fit"][k]) for k in FIT)  # gathered: the same model
@@ -201,7 +195,8 @@ def test_fsdp_resume_from_sharded_checkpoint_continues_identically(out):
 def test_fsdp_state_of_another_rank_is_refused(out):
     for rank in range(WORLD):
         message = load(out, "fsdp_other_shard", rank)["refused"]
-        assert "sharding" in message and f"'rank': {1 - rank}" in message and f"'rank': {rank}" in message
+        # the rows each statistic holds are part of the state: another rank's rows are named and refused
+        assert "a shard saved by another rank, or of another sharding" in message and "this rank holds rows" in message
 
 
 def test_replicate_and_shard0_dtensors_fit_like_plain_tensors_in_compact_form(out):
@@ -236,4 +231,4 @@ def test_plain_parameters_are_whole_and_this_process_writes():
     assert info.local_offset(0, 5) == 5
     assert is_writer() == (not dist.is_initialized() or dist.get_rank() == 0)
     rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), modes=1, samples=2, warmup=2)
-    assert rec.state_dict()["shards"] == {"kind": "whole"}
+    assert read_meta(rec.state_dict())["shards"] == {"kind": "whole"}

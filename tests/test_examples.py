@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cmd_online import CMDTrajectory
+from cmd_online.checkpoint import read_meta
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -77,7 +78,7 @@ def test_resume_in_warmup_and_in_tracking_reproduces_the_uninterrupted_run(run_e
     assert "same references as the uninterrupted run: True" in out
     assert number(r"resumed vs uninterrupted: ([\d.e+-]+)", out) == 0.0
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 6 and state["cmd_recorder"]["num_records"] == 6
+    assert state["epoch"] == 6 and read_meta(state["cmd_recorder"])["num_records"] == 6
 
 
 def test_batchnorm_update_bn_recalibrates_and_leaves_the_trained_network_intact(run_example):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cmd_online as cmdo
+from _states import assert_same, edit_meta, leaves
 from _digits import digits
 
 WARMUP = 3
@@ -37,32 +38,8 @@ def train_step(model, optimizer, step: int, batch: int = 32):
     optimizer.step()
 
 
-def tensors_of(state) -> dict:
-    """Every tensor of a recorder state_dict, by a path-like key (lists flattened), cloned."""
-    out = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            out[prefix] = value.detach().clone()
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}.{i}", v)
-        else:
-            out[prefix] = value
-    walk("", state)
-    return out
-
-
-def assert_same_state(before: dict, after: dict):
-    assert before.keys() == after.keys()
-    for k in before:
-        if isinstance(before[k], torch.Tensor):
-            assert torch.equal(before[k], after[k]), k
-        else:
-            assert before[k] == after[k], k
+tensors_of = leaves
+assert_same_state = assert_same
 
 
 # ---------------------------------------------------------------------------------- NaN / Inf weights
@@ -84,7 +61,7 @@ def test_non_finite_record_is_skipped_with_a_warning_and_stats_intact(bad, phase
         assert rec.record() is False
     assert rec.num_records == records and rec.skipped_records == 1
     after = tensors_of(rec.state_dict())
-    assert after.pop(".skipped_records") == 1 and before.pop(".skipped_records") == 0
+    assert after.pop("meta.skipped_records") == 1 and before.pop("meta.skipped_records") == 0
     assert_same_state(before, after)
     # the fault goes away: later records are taken and the statistics stay finite
     with torch.no_grad():
@@ -238,16 +215,21 @@ def test_load_state_dict_for_a_model_of_other_shape_is_refused_and_changes_nothi
     assert target.num_records == WARMUP + 2 and torch.isfinite(target.cmd_parameters()[0]).all()
 
 
+def _shorter_sumsq(state):
+    name = next(iter(state["stats"]["sumsq"]))
+    state["stats"] = {**state["stats"], "sumsq": {**state["stats"]["sumsq"], name: state["stats"]["sumsq"][name][:-1]}}
+    return state
+
+
 @pytest.mark.parametrize("damage, match", [
-    (lambda s: s.update(format="something else"), "not a CMDRecorder state_dict"),
-    (lambda s: s.update(version=99), "version 99"),
-    (lambda s: s["stats"].update(sumsq=s["stats"]["sumsq"][:-1]), "statistics"),
-    (lambda s: s.update(sample_index=s["sample_index"].flip(0)), "sampled weights"),
+    (lambda s: edit_meta(s, lambda m: m.update(format="something else")), "not a CMDRecorder state_dict"),
+    (lambda s: edit_meta(s, lambda m: m.update(version=99)), "version 99"),
+    (_shorter_sumsq, "statistics"),
+    (lambda s: edit_meta(s, lambda m: m.update(sample_index=m["sample_index"].flip(0))), "sampled weights"),
 ])
 def test_load_state_dict_of_a_damaged_state_is_refused_and_changes_nothing(damage, match):
     source, _ = trained_recorder()
-    state = source.state_dict()
-    damage(state)
+    state = damage(source.state_dict())
     target, _ = trained_recorder(records=WARMUP + 1)
     before = tensors_of(target.state_dict())
     with pytest.raises(ValueError, match=match):
@@ -257,8 +239,7 @@ def test_load_state_dict_of_a_damaged_state_is_refused_and_changes_nothing(damag
 
 def test_load_state_dict_missing_an_entry_raises_value_error_and_changes_nothing():
     source, _ = trained_recorder()
-    state = source.state_dict()
-    del state["config"]
+    state = edit_meta(source.state_dict(), lambda meta: meta.pop("config"))
     target, _ = trained_recorder(records=WARMUP + 1)
     before = tensors_of(target.state_dict())
     with pytest.raises(ValueError, match="missing config"):

@@ -16,6 +16,7 @@ import torch
 
 import cmd_online as cmdo
 from _digits import small_cnn, train_epoch
+from cmd_online.checkpoint import pack, read_meta
 from cmd_online.clustering import cluster
 
 
@@ -158,40 +159,52 @@ def test_4_exact_affine_copies_are_never_split_by_round_off():
 
 
 # ------------------------------------------------------------------------------------------ 6
-def damaged(kind: str, state: dict) -> None:
-    stats = state["stats"]
+def damaged(kind: str, state: dict) -> dict:
+    """``state`` (version 3: a packed meta, per-parameter statistics) with one field damaged."""
+    meta = read_meta(state)
+    stats = {key: dict(value) for key, value in state["stats"].items()}
+    stats["comoment"] = {mode: dict(tensors) for mode, tensors in stats["comoment"].items()}
+    first = next(iter(stats["mean"]))
     if kind == "comoment_size":
-        stats["comoment"][1] = stats["comoment"][1][:-1]
+        stats["comoment"]["mode_1"][first] = stats["comoment"]["mode_1"][first][:-1]
     elif kind == "mean_size":
-        stats["mean"] = torch.zeros(3)
+        stats["mean"][first] = torch.zeros(3)
+    elif kind == "missing_row_of_p":
+        del stats["comoment"]["mode_2"]
     elif kind == "history_none":
-        state["history"] = None
+        meta["history"] = None
     elif kind == "references_rows":
-        state["references"] = state["references"][:-1]
+        meta["references"] = meta["references"][:-1]
     elif kind == "reference_index_range":
-        state["reference_index"] = state["reference_index"].clone().fill_(10 ** 6)
+        meta["reference_index"] = meta["reference_index"].clone().fill_(10 ** 6)
     elif kind == "reference_index_negative":
-        state["reference_index"] = -state["reference_index"] - 1
+        meta["reference_index"] = -meta["reference_index"] - 1
     elif kind == "reference_index_float":
-        state["reference_index"] = state["reference_index"].double()
+        meta["reference_index"] = meta["reference_index"].double()
     elif kind == "ref_sumsq_length":
-        stats["ref_sumsq"] = torch.zeros(7)
+        meta["ref_sumsq"] = torch.zeros(7)
     elif kind == "count":
-        stats["count"] = 2
+        meta["count"] = 2
     elif kind == "num_records_type":
-        state["num_records"] = "seven"
+        meta["num_records"] = "seven"
     elif kind == "nan_statistics":
-        stats["sumsq"] = stats["sumsq"].clone().fill_(float("nan"))
+        stats["sumsq"][first] = stats["sumsq"][first].clone().fill_(float("nan"))
     elif kind == "negative_sumsq":
-        stats["sumsq"] = -stats["sumsq"] - 1
-    elif kind == "modes_in_full_form":
-        stats["modes"] = torch.zeros_like(stats["mean"], dtype=torch.uint8)
+        stats["sumsq"][first] = -stats["sumsq"][first] - 1
+    elif kind == "compact_in_the_full_form":
+        meta["compact"] = True
+    elif kind == "rows_of_another_rank":
+        stats["rows"][first] = stats["rows"][first] + 1
+    elif kind == "meta_not_bytes":
+        return {**state, "meta": meta}
+    return {"meta": pack(meta), "stats": stats}
 
 
-@pytest.mark.parametrize("kind", ["comoment_size", "mean_size", "history_none", "references_rows",
-                                  "reference_index_range", "reference_index_negative", "reference_index_float",
-                                  "ref_sumsq_length", "count", "num_records_type", "nan_statistics",
-                                  "negative_sumsq", "modes_in_full_form"])
+@pytest.mark.parametrize("kind", ["comoment_size", "mean_size", "missing_row_of_p", "history_none",
+                                  "references_rows", "reference_index_range", "reference_index_negative",
+                                  "reference_index_float", "ref_sumsq_length", "count", "num_records_type",
+                                  "nan_statistics", "negative_sumsq", "compact_in_the_full_form",
+                                  "rows_of_another_rank", "meta_not_bytes"])
 def test_6_a_damaged_state_is_refused_before_anything_changes(kind):
     def recorder(records):
         model = mlp()
@@ -199,10 +212,7 @@ def test_6_a_damaged_state_is_refused_before_anything_changes(kind):
         return random_walk(model, records, rec), model
 
     source, _ = recorder(7)
-    state = source.state_dict()
-    state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
-    state["stats"]["comoment"] = list(state["stats"]["comoment"])
-    damaged(kind, state)
+    state = damaged(kind, source.state_dict())
     target, model = recorder(5)
     before = io.BytesIO()
     torch.save(target.state_dict(), before)

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from _states import assert_same, leaves
+from cmd_online.checkpoint import read_meta
 import torch
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -136,7 +139,7 @@ def test_checkpoints_written_during_validation_hold_the_trained_weights(run):
             weights = torch.cat([saved[k].reshape(-1).double() for k in Digits().state_dict()])
             assert torch.equal(weights, W[:, epoch]), name
         state = torch.load(run["folder"] / f"mid_validation_epoch{epoch}.ckpt", weights_only=True)["callbacks"]
-        assert state["CMDCallback"]["recorder"]["num_records"] == epoch + 1  # the epoch was recorded before
+        assert read_meta(state["CMDCallback"]["recorder"])["num_records"] == epoch + 1  # the epoch was recorded before
         if epoch > F:
             assert not torch.equal(validated[epoch], W[:, epoch])
 
@@ -159,7 +162,7 @@ def test_export_path_holds_the_cmd_state_dict_and_loads_into_the_module(run):
 def test_checkpoints_hold_the_recorder_state_as_plain_tensors(run):
     for epoch in (1, EPOCHS - 1):
         state = torch.load(run["folder"] / f"ckpt/epoch={epoch}.ckpt", weights_only=True)["callbacks"]["CMDCallback"]
-        assert state["recorder"]["num_records"] == epoch + 1 and state["recorded_epoch"] == epoch
+        assert read_meta(state["recorder"])["num_records"] == epoch + 1 and state["recorded_epoch"] == epoch
 
 
 def test_mode_statistics_go_to_the_trainers_tensorboard_logger(run):
@@ -175,7 +178,7 @@ def test_mode_statistics_go_to_the_trainers_tensorboard_logger(run):
 @pytest.mark.parametrize("name", ["ckpt/epoch=5.ckpt", "mid_validation_epoch5.ckpt"])
 def test_fit_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_path, name):
     checkpoint = run["folder"] / name
-    assert torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"]["num_records"] == 6
+    assert read_meta(torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"])["num_records"] == 6
     cmd = CMDCallback(**CONFIG, swap_for_validation=True)
     model = Digits()
     trainer(max_epochs=EPOCHS, callbacks=[cmd], default_root_dir=tmp_path).fit(
@@ -353,20 +356,15 @@ def test_ddp_two_processes_give_the_single_process_cmd_model(ddp_run):
 
 def test_ddp_ranks_hold_identical_recorders_and_rank_0_writes_the_export(ddp_run):
     out, (r0, r1) = ddp_results(ddp_run)
-    s0, s1 = r0["state"], r1["state"]
-    assert s0["num_records"] == s1["num_records"] > 0
-    for key in ("references", "history", "sample_index", "reference_index"):
-        assert torch.equal(s0[key], s1[key]), key
-    for name, value in s0["stats"].items():
-        for a, b in zip(value if isinstance(value, list) else [value], s1["stats"][name] if isinstance(
-                s1["stats"][name], list) else [s1["stats"][name]]):
-            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), name
+    s0, s1 = leaves(r0["state"]), leaves(r1["state"])
+    assert s0["meta.num_records"] == s1["meta.num_records"] > 0
+    assert_same(s0, s1)  # references, history, samples, statistics: every entry
     assert (out / "export_rank0.pt").exists() and not (out / "export_rank1.pt").exists()
     exported = torch.load(out / "export_rank0.pt", weights_only=True)
     for key, value in r0["cmd"].items():
         assert torch.equal(exported[key], value), key
     checkpoint = next((out / "checkpoints").glob("*.ckpt"))
-    assert torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"]["num_records"] == 24
+    assert read_meta(torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"])["num_records"] == 24
 
 
 # ------------------------------------------------------------------------------------------ the other namespace

@@ -11,6 +11,7 @@ import torch
 import cmd_online as cmdo
 import cmd_online.recorder as recorder_module
 from _devices import DEVICES
+from _states import assert_same, leaves
 from cmd_online.offload import OffloadError
 from cmd_online.stats import StreamingMoments
 
@@ -57,21 +58,7 @@ def run(records, resume_at=None, nan_at=(), **kwargs):
 
 
 def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        x, y = sa[key], sb[key]
-        if key == "stats" and x is not None:
-            for name in x:
-                if not isinstance(x[name], (list, torch.Tensor)):
-                    assert x[name] == y[name], name
-                    continue
-                xs, ys = (x[name], y[name]) if isinstance(x[name], list) else ([x[name]], [y[name]])
-                assert all(torch.equal(u, v) for u, v in zip(xs, ys)), name
-        elif isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), key
-        else:
-            assert x == y, key
+    assert_same(leaves(a.state_dict()), leaves(b.state_dict()))
 
 
 @pytest.mark.parametrize("records", [3, 4, 9], ids=["warmup", "first_tracking", "tracking"])

@@ -10,6 +10,7 @@ import cmd_online as cmdo
 from _devices import DEVICES
 from _digits import accuracy, flat, small_cnn, train_epoch
 from cmd_online.stats import BLOCK
+from _states import edit_meta
 
 
 def _optimizer(name, params):
@@ -544,13 +545,12 @@ def test_integer_arguments_accept_numpy_integers():
     rec = cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), modes=np.int64(2), samples=np.int32(20),
                            warmup=np.int64(3), seed=np.uint8(1))
     assert rec.config == dict(modes=2, threshold=None, samples=20, warmup=3, record_every=None,
-                              freeze_modes_after=None, seed=1, distance="correlation")
+                              freeze_modes_after=None, seed=1, distance="correlation", max_modes=None)
 
 
 def test_an_incomplete_state_is_refused_with_a_value_error():
     rec = cmdo.CMDRecorder(torch.optim.SGD(_params(), lr=0.1), samples=20, modes=2, warmup=3)
-    state = rec.state_dict()
-    del state["history"]
+    state = edit_meta(rec.state_dict(), lambda meta: meta.pop("history"))
     with pytest.raises(ValueError, match="missing history"):
         rec.load_state_dict(state)
 
