@@ -28,11 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import io
-
 import torch
 
 from .config import CMDConfig
+from .files import pack, unpack
 from .layout import Layout
 
 FORMAT = "cmd_online.CMDRecorder"
@@ -194,33 +193,12 @@ def _from_version_1(stats: dict, M: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ version 3
-def pack(meta: dict) -> bytes:
-    """The replicated part of a version-3 state as bytes (plain tensors and numbers)."""
-    buffer = io.BytesIO()
-    torch.save(meta, buffer)
-    return buffer.getvalue()
-
-
 def read_meta(state: dict) -> dict:
     """The replicated part of a ``CMDRecorder.state_dict()`` (version 3) as a dict: ``num_records``,
     ``skipped_records``, ``steps``, ``config``, ``layout``, ``history``, ``references``, … ."""
     if not isinstance(state, dict) or "meta" not in state:
         raise ValueError("state is not a CMDRecorder state_dict of version 3 (no 'meta')")
     return unpack(state["meta"])
-
-
-def unpack(blob: Any) -> dict:
-    """:func:`pack`'s bytes back, with ``torch.load(weights_only=True)``; a ValueError for anything else."""
-    if not isinstance(blob, (bytes, bytearray)):
-        raise ValueError(f"state['meta'] must be bytes (a version-3 CMDRecorder state); got {type(blob).__name__}")
-    try:
-        meta = torch.load(io.BytesIO(blob), weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged state
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"state['meta'] is not readable (damaged, or objects refused for safety): {first}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"state['meta'] must hold a dict; got {type(meta).__name__}")
-    return meta
 
 
 def per_parameter(names: list[str], shapes: list[tuple[int, ...]], fields: dict[str, list[torch.Tensor]],
@@ -309,3 +287,29 @@ def _local(stats: dict, path: tuple[str, ...], i: int, shape: tuple[int, ...], l
         return local(i, group, shape, field)
     except ValueError as e:
         raise _fail(field, str(e).removeprefix(f"state[{field!r}] ")) from None
+
+
+def load_trajectory(checkpoint_id, key: str = "trajectory"):
+    """Read a :class:`~cmd_online.CMDTrajectory` saved with ``dcp.save({key: rec.trajectory_state_dict()})``
+    into this one process (no process group needed): two plain ``torch.distributed.checkpoint`` loads,
+    the replicated part first, then a, b and the modes at their whole shapes.
+
+    Args:
+        checkpoint_id (str or path): the checkpoint's folder (as given to ``dcp.save``).
+        key (str): the trajectory's key in the saved state (default "trajectory").
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from .trajectory import CMDTrajectory
+
+    header = {key: {"meta": b""}}
+    dcp.load(header, checkpoint_id=checkpoint_id)
+    meta = unpack(header[key]["meta"])
+    layout = Layout.from_dict(meta["layout"])
+    dtype = torch.float64 if torch.float64 in layout.dtypes else torch.float32
+    template = {"meta": b""}
+    for name, kind in (("a", dtype), ("b", dtype), ("modes", torch.int32)):
+        template[name] = {n: torch.empty(shape, dtype=kind) for n, shape in zip(layout.names, layout.shapes)}
+    state = {key: template}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    return CMDTrajectory.from_state_dict(state[key])

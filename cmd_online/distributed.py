@@ -131,6 +131,14 @@ class ShardInfo:
         """One flat vector over all parameters from per-parameter local parts."""
         return torch.cat([t.reshape(-1) for t in local])
 
+    def owned_part(self, i: int) -> slice:
+        """The part of parameter ``i``'s local (flat) weights this process counts in sums over all ranks."""
+        return slice(None)
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every rank (in place)."""
+        return values
+
     def describe(self) -> dict:
         return {"kind": "whole"}
 
@@ -326,6 +334,14 @@ class RowShards(ShardInfo):
             for i, flat in zip(which, self._gather_flat([local[i] for i in which], which)):
                 out[i] = flat.view(params[i].shape)
         return out
+
+    def owned_part(self, i: int) -> slice:
+        (start, stop), (held, _) = self.owned[self.rank][i], self.held[i]
+        return slice((start - held) * self.row_sizes[i], (stop - held) * self.row_sizes[i])
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
+        return values
 
     def full_flat(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
         dtypes = {t.dtype for t in local}

@@ -8,6 +8,7 @@ the target, so a crash mid-write leaves the previous file intact. Reading uses
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 import re
@@ -241,4 +242,25 @@ def check_format(obj: Any, path: str | os.PathLike, kind: str, versions: tuple[i
     if version not in versions:
         raise ValueError(f"{str(path)!r} is a {kind} file of version {version!r}, which this cmd_online "
                          f"does not read (known: {', '.join(map(str, versions))}); upgrade cmd_online")
+    return obj
+
+
+def pack(obj: dict) -> bytes:
+    """A dict of plain tensors and numbers as bytes (``torch.save``): the replicated part of a state."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def unpack(blob: Any, field: str = "meta") -> dict:
+    """:func:`pack`'s bytes back, with ``torch.load(weights_only=True)``; a ValueError for anything else."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise ValueError(f"state[{field!r}] must be bytes (a version-3 state); got {type(blob).__name__}")
+    try:
+        obj = torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged state
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"state[{field!r}] is not readable (damaged, or objects refused for safety): {first}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"state[{field!r}] must hold a dict; got {type(obj).__name__}")
     return obj

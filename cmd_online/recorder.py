@@ -17,10 +17,10 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, pack, per_parameter, unpack
+from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter
 from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
-from .files import atomic_save
+from .files import atomic_save, pack, unpack
 from .layout import GatherPlan, Layout
 from .observers import check_observers, notify, tensorboard_logger
 from .offload import Job, Offload
@@ -633,14 +633,51 @@ class CMDRecorder:
         return a, b, modes, r2
 
     def trajectory(self) -> CMDTrajectory:
-        """The CMD model so far, as a :class:`CMDTrajectory` (full tensors, gathered under FSDP)."""
+        """The CMD model so far, as a :class:`CMDTrajectory` with full tensors.
+
+        Under FSDP2 it is collective: every rank gathers a, b (float32, float64 for a float64 model)
+        and the modes (int32) of all N weights, 12 bytes per weight of the whole model, plus as much
+        again for a moment; for a model whose a and b do not fit in one process, save
+        :meth:`trajectory_state_dict` with torch.distributed.checkpoint instead.
+        """
         self._require_tracking("trajectory")
         with self._lock:
-            a, b, modes, r2 = (self._shards.full_flat(self._stats.views(x)) for x in self._flat_fit())
-            references = self._table.columns(self.num_records).clone()
-            return CMDTrajectory(references, self.reference_index.clone(), a, b, modes, self.window_start,
-                                 self.layout, mode_means(modes, r2, self.num_modes).float(),
-                                 ~self._stats.resolved_references())
+            a, b, modes, r2 = (self._stats.views(x) for x in self._flat_fit())
+            meta = self._trajectory_meta(modes, r2)
+            a, b, modes = (self._shards.full_flat(x) for x in (a, b, modes))
+            return CMDTrajectory(**meta, a=a, b=b, modes=modes)
+
+    def _trajectory_meta(self, modes_local: list[torch.Tensor], r2: list[torch.Tensor]) -> dict[str, Any]:
+        """What a trajectory holds besides a, b and the modes: references, their indices and flags, mode R²."""
+        M = self.num_modes
+        totals = torch.zeros(2, M, dtype=torch.float64, device=self.device)
+        for i, (mode, value) in enumerate(zip(modes_local, r2)):
+            part = self._shards.owned_part(i)  # a weight held by several ranks counts once
+            totals[0].index_add_(0, mode[part].long(), value[part].double())
+            totals[1] += torch.bincount(mode[part].long(), minlength=M)
+        totals = self._shards.all_sum(totals)
+        return dict(references=self._table.columns(self.num_records).clone(),
+                    reference_index=self.reference_index.clone(), window_start=self.window_start, layout=self.layout,
+                    mode_r2=(totals[0] / totals[1].clamp_min(1)).float(),
+                    set_aside=~self._stats.resolved_references())
+
+    def trajectory_state_dict(self) -> dict[str, Any]:
+        """The CMD model as a state_dict for ``torch.distributed.checkpoint``, without gathering anything.
+
+        ``{"meta": bytes, "a", "b", "modes": {parameter name: a tensor shaped like the parameter}}``,
+        placed like the parameters (DTensors under FSDP2): ``dcp.save({"trajectory": ...})`` writes each
+        rank's part; :func:`cmd_online.checkpoint.load_trajectory` reads it back as a
+        :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed).
+        """
+        self._require_tracking("trajectory_state_dict")
+        with self._lock:
+            a, b, modes, r2 = (self._stats.views(x) for x in self._flat_fit())
+            meta = self._trajectory_meta(modes, r2)
+            meta = {**meta, "layout": self.layout.to_dict()}
+            shapes = [tuple(s) for s in self._local_shapes]
+            place = lambda xs: {name: self._shards.like_param(i, x.view(shape))  # noqa: E731
+                                for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
+            return {"meta": pack(meta), "a": place(a), "b": place(b), "modes": place(modes)}
 
     def r2(self) -> list[torch.Tensor]:
         """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""

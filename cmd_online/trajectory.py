@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .files import atomic_save, check_format, safe_load
+from .files import atomic_save, check_format, safe_load, unpack
 from .layout import Layout
 
 FORMAT = "cmd_online.CMDTrajectory"
@@ -237,6 +237,22 @@ class CMDTrajectory:
             return cls(**fields)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"{str(path)!r} is a damaged CMD trajectory file: {e}") from None
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "CMDTrajectory":
+        """A trajectory from ``CMDRecorder.trajectory_state_dict()`` with whole (plain) tensors, e.g. as
+        :func:`cmd_online.checkpoint.load_trajectory` reads it back from a sharded checkpoint."""
+        meta = unpack(state.get("meta") if isinstance(state, dict) else None)
+        layout = _layout_from_file(meta.get("layout"))
+        flat = {}
+        for name in ("a", "b", "modes"):
+            parts = state.get(name)
+            if not isinstance(parts, dict) or set(parts) != set(layout.names):
+                raise ValueError(f"state[{name!r}] must hold one tensor per parameter of the layout")
+            flat[name] = torch.cat([torch.as_tensor(parts[n]).reshape(-1) for n in layout.names])
+        optional = {key: meta.get(key) for key in _OPTIONAL}
+        return cls(meta["references"], meta["reference_index"], flat["a"], flat["b"], flat["modes"],
+                   meta["window_start"], layout, **optional)
 
     def __repr__(self) -> str:
         return (f"CMDTrajectory(weights={self.num_weights}, modes={self.num_modes}, "

@@ -1,11 +1,12 @@
 """Record the CMD model of an FSDP2 (``fully_shard``) run, with a sharded checkpoint to resume from.
 
     torchrun --nproc_per_node=2 examples/fsdp2_train.py --out runs/fsdp2 --epochs 15
-    torchrun --nproc_per_node=2 examples/fsdp2_train.py --out runs/fsdp2 --epochs 30 --resume
+    torchrun --nproc_per_node=4 examples/fsdp2_train.py --out runs/fsdp2 --epochs 30 --resume
 
-Each rank keeps statistics for its own rows of every parameter only. The recorder's checkpoint is
-one file per rank (no gathering); the model and optimizer go through torch.distributed.checkpoint.
-Uses NCCL and one GPU per rank when CUDA is available, gloo on CPU otherwise.
+Each rank keeps statistics for its own rows of every parameter only. Model, optimizer and recorder
+go through torch.distributed.checkpoint together: the recorder's statistics are DTensors placed
+like the parameters, so the run can resume on another number of ranks. Uses NCCL and one GPU per
+rank when CUDA is available, gloo on CPU otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 import cmd_online as cmdo
-from cmd_online.files import atomic_save
 
 
 def main() -> None:
@@ -56,13 +56,11 @@ def main() -> None:
 
     checkpoint = args.out / "checkpoint"
     first_epoch = 0
-    if args.resume:
+    if args.resume:  # everything is built afresh, then loaded: the recorder is a DCP Stateful
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(checkpoint / "train"))
+        state = {"model": model_sd, "optim": optim_sd, "cmd": rec}
+        dcp.load(state, checkpoint_id=str(checkpoint))  # resharded if the world size changed
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        # this rank's recorder shard; refused if the world size or the sharding differ
-        rec.load_state_dict(torch.load(checkpoint / f"cmd_rank{rank}.pt", weights_only=True))
         first_epoch = rec.num_records  # one record per epoch
 
     for epoch in range(first_epoch, args.epochs):
@@ -75,10 +73,8 @@ def main() -> None:
         rec.record()
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd},
-             storage_writer=dcp.FileSystemWriter(str(checkpoint / "train"), overwrite=True))
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    atomic_save(rec.state_dict(), checkpoint / f"cmd_rank{rank}.pt")  # every rank its shard
+    dcp.save({"model": model_sd, "optim": optim_sd, "cmd": rec},  # every rank writes its shard
+             storage_writer=dcp.FileSystemWriter(str(checkpoint), overwrite=True))
 
     if rec.phase == "tracking":
         rec.export(args.out / "cmd_model.pt")  # gathers full tensors; rank 0 writes
