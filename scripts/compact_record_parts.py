@@ -7,7 +7,8 @@ for docs/benchmarks.md §4, not a benchmark of the library itself (``benchmarks/
 
     python scripts/compact_record_parts.py [--weights 1e7] [--block 131072] [--rounds 9]
 
-    full step     dx = (w − c) − μ, μ += dx/n, S += dx²·(n−1)/n, modes uint8 → int32, index_select, p += dx·own
+    full step     dx = (w − c) − μ, μ += dx/n, S += dx²·(n−1)/n, modes uint8 → int32, index_select,
+                  p += dx·own
     head only     the dx, μ and S passes
     gather only   the modes copy and index_select
     copy only     the uint8 → int32 copy of the modes
