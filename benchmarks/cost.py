@@ -364,13 +364,16 @@ def rounds_for(N: int, quick: bool) -> int:
     return 40 if N <= 1e5 else 15 if N <= 1e6 else 9 if N <= 4e6 else 5
 
 
-def _label(r) -> str:
-    return r["form"] + ("" if r.get("kernel_is_default", True) else f" ({r['kernel']})")
+def _label(r, numbered: bool = False) -> str:
+    """The form, its kernel where not the default, and with ``numbered`` the fresh process it ran in."""
+    return (r["form"] + ("" if r.get("kernel_is_default", True) else f" ({r['kernel']})")
+            + (f" #{r['process']}" if numbered and "process" in r else ""))
 
 
 def markdown(rows) -> str:
     """Three tables: record time against the floors, queries against the record, memory."""
     recs = [r for r in rows if r["form"] != "naive"]
+    numbered = any(r.get("process", 1) > 1 for r in recs)  # several processes per configuration: say which
     ms = lambda r, k: f"{1e3 * r['times_s'][k]['median']:.3g}"  # noqa: E731
 
     def rq(r, k):
@@ -380,7 +383,7 @@ def markdown(rows) -> str:
     lines = ["| N | M | form | record ms | update ms | floor ms | EMA ms | Adam ms | record/floor | update/floor | "
              "record/EMA |", "|" + "---|" * 11]
     for r in recs:
-        lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r)} | {ms(r, 'record')} | {ms(r, 'update')} | "
+        lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r, numbered)} | {ms(r, 'record')} | {ms(r, 'update')} | "
                      f"{ms(r, 'add_floor')} | {ms(r, 'ema_lerp')} | {ms(r, 'adam_step')} | "
                      f"{rq(r, 'record/add_floor')} | {rq(r, 'update/add_floor')} | {rq(r, 'record/ema_lerp')} |")
     with_queries = [r for r in recs if "query_memory" in r]
@@ -389,13 +392,13 @@ def markdown(rows) -> str:
                   "|" + "---|" * (3 + len(QUERIES))]
         for r in with_queries:
             cells = [f"{ms(r, q)} ({rq(r, q + '/record')})" for q in QUERIES]
-            lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r, numbered)} | " + " | ".join(cells) + " |")
         lines += ["", "| N | M | form | " + " | ".join(f"{q}: extra peak f32/w (MiB beyond output)" for q in QUERIES)
                   + " |", "|" + "---|" * (3 + len(QUERIES))]
         for r in with_queries:
             m = r["query_memory"]
             cells = [f"{m[q]['extra_peak_f32_per_weight']:.2f} ({m[q]['beyond_output_mib']:.1f})" for q in QUERIES]
-            lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r, numbered)} | " + " | ".join(cells) + " |")
     lines += ["", "| N | M | form | held f32/weight (stats + scratch) | steady peak | full steady peak | freeze peak | "
               "freeze − full steady | set-up peak | first records s (2nd, 3rd, 4th, 5th of the window) |",
               "|" + "---|" * 10]
@@ -403,7 +406,7 @@ def markdown(rows) -> str:
         freeze = ("| | |" if "freeze_peak_f32_per_weight" not in r else
                   f"| {r['freeze_peak_f32_per_weight']:.2f} | {r['freeze_excess_f32_per_weight']:.2f} "
                   f"({r['freeze_excess_mib']:.1f} MiB) |")
-        lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r)} | {r['held_f32_per_weight']:.2f} "
+        lines.append(f"| {r['N']:.0e} | {r['M']} | {_label(r, numbered)} | {r['held_f32_per_weight']:.2f} "
                      f"({r['stats_f32_per_weight']:.2f} + {r['scratch_f32_per_weight']:.2f}) | "
                      f"{r['peak_f32_per_weight']:.2f} | {r['full_steady_peak_f32_per_weight']:.2f} {freeze} "
                      f"{r['setup_peak_f32_per_weight']:.2f} | {', '.join(f'{t:.3g}' for t in r['first_records_s'])} |")
