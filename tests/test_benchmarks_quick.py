@@ -57,20 +57,35 @@ def test_dmd_compare_quick_reconstructs(tmp_path):
     assert by["online CMD M=3"]["err_all"] is None and by["online CMD M=3"]["err_window"] is not None
 
 
-def test_cost_quick_measures_every_operation(tmp_path):
+def test_cost_quick_measures_records_queries_and_memory(tmp_path):
     rows = load("cost").main(["--quick", "--out", str(tmp_path)])
     full, compact, naive = rows
-    assert full["modes_found"] == 2 and compact["modes_found"] == 2
-    assert full["stats_f32_per_weight"] == pytest.approx(2 + 3, abs=0.01)  # shift, mean, S and M co-moments
+    N, M = 10_000, 2
+    assert full["modes_found"] == M and compact["modes_found"] == M
+    assert full["stats_f32_per_weight"] == pytest.approx(M + 3, abs=0.01)  # shift, mean, S and M co-moments
     assert compact["stats_f32_per_weight"] == pytest.approx(4.25, abs=0.01)  # shift, mean, S, p and a 1-byte mode
+    assert full["scratch_f32_per_weight"] == pytest.approx(1.0)  # one block of dx (N < a block here)
+    assert compact["scratch_f32_per_weight"] == pytest.approx(3.0)  # dx, own y − ν, int32 modes
+    assert compact["held_f32_per_weight"] == pytest.approx(7.25, abs=0.01)
+    assert compact["compact_after_freeze"] and not full["compact_after_freeze"]
+    assert math.isfinite(compact["freeze_excess_f32_per_weight"]) and "freeze_excess_f32_per_weight" not in full
+    queries = {"cmd_parameters", "swapped", "cmd_state_dict", "export", "trajectory"}
     for r in (full, compact):
-        assert set(r["times_s"]) == {"record", "update", "ema_lerp", "sgd_momentum_step", "adam_step", "add_floor"}
+        others = {"record", "update", "ema_lerp", "sgd_momentum_step", "adam_step", "add_floor"}
+        assert set(r["times_s"]) == others | queries
+        assert {f"{q}/record" for q in queries} <= set(r["ratios"])
         assert all(math.isfinite(q["median"]) and q["median"] > 0 for q in r["ratios"].values())
+        assert set(r["query_memory"]) == queries
+        for name, m in r["query_memory"].items():
+            # what the query returns or holds on purpose: the CMD weights (1 f32/weight); trajectory: a, b, modes
+            assert m["output_f32_per_weight"] == pytest.approx(3.0 if name == "trajectory" else 1.0, abs=0.01)
+            assert math.isfinite(m["extra_peak_f32_per_weight"])
     assert naive["records_kept"] == 20 and naive["posthoc_fit_s"] > 0
-    assert json.loads((tmp_path / "cost_quick.json").read_text())["runs"][0]["N"] == 10_000
+    saved = json.loads((tmp_path / "cost_quick.json").read_text())
+    assert saved["runs"][0]["N"] == N and saved["env"]["cmd_online"].endswith("cmd_online")
 
 
-def test_update_variants_quick_times_every_variant():
+def test_update_variants_quick_times_every_kernel_and_form():
     med = load("update_variants").main(["--quick", "--device", "cpu"])["1e4"]
-    assert set(med) == {"floor", "floorc", "ema", "fin", "v0", "vF", "c0", "cF"}
+    assert set(med) == {"floor", "floorc", "ema", "fin", "full/blocks", "compact/blocks", "full/flat", "compact/flat"}
     assert all(math.isfinite(t) and t > 0 for t in med.values())
