@@ -135,6 +135,11 @@ class ShardInfo:
         """The part of parameter ``i``'s local (flat) weights this process counts in sums over all ranks."""
         return slice(None)
 
+    def gather_flat(self, flat: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """One flat vector over all parameters from this process's flat parts (``sizes`` weights each):
+        here the tensor itself, no copy."""
+        return flat
+
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over every rank (in place)."""
         return values
@@ -342,6 +347,9 @@ class RowShards(ShardInfo):
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
         return values
+
+    def gather_flat(self, flat: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        return self.full_flat(list(torch.split(flat, list(sizes))))
 
     def full_flat(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
         dtypes = {t.dtype for t in local}

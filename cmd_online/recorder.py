@@ -31,6 +31,11 @@ from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
 
 
+# Weights per block of the fit that freezes the modes: a one-time pass, so a small working set (a few
+# MiB at M = 10) matters more than speed (docs/benchmarks.md, the freeze peak).
+FREEZE_BLOCK = 1 << 14
+
+
 class FitBlock(NamedTuple):
     """The fit of one block of weights: parameter ``tensor``, the block's ``local`` slice inside that
     parameter's (local, flat) weights, its ``flat`` slice of the local flat index, and the ``fit``."""
@@ -531,7 +536,7 @@ class CMDRecorder:
         elif stats.count < due:
             return
         modes = torch.empty(sum(stats.sizes), dtype=mode_dtype(self.num_modes), device=self.device)
-        for block in self.fit_blocks():
+        for block in self.fit_blocks(block=FREEZE_BLOCK):  # small blocks: the freeze adds little to the peak
             modes[block.flat] = block.fit.modes.to(modes.dtype)
         stats.freeze(modes)
 
@@ -623,14 +628,22 @@ class CMDRecorder:
             atomic_save(sd, path)
 
     def _flat_fit(self) -> tuple[torch.Tensor, ...]:
-        """a, b, modes, R² of every local weight as flat tensors (a, b float64 if a parameter is)."""
-        N, dtype = sum(self._stats.sizes), self._coefficient_dtype
-        a, b, r2 = (torch.empty(N, dtype=d, device=self.device) for d in (dtype, dtype, torch.float32))
+        """a, b and modes of every local weight as flat tensors (a, b float64 if a parameter is), and per
+        mode the sum of R² and the number of weights (2 × M) over the weights this process owns."""
+        N, dtype, M = sum(self._stats.sizes), self._coefficient_dtype, self.num_modes
+        a, b = (torch.empty(N, dtype=dtype, device=self.device) for _ in range(2))
         modes = torch.empty(N, dtype=torch.int32, device=self.device)
+        totals = torch.zeros(2, M, dtype=torch.float64, device=self.device)
         for block in self.fit_blocks():
             fit = block.fit
-            a[block.flat], b[block.flat], modes[block.flat], r2[block.flat] = fit.a, fit.b, fit.modes, fit.r2
-        return a, b, modes, r2
+            a[block.flat], b[block.flat], modes[block.flat] = fit.a, fit.b, fit.modes
+            owned = range(self._stats.sizes[block.tensor])[self._shards.owned_part(block.tensor)]
+            start, stop = max(owned.start, block.local.start), min(owned.stop, block.local.stop)
+            if start < stop:  # a weight held by several ranks counts once
+                part = slice(start - block.local.start, stop - block.local.start)
+                totals[0].index_add_(0, fit.modes[part], fit.r2[part])
+                totals[1] += torch.bincount(fit.modes[part], minlength=M)
+        return a, b, modes, totals
 
     def trajectory(self) -> CMDTrajectory:
         """The CMD model so far, as a :class:`CMDTrajectory` with full tensors.
@@ -642,19 +655,14 @@ class CMDRecorder:
         """
         self._require_tracking("trajectory")
         with self._lock:
-            a, b, modes, r2 = (self._stats.views(x) for x in self._flat_fit())
-            meta = self._trajectory_meta(modes, r2)
-            a, b, modes = (self._shards.full_flat(x) for x in (a, b, modes))
+            a, b, modes, totals = self._flat_fit()
+            meta = self._trajectory_meta(totals)
+            a, b, modes = (self._shards.gather_flat(x, self._stats.sizes) for x in (a, b, modes))
             return CMDTrajectory(**meta, a=a, b=b, modes=modes)
 
-    def _trajectory_meta(self, modes_local: list[torch.Tensor], r2: list[torch.Tensor]) -> dict[str, Any]:
-        """What a trajectory holds besides a, b and the modes: references, their indices and flags, mode R²."""
-        M = self.num_modes
-        totals = torch.zeros(2, M, dtype=torch.float64, device=self.device)
-        for i, (mode, value) in enumerate(zip(modes_local, r2)):
-            part = self._shards.owned_part(i)  # a weight held by several ranks counts once
-            totals[0].index_add_(0, mode[part].long(), value[part].double())
-            totals[1] += torch.bincount(mode[part].long(), minlength=M)
+    def _trajectory_meta(self, totals: torch.Tensor) -> dict[str, Any]:
+        """What a trajectory holds besides a, b and the modes: references, their indices and flags, and each
+        mode's mean R² from ``totals`` (sums of R² and counts per mode, this process's part)."""
         totals = self._shards.all_sum(totals)
         return dict(references=self._table.columns(self.num_records).clone(),
                     reference_index=self.reference_index.clone(), window_start=self.window_start, layout=self.layout,
@@ -671,9 +679,9 @@ class CMDRecorder:
         """
         self._require_tracking("trajectory_state_dict")
         with self._lock:
-            a, b, modes, r2 = (self._stats.views(x) for x in self._flat_fit())
-            meta = self._trajectory_meta(modes, r2)
-            meta = {**meta, "layout": self.layout.to_dict()}
+            a, b, modes, totals = self._flat_fit()
+            a, b, modes = (self._stats.views(x) for x in (a, b, modes))
+            meta = {**self._trajectory_meta(totals), "layout": self.layout.to_dict()}
             shapes = [tuple(s) for s in self._local_shapes]
             place = lambda xs: {name: self._shards.like_param(i, x.view(shape))  # noqa: E731
                                 for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
