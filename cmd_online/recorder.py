@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import threading
 import warnings
 import weakref
@@ -33,7 +34,7 @@ from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
 # Weights per block of the fit that freezes the modes: a one-time pass, so a small working set (a few
 # MiB at M = 10) matters more than speed (docs/benchmarks.md, the freeze peak).
-FREEZE_BLOCK = 1 << 14
+FREEZE_BLOCK = 1 << 13
 
 
 class FitBlock(NamedTuple):
@@ -312,7 +313,8 @@ class CMDRecorder:
             fit = stats.fit(flat, resolved)
             pin_references(fit, *self._slots.within(flat.start, flat.stop))
             name = self.layout.names[tensor]
-            if name not in overflowed and not bool(torch.isfinite(stats.sumsq[flat]).all()):  # |P| ≤ √(SQ): P too
+            # S ≥ 0: its largest value is finite exactly when all are (and |P| ≤ √(SQ) then is too)
+            if name not in overflowed and flat.stop > flat.start and not bool(stats.sumsq[flat].max() < math.inf):
                 overflowed.append(name)
             yield FitBlock(tensor, local, flat, fit)
         if overflowed:
@@ -570,7 +572,7 @@ class CMDRecorder:
             for block in self.fit_blocks(tensors=[i]):
                 a, b = (x.to(self._coefficient_dtype) for x in (block.fit.a, block.fit.b))  # as trajectory() holds them
                 out[block.local] = reconstruct(a, b, block.fit.modes, column).to(out.dtype)
-            if not bool(torch.isfinite(out).all()):
+            if out.numel() and not all(map(math.isfinite, torch.aminmax(out))):  # one pass, no mask
                 overflow.append(self.layout.names[i])
             yield i, out.view(shape).to(self._param_device)
         if overflow:

@@ -455,16 +455,16 @@ class StreamingMoments:
         """Switch to the compact form: keep only each weight's co-moment with its own mode.
 
         The co-moments are gathered into the first row of P block by block, in place, and the other
-        rows are freed: freezing needs no more memory than the modes themselves.
+        rows are freed: freezing needs no more memory than the modes themselves and a block.
 
         Args:
             modes (tensor): the mode of every weight, flat (N,).
         """
         kept = self.comoment[0]
         for _, _, flat in self.blocks:
-            chosen = modes[flat].long()
-            rows = torch.stack([row[flat] for row in self.comoment])
-            kept[flat] = rows.gather(0, chosen.unsqueeze(0)).squeeze(0)
+            chosen, part = modes[flat], kept[flat]
+            for m in range(1, self.num_modes):  # one row at a time: no M × block copy
+                torch.where(chosen == m, self.comoment[m][flat], part, out=part)
         self.comoment = [kept]
         self.modes = modes.to(torch.int32 if self.kernel == "flat" else mode_dtype(self.num_modes))
         self._allocate_scratch(compact=True)

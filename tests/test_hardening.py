@@ -6,6 +6,7 @@ The numbers in the test names follow the defects of the hardening issue; each te
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 import threading
@@ -428,3 +429,17 @@ def test_the_set_aside_references_are_saved_and_inspect_reports_them(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     dead = traj.reference_index.tolist().index(dead_index)
     assert f"set aside    1 of 2 references (mode {dead}: the reference moved only by rounding" in out
+
+
+def test_record_every_does_not_count_steps_a_grad_scaler_skipped_in_a_fused_optimizer():
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    rec = cmdo.CMDRecorder(optimizer, model, modes=2, samples=20, warmup=3, record_every=2)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for blow_up in (1.0, 1.0, math.inf, 1.0, 1.0):  # the third step's gradients are infinite: it is skipped
+        optimizer.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y) * blow_up).backward()
+        scaler.step(optimizer)  # a fused optimizer's step() runs with found_inf set, and changes nothing
+        scaler.update()
+    assert read_meta(rec.state_dict())["steps"] == 4 and rec.num_records == 2
