@@ -148,6 +148,39 @@ def test_every_public_instance_attribute_is_in_the_api_reference():
     assert not missing, f"docs/api.md does not document the attributes {missing}"
 
 
+def _documented_signatures(api: str) -> dict[str, str]:
+    """`cmdo.Name(...)` at the start of a python block of docs/api.md → the text between its parentheses."""
+    found = {}
+    for lang, body in FENCE.findall(api):
+        m = re.match(r"cmdo\.(\w+)\((.*?)\)(\s*->.*)?\s*$", body, re.S) if lang == "python" else None
+        if m:
+            found[m.group(1)] = " ".join(m.group(2).split())
+    return found
+
+
+def _signature_mismatch(name: str, documented: str) -> str | None:
+    """Why the documented parameters of ``cmd_online.<name>`` differ from the code's, or None."""
+    actual = inspect.signature(getattr(cmd_online, name))
+    params = [("**" if p.kind is p.VAR_KEYWORD else "") + (p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+              for p in actual.parameters.values()]
+    written = [d.strip().replace('"', "'") for d in documented.split(",") if d.strip() not in ("*", "")]
+    return None if written == params else f"docs/api.md documents {name}({documented}), the code is {name}{actual}"
+
+
+def test_every_documented_signature_matches_the_code():
+    signatures = _documented_signatures((DOCS / "api.md").read_text(encoding="utf-8"))
+    assert {"CMDRecorder", "CMDConfig", "CMDTrajectory", "decompose", "fit_affine"} <= set(signatures)
+    mismatches = [why for name, documented in signatures.items() if (why := _signature_mismatch(name, documented))]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_the_signature_check_catches_a_missing_argument_and_a_wrong_default():
+    fields = "modes=None, threshold=None, samples=1000, warmup=20, record_every=None, freeze_modes_after=None, seed=0"
+    assert _signature_mismatch("CMDConfig", fields + ', distance="correlation", max_modes=None') is None
+    assert _signature_mismatch("CMDConfig", fields + ', distance="correlation"') is not None
+    assert _signature_mismatch("CMDConfig", fields.replace("1000", "100") + ', distance="correlation", max_modes=None')
+
+
 def test_every_cli_subcommand_is_in_the_api_reference():
     from cmd_online.cli import build_parser
 
