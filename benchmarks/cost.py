@@ -445,7 +445,7 @@ def provenance() -> dict:
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: N = 1e4, M = 2, few rounds, in process")
     p.add_argument("--headline", action="store_true", help="N = 1e6, M = 10 only, --repeats processes each form")
@@ -458,6 +458,8 @@ def main(argv=None):
     p.add_argument("--cold-compile", action="store_true", help="an empty torch.compile cache in every worker")
     p.add_argument("--naive", action="store_true", help="with --cases: also the naive full history")
     p.add_argument("--profile", action="store_true", help="profile records and queries (results/cost_profile.txt)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print the tables of a results file written by an earlier run, and exit")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None, help="fresh processes per configuration (headline: 3)")
@@ -468,42 +470,59 @@ def main(argv=None):
     p.add_argument("--kernel", default="default", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="directory of the JSON (default benchmarks/results)")
     p.add_argument("--out-name", default=None, help="name of the JSON, without .json")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def plan(a: argparse.Namespace) -> tuple[list, list, int]:
+    """The (N, M) configurations to measure, those of the naive full history, and processes per configuration."""
+    if a.quick:
+        return [(10_000, 2)], [(10_000, 2)], 1
+    if a.headline:
+        return [(1_000_000, 10)], [], a.repeats or 3
+    if a.cases:
+        grid = [(int(float(n)), int(m)) for n, m in (c.split(":") for c in a.cases.split(","))]
+        return grid, ([(n, 10) for n in sorted({n for n, _ in grid})] if a.naive else []), a.repeats or 1
+    grid = [(N, M) for N in (100_000, 1_000_000, 10_000_000) for M in (2, 10, 32)]
+    return grid, [(N, 10) for N in (100_000, 1_000_000, 10_000_000)], a.repeats or 1
+
+
+def measure(a: argparse.Namespace, N: int, M: int, form: str, kernel: str) -> dict:
+    """One configuration: in this process for --quick (a smoke run checks the code path, not a clean peak
+    RSS), else in a fresh one."""
+    rounds = a.rounds or rounds_for(N, a.quick)
+    if a.quick:
+        return worker(N, M, form, rounds, a.device, None if kernel == "default" else kernel, a.flush, not a.no_queries)
+    return spawn([str(N), str(M), form, str(rounds), "--kernel", kernel, "--device", a.device,
+                  "--threads", str(a.threads)] + (["--flush"] if a.flush else [])
+                 + (["--no-queries"] if a.no_queries else []), a.cold_compile)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.worker:
         N, M, form, rounds = int(float(a.worker[0])), int(a.worker[1]), a.worker[2], int(a.worker[3])
         kernel = None if a.kernel == "default" else a.kernel
         print(json.dumps(worker(N, M, form, rounds, a.device, kernel, a.flush, not a.no_queries)))
         return None
+    if a.render:
+        with open(a.render) as f:
+            rows = json.load(f)["runs"]
+        print(markdown(rows))
+        return rows
     if a.profile:
         return profile(a)
     kernels = a.kernels.split(",") + (["compiled"] if a.compile and "compiled" not in a.kernels else [])
     forms = a.forms.split(",")
-    if a.quick:
-        grid, naive, repeats = [(10_000, 2)], [(10_000, 2)], 1
-    elif a.headline:
-        grid, naive, repeats = [(1_000_000, 10)], [], a.repeats or 3
-    elif a.cases:
-        grid = [(int(float(n)), int(m)) for n, m in (c.split(":") for c in a.cases.split(","))]
-        naive, repeats = ([(n, 10) for n in sorted({n for n, _ in grid})] if a.naive else []), a.repeats or 1
-    else:
-        grid = [(N, M) for N in (100_000, 1_000_000, 10_000_000) for M in (2, 10, 32)]
-        naive, repeats = [(N, 10) for N in (100_000, 1_000_000, 10_000_000)], a.repeats or 1
+    grid, naive, repeats = plan(a)
     rows, started = [], time.time()
     for N, M in grid:
         for form in forms:
             for kernel in kernels:
                 for repeat in range(repeats):
-                    rounds = a.rounds or rounds_for(N, a.quick)
-                    if a.quick:  # in-process: a smoke run checks the code path, not a clean peak RSS
-                        rows.append(worker(N, M, form, rounds, a.device, None if kernel == "default" else kernel,
-                                           a.flush, not a.no_queries))
-                    else:
-                        rows.append(spawn([str(N), str(M), form, str(rounds), "--kernel", kernel, "--device", a.device,
-                                           "--threads", str(a.threads)] + (["--flush"] if a.flush else [])
-                                          + (["--no-queries"] if a.no_queries else []), a.cold_compile))
-                    r = rows[-1]
+                    r = measure(a, N, M, form, kernel)
                     r["process"] = repeat + 1
+                    rows.append(r)
                     query = (f", cmd_parameters/record {r['ratios']['cmd_parameters/record']['median']:.2f}"
                              if "cmd_parameters/record" in r["ratios"] else "")
                     print(f"N={N:.0e} M={M} {_label(r)} #{repeat + 1}: record "
@@ -514,8 +533,7 @@ def main(argv=None):
     for N, M in naive:
         rows.append(worker(N, M, "naive", 0, a.device) if a.quick else
                     spawn([str(N), str(M), "naive", "0", "--device", a.device, "--threads", str(a.threads)]))
-    md = markdown(rows)
-    print(md)
+    print(markdown(rows))
     print(f"wall time {time.time() - started:.0f} s")
     name = a.out_name or ("cost_quick" if a.quick else "cost_headline" if a.headline else "cost")
     if not a.out_name:

@@ -32,6 +32,9 @@ from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
 
 
+# Weights per block of a query's fit on a CPU: its float64 working set of about M + 10 block-sized
+# vectors stays in the L2 cache, and the query's extra memory is a few MiB whatever N (docs/benchmarks.md).
+FIT_BLOCK = 1 << 15
 # Weights per block of the fit that freezes the modes: a one-time pass, so a small working set (a few
 # MiB at M = 10) matters more than speed (docs/benchmarks.md, the freeze peak).
 FREEZE_BLOCK = 1 << 13
@@ -304,7 +307,7 @@ class CMDRecorder:
         self._require_tracking("fit_blocks")
         self._report_skips()
         stats = self._stats
-        size = block or (BLOCK if self.device.type == "cpu" else 1 << 22)
+        size = block or (FIT_BLOCK if self.device.type == "cpu" else 1 << 22)
         resolved = stats.resolved_references()
         overflowed = [] if bool(torch.isfinite(stats.ref_sumsq).all()) else list(self.layout.names)
         for tensor, local, flat in stats.block_plan(size):

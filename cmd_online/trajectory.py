@@ -64,14 +64,25 @@ def _tensor(name: str, value, kind: str) -> torch.Tensor:
     return t
 
 
+_CHUNK = 1 << 16  # entries per chunk of the element-wise finite check
+
+
 def _vector(name: str, t: torch.Tensor, length: int, what: str) -> None:
     if t.shape != (length,):
         raise ValueError(f"{name} must be a vector of {what} = {length} entries; got shape {tuple(t.shape)}")
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite; it holds {int((~torch.isfinite(t)).sum())} NaN or Inf value(s)")
+    """A ValueError unless every entry of ``t`` is finite; extra memory of one chunk, not of ``t``.
+
+    A finite sum proves it (a NaN or an infinity makes any sum non-finite); only a sum that overflows
+    is checked element by element, a chunk at a time (``isfinite`` makes temporaries of its input's size).
+    """
+    if bool(torch.isfinite(t.sum())):
+        return
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in t.reshape(-1).split(_CHUNK))
+    if bad:
+        raise ValueError(f"{name} must be finite; it holds {bad} NaN or Inf value(s)")
 
 
 def _in_range(name: str, t: torch.Tensor, high: int, what: str) -> None:

@@ -2,11 +2,11 @@
 
 Builds a full-form recorder (M = 10) on benchmarks/cost.py's synthetic parameters and reports, timed
 interleaved with a record (medians of per-round ratios): ``fit_blocks()`` walked once with the library's
-block and with smaller ones, the exact argmax over the M rows alone (``cmd_online.stats._best_mode``, a
+block and with other sizes, the exact argmax over the M rows alone (``cmd_online.stats._best_mode``, a
 private function: this is a diagnostic), ``cmd_parameters()`` and ``trajectory()``. Then the extra peak
-RSS of a ``fit_blocks()`` walk (each block dropped, as the freeze uses it), of ``StreamingMoments.freeze``'s
-per-block stack of the M rows, and the N bytes of the modes: the parts of the freeze's peak; and the extra
-peak of ``cmd_parameters()`` and ``trajectory()`` beyond what they return. With glibc's default heap, freed
+RSS of a ``fit_blocks()`` walk (each block dropped) with the queries' block and with the freeze's
+(``cmd_online.recorder.FREEZE_BLOCK``), and the N bytes of the modes: the parts of the freeze's peak; and
+the extra peak of ``cmd_parameters()`` and ``trajectory()`` beyond what they return. With glibc's default heap, freed
 blocks may stay resident and count; ``MALLOC_MMAP_THRESHOLD_=65536`` returns every block to the system on
 free, so that the peaks count live tensors only.
 
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import cost  # noqa: E402
 from cmd_online import CMDRecorder  # noqa: E402
+from cmd_online.recorder import FIT_BLOCK, FREEZE_BLOCK  # noqa: E402
 from cmd_online.stats import _best_mode  # noqa: E402
 
 MIB = 1 << 20
@@ -56,12 +57,9 @@ def main():
         for _, _, flat in st.block_plan():
             _best_mode([row[flat] for row in st.comoment], Q)
 
-    def freeze_stack():
-        for _, _, flat in st.block_plan():
-            torch.stack([row[flat] for row in st.comoment])
-
-    ops = {"record": rec.record, "fit_blocks()": walk, "fit_blocks(block=32768)": lambda: walk(32768),
-           "fit_blocks(block=16384)": lambda: walk(16384), "argmax only": argmax_only,
+    ops = {"record": rec.record, f"fit_blocks() ({FIT_BLOCK})": walk,
+           **{f"fit_blocks(block={b})": (lambda b=b: walk(b)) for b in (1 << 17, 1 << 14, FREEZE_BLOCK)},
+           "argmax only": argmax_only,
            "cmd_parameters()": rec.cmd_parameters, "trajectory()": rec.trajectory}
     times = {k: [] for k in ops}
     for _ in range(0 if a.memory_only else a.rounds):
@@ -85,9 +83,9 @@ def main():
         return max(peaks)
 
     print("  extra peak RSS, MiB (1 float32 per weight = %.1f MiB):" % (4 * N / MIB))
-    print(f"    fit_blocks() walk            {extra_peak(walk):6.1f}")
-    print(f"    fit_blocks(block=32768) walk {extra_peak(lambda: walk(32768)):6.1f}")
-    print(f"    freeze's stack of the M rows {extra_peak(freeze_stack):6.1f}")
+    print(f"    fit_blocks() walk ({FIT_BLOCK})         {extra_peak(walk):6.1f}")
+    print(f"    fit_blocks(block={1 << 17}) walk   {extra_peak(lambda: walk(1 << 17)):6.1f}")
+    print(f"    the freeze's walk ({FREEZE_BLOCK})       {extra_peak(lambda: walk(FREEZE_BLOCK)):6.1f}")
     print(f"    modes (N bytes)              {N / MIB:6.1f}")
     print(f"    cmd_parameters() beyond its N float32      {extra_peak(rec.cmd_parameters, 4 * N / MIB):6.1f}")
     print(f"    trajectory() beyond its a, b, modes (3·N)  {extra_peak(rec.trajectory, 12 * N / MIB):6.1f}")

@@ -57,7 +57,7 @@ def test_dmd_compare_quick_reconstructs(tmp_path):
     assert by["online CMD M=3"]["err_all"] is None and by["online CMD M=3"]["err_window"] is not None
 
 
-def test_cost_quick_measures_records_queries_and_memory(tmp_path):
+def test_cost_quick_measures_records_queries_and_memory(tmp_path, capsys):
     rows = load("cost").main(["--quick", "--out", str(tmp_path)])
     full, compact, naive = rows
     N, M = 10_000, 2
@@ -83,6 +83,10 @@ def test_cost_quick_measures_records_queries_and_memory(tmp_path):
     assert naive["records_kept"] == 20 and naive["posthoc_fit_s"] > 0
     saved = json.loads((tmp_path / "cost_quick.json").read_text())
     assert saved["runs"][0]["N"] == N and saved["env"]["cmd_online"].endswith("cmd_online")
+    # --render prints the tables of a saved run, those the docs quote: the same as at the end of the run
+    assert load("cost").main(["--render", str(tmp_path / "cost_quick.json")]) == saved["runs"]
+    out = capsys.readouterr().out
+    assert out.count(load("cost").markdown(saved["runs"])) == 2
 
 
 def test_update_variants_quick_times_every_kernel_and_form():

@@ -266,3 +266,16 @@ def test_the_constructor_takes_numpy_arrays_and_lists():
     assert traj.reference_index.dtype == torch.int64 and traj.modes.dtype == torch.int32
     assert traj.window_start == 1 and isinstance(traj.window_start, int)
     assert torch.equal(traj.reconstruct(0), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_finite_coefficients_whose_sum_overflows_are_accepted_and_each_bad_one_counted():
+    traj = _trajectory()
+    big = traj.a.clone()
+    big[:4] = 3e38  # finite, but their sum overflows float32: the check must look element by element
+    kept = cmdo.CMDTrajectory(traj.references, traj.reference_index, big, traj.b, traj.modes, layout=traj.layout)
+    assert torch.equal(kept.a, big)
+    for bad in (float("nan"), float("inf")):
+        damaged = big.clone()
+        damaged[[7, 299]] = bad
+        with pytest.raises(ValueError, match=r"^a must be finite; it holds 2 NaN or Inf value\(s\)$"):
+            cmdo.CMDTrajectory(traj.references, traj.reference_index, damaged, traj.b, traj.modes, layout=traj.layout)
