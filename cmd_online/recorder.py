@@ -287,12 +287,16 @@ class CMDRecorder:
 
     @property
     def reference_slots(self) -> ReferenceSlots | None:
-        """Where the reference weights this process holds sit in its flat index (None during the warm-up)."""
+        """Where the reference weights this process holds sit in its flat index (None during the warm-up;
+        with offload, waits for pending records)."""
+        self._sync()
         return self._slots
 
     @property
     def moments(self) -> StreamingMoments | None:
-        """The streaming statistics (None during the warm-up). Read-only: observers must not change them."""
+        """The streaming statistics (None during the warm-up; with offload, waits for pending records).
+        Read-only: observers must not change them."""
+        self._sync()
         return self._stats
 
     def fit_blocks(self, block: int | None = None, tensors: list[int] | None = None) -> Iterator[FitBlock]:
@@ -395,6 +399,8 @@ class CMDRecorder:
             if t == self.config.warmup - 1:
                 self._start_tracking(weights)  # if it fails, the record is not taken: it can come again
             self._warmup_records = t + 1
+            if self._stats is not None:  # the window's first record: freeze_modes_after=1 is due now
+                self._freeze_when_due()
             return
         self._table.write(self.window_start + self._stats.count, values)
         self._stats.update(weights, values)

@@ -443,3 +443,27 @@ def test_record_every_does_not_count_steps_a_grad_scaler_skipped_in_a_fused_opti
         scaler.step(optimizer)  # a fused optimizer's step() runs with found_inf set, and changes nothing
         scaler.update()
     assert read_meta(rec.state_dict())["steps"] == 4 and rec.num_records == 2
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_freeze_modes_after_1_freezes_at_the_windows_first_record_and_its_state_loads(offload):
+    # found by tests/test_properties.py: the freeze waited for a second record of the window, so a state
+    # saved in between said "full form" after 1 record, which the state check (rightly) refused
+    def build(model):
+        with pytest.warns(UserWarning, match="freeze_modes_after=1"):
+            return cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=20,
+                                    warmup=3, freeze_modes_after=1, offload=offload)
+
+    model, twin = mlp(), mlp(seed=1)
+    rec = random_walk(model, 3, build(model))
+    assert rec.moments.compact and rec.moments.count == 1
+    twin.load_state_dict(model.state_dict())
+    fresh = build(twin)
+    fresh.load_state_dict(rec.state_dict())
+    assert fresh.moments.compact
+    random_walk(model, 2, rec, seed=1)
+    random_walk(twin, 2, fresh, seed=1)
+    for a, b in zip(rec.cmd_parameters(), fresh.cmd_parameters()):
+        assert torch.equal(a, b)
+    rec.close()
+    fresh.close()

@@ -10,13 +10,11 @@ rank by running the script again, which it cannot do with pytest.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from _background import rank_results, run_in_background
 from _states import assert_same, leaves
 from cmd_online.checkpoint import read_meta
 import torch
@@ -48,16 +46,7 @@ def _keep_torch_threads():
 def ddp_run(tmp_path_factory):
     """Start tests/_lightning_ddp.py (2 processes) now; the DDP tests wait for it."""
     out = tmp_path_factory.mktemp("lightning_ddp")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-               PYTHONWARNINGS="ignore")
-    log = open(out / "log.txt", "w")
-    proc = subprocess.Popen([sys.executable, str(HERE / "_lightning_ddp.py"), str(out)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=out)
-    yield proc, out
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    yield from run_in_background([str(HERE / "_lightning_ddp.py"), str(out)], out)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,14 +55,7 @@ def _start_ddp_early(ddp_run):
 
 
 def ddp_results(ddp_run) -> tuple[Path, list[dict]]:
-    proc, out = ddp_run
-    try:
-        proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the Lightning DDP script did not finish in 300 s")
-    assert proc.returncode == 0, (out / "log.txt").read_text()[-3000:]
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return rank_results(ddp_run, "the Lightning DDP script")
 
 
 # ------------------------------------------------------------------------------------------ the main run

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import cmd_online as cmdo
+from _states import assert_same, leaves
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 EPS32 = torch.finfo(torch.float32).eps
@@ -226,22 +227,6 @@ def test_reconstruction_has_the_parameters_shapes_and_dtypes(run, at):
                        torch.cat([p.detach().float().reshape(-1) for p in driver.params]))
 
 
-def state_tensors(state) -> dict:
-    out = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            for i, v in enumerate(value):
-                walk(f"{prefix}.{i}", v)
-        else:
-            out[prefix] = value
-    walk("", state)
-    return out
-
-
 @settings(**SETTINGS)
 @given(runs(), st.floats(0, 1))
 def test_state_dict_round_trip_continues_identically(run, where):
@@ -269,10 +254,7 @@ def test_state_dict_round_trip_continues_identically(run, where):
     second.step, second.history = first.step, list(first.history)
     first.run_until(records + extra)
     second.run_until(records + extra)
-    a, b = state_tensors(rec.state_dict()), state_tensors(rec2.state_dict())
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), k
+    assert_same(leaves(rec.state_dict()), leaves(rec2.state_dict()))
     if rec.phase == "tracking":
         t1, t2 = rec.trajectory(), rec2.trajectory()
         for name in ("references", "reference_index", "a", "b", "modes"):

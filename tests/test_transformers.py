@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from _background import rank_results, run_in_background
 from _states import assert_same, leaves
 from cmd_online.checkpoint import read_meta
 import torch
@@ -57,17 +56,9 @@ def _keep_torch_threads():
 def ddp_run(tmp_path_factory):
     """Start tests/_hf_ddp.py under torchrun (2 processes) now; the DDP tests wait for it."""
     out = tmp_path_factory.mktemp("hf_ddp")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-               PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    log = open(out / "log.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(HERE / "_hf_ddp.py"), str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=out)
-    yield proc, out
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    yield from run_in_background(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                  str(HERE / "_hf_ddp.py"), str(out)], out,
+                                 TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,14 +67,7 @@ def _start_ddp_early(ddp_run):
 
 
 def ddp_results(ddp_run) -> tuple[Path, list[dict]]:
-    proc, out = ddp_run
-    try:
-        proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("torchrun did not finish in 300 s")
-    assert proc.returncode == 0, (out / "log.txt").read_text()[-3000:]
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return rank_results(ddp_run, "torchrun")
 
 
 # ------------------------------------------------------------------------------------------ the main run

@@ -225,6 +225,35 @@ def require(rec: CMDRecorder | None, what: str) -> CMDRecorder:
     return rec
 
 
+class CMDAccess:
+    """What both callbacks give their user once training has started: the CMD model with the names of the
+    uncompiled model."""
+
+    recorder: CMDRecorder | None
+
+    def cmd_state_dict(self, at: int = -1) -> dict[str, torch.Tensor]:
+        """The model's state_dict with the CMD weights at record ``at`` (names without ``_orig_mod.``)."""
+        return export_state_dict(require(self.recorder, "cmd_state_dict"), at)
+
+    def trajectory(self) -> CMDTrajectory:
+        """``recorder.trajectory()`` with the parameter names of the uncompiled model."""
+        return clean_trajectory(require(self.recorder, "trajectory").trajectory())
+
+
+def export_at_end(rec: CMDRecorder, target: str, may_write: bool, write) -> None:
+    """At the end of training, ``write()`` the CMD model where this process may; a warning instead of an
+    error when no CMD model exists yet (training ended in the warm-up) or the write fails: the training
+    itself has finished and must not fail now."""
+    if rec.phase == "warmup":
+        warn(f"training ended during the warm-up ({rec.num_records} of {rec.config['warmup']} "
+             f"records): no CMD model exists, {target} was not written")
+    elif may_write:
+        try:
+            write()
+        except OSError as e:
+            warn(f"could not write the CMD model to {target}: {e}")
+
+
 # ------------------------------------------------------------------------------------------ state
 def callback_state(rec: CMDRecorder, schedule: Schedule, **extra: int) -> dict[str, Any]:
     """The callback's state: plain tensors and numbers, loadable with ``torch.load(weights_only=True)``."""

@@ -16,7 +16,6 @@ import torch
 from ..distributed import is_writer
 from ..files import atomic_save
 from ..recorder import CMDRecorder
-from ..trajectory import CMDTrajectory
 from ..config import check_bool, check_int
 from . import _common
 from ._common import Options, Schedule, Swap
@@ -26,7 +25,7 @@ _SHARDED = {"FSDPStrategy": "strategy='fsdp'", "DeepSpeedStrategy": "strategy='d
             "ModelParallelStrategy": "ModelParallelStrategy", "XLAFSDPStrategy": "XLAFSDPStrategy"}
 
 
-class LightningCMDHooks:
+class LightningCMDHooks(_common.CMDAccess):
     """Records the CMD model of a Lightning training run (``trainer.fit``) with a ``CMDRecorder``.
 
     Created in one line, ``Trainer(callbacks=[CMDCallback(modes=5, warmup=10)])``. When ``fit`` starts it
@@ -195,25 +194,11 @@ class LightningCMDHooks:
         if rec is None:
             return
         if self.export_path is not None:
-            if rec.phase == "warmup":
-                _common.warn(f"training ended during the warm-up ({rec.num_records} of {rec.config['warmup']} "
-                             f"records): no CMD model exists, {self.export_path} was not written")
-            elif trainer.is_global_zero:
-                try:
-                    atomic_save(_common.export_state_dict(rec), self.export_path)
-                except OSError as e:
-                    _common.warn(f"could not write the CMD model to {self.export_path}: {e}")
+            _common.export_at_end(rec, self.export_path, trainer.is_global_zero,
+                                  lambda: atomic_save(_common.export_state_dict(rec), self.export_path))
         rec.close()
 
     # ------------------------------------------------------------------------------------- for the user
-    def cmd_state_dict(self, at: int = -1) -> dict[str, torch.Tensor]:
-        """The LightningModule's state_dict with the CMD weights at record ``at`` (names without ``_orig_mod.``)."""
-        return _common.export_state_dict(_common.require(self.recorder, "cmd_state_dict"), at)
-
-    def trajectory(self) -> CMDTrajectory:
-        """``recorder.trajectory()`` with the parameter names of the uncompiled module."""
-        return _common.clean_trajectory(_common.require(self.recorder, "trajectory").trajectory())
-
     def export(self, path: str | os.PathLike, at: int = -1) -> None:
         """Write :meth:`cmd_state_dict` to ``path`` atomically (rank 0 only under DDP)."""
         state = self.cmd_state_dict(at)

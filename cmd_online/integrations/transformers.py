@@ -13,7 +13,6 @@ import tempfile
 import weakref
 from typing import Any, Iterator
 
-import torch
 
 try:
     from transformers import PreTrainedModel, TrainerCallback
@@ -25,7 +24,6 @@ except ImportError as e:  # pragma: no cover - the message is the point
 from ..distributed import is_writer
 from ..files import atomic_write
 from ..recorder import CMDRecorder
-from ..trajectory import CMDTrajectory
 from ..config import check_bool, check_int
 from . import _common
 from ._common import STATE_FILE, Options, Schedule, Swap
@@ -33,7 +31,7 @@ from ._common import STATE_FILE, Options, Schedule, Swap
 __all__ = ["CMDCallback"]
 
 
-class CMDCallback(TrainerCallback):
+class CMDCallback(TrainerCallback, _common.CMDAccess):
     """Records the CMD model of a Hugging Face ``Trainer`` run with a ``CMDRecorder``.
 
     Created in one line, ``Trainer(..., callbacks=[CMDCallback(modes=5, warmup=10)])``. When training starts
@@ -158,25 +156,10 @@ class CMDCallback(TrainerCallback):
             return
         if self.export_dir is not None:
             path = os.path.join(args.output_dir, self.export_dir)
-            if rec.phase == "warmup":
-                _common.warn(f"training ended during the warm-up ({rec.num_records} of {rec.config['warmup']} "
-                             f"records): no CMD model exists, {path} was not written")
-            elif args.should_save:
-                try:
-                    self._write_model(path, -1)
-                except OSError as e:
-                    _common.warn(f"could not write the CMD model to {path}: {e}")
+            _common.export_at_end(rec, path, args.should_save, lambda: self._write_model(path, -1))
         rec.close()
 
     # ------------------------------------------------------------------------------------- for the user
-    def cmd_state_dict(self, at: int = -1) -> dict[str, torch.Tensor]:
-        """The model's state_dict with the CMD weights at record ``at`` (names without ``_orig_mod.``)."""
-        return _common.export_state_dict(_common.require(self.recorder, "cmd_state_dict"), at)
-
-    def trajectory(self) -> CMDTrajectory:
-        """``recorder.trajectory()`` with the parameter names of the uncompiled model."""
-        return _common.clean_trajectory(_common.require(self.recorder, "trajectory").trajectory())
-
     def export(self, path: str | os.PathLike, at: int = -1) -> None:
         """Save the CMD model at record ``at`` to the folder ``path`` as the Trainer saves models (rank 0 only)."""
         if is_writer():
