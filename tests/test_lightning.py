@@ -32,15 +32,6 @@ EPOCHS = 8
 F = CONFIG["warmup"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """Some strategies set torch's thread count (Lightning's ModelParallelStrategy: to the core count); the
-    rest of the suite runs tiny models on one thread."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------ DDP run
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
