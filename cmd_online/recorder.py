@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import threading
 import warnings
@@ -48,6 +49,21 @@ class FitBlock(NamedTuple):
     local: slice
     flat: slice
     fit: AffineFit
+
+
+def _serialised(method):
+    """Run the method holding the recorder's lock: records, queries and state changes happen one at a time."""
+    @functools.wraps(method)
+    def serialised(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return serialised
+
+
+def _copy_back(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, saved):
+            p.copy_(value)
 
 
 class CMDRecorder:
@@ -157,6 +173,7 @@ class CMDRecorder:
         self._lock = threading.RLock()  # records, queries and state changes happen one at a time
         self._offload: Offload | None = None
         self._done: collections.deque = collections.deque()  # offload: what the worker did, told on this thread
+        self._delivering = False  # offload: telling the observers now
         if self.offload:
             self._offload = Offload(local, self.config.samples, self._coefficient_dtype, self._apply_offloaded)
             stop = weakref.finalize(self, self._offload.stop)  # the worker ends with its recorder
@@ -228,11 +245,13 @@ class CMDRecorder:
         return self._skipped + self._device_attempts + 1 - self._stats.window_count()
 
     def _sync(self) -> None:
-        """With offload, on the training thread: wait for pending records and tell what they did."""
-        if self._offload is not None and not self._offload.is_worker():
-            with self._lock:
-                self._offload.drain()
-                self._deliver()
+        """With offload, on the training thread: wait for pending records and tell what they did. Inside an
+        observer it returns at once: the worker waits for the observers, so the state is the record told."""
+        if self._offload is None or self._offload.is_worker():
+            return
+        with self._lock:
+            if not self._delivering:  # only the thread that holds the lock can be delivering
+                self._offload.settle(self._deliver)
 
     @property
     def num_modes(self) -> int | None:
@@ -355,8 +374,10 @@ class CMDRecorder:
             self._warn_if_params_changed()
             weights = self._local_weights()
             if self._offload is not None:
-                self._deliver()
-                self._submit(weights)
+                try:
+                    self._deliver()  # may raise the failure of an earlier record: this one is still taken
+                finally:
+                    self._submit(weights)
                 return True
             started = self._stats is not None
             if started and self._stats.kernel == "flat":
@@ -421,22 +442,22 @@ class CMDRecorder:
     def _submit(self, weights: list[torch.Tensor]) -> None:
         """Hand one record to the offload worker: host copies of the weights and of the gathered values."""
         if self._stats is None and self._warmup_records + self._offload.pending() >= self.config.warmup - 1:
-            self._offload.drain()  # this record, or one in flight, may end the warm-up: its values change
-            self._deliver()
+            self._offload.settle(self._deliver)  # this record, or one in flight, may end the warm-up: its values change
         tracking = self._stats is not None
         values = self._shards.assemble((self._ref_plan if tracking else self._sample_plan)(weights))
         finite = None
         if self.check_finite and self._shards.sharded:  # the ranks must agree: check their shards together
             finite = self._finite_flags(weights, exact=True)[0].all()
-        self._offload.submit(weights, values, finite, tracking)
+        self._offload.gate.hold = bool(self.observers)
+        self._offload.submit(weights, values, finite, tracking, self.check_finite)
 
     def _apply_offloaded(self, job: Job) -> None:
         """The worker thread: check and apply one record from host copies; tell the training thread later."""
         weights = job.weights
         if job.finite is not None:
             bad = [] if bool(job.finite) else ["(a shard of another rank)"]
-        else:
-            bad = self._nonfinite(weights) if self.check_finite else []
+        else:  # the setting when the record was taken (never a collective here: sharded runs check on submit)
+            bad = self._nonfinite(weights) if job.check_finite and not self._shards.sharded else []
         if bad:
             self._skipped += 1
             self._done.append(("skip", bad, self._records()))
@@ -448,21 +469,29 @@ class CMDRecorder:
         self._done.append(("record", (started, self._stats is not None), self._records() - 1))
 
     def _deliver(self) -> None:
-        """On the training thread: raise a failure of the worker, warn about skipped records, tell observers."""
-        if self._offload is None:
+        """On the training thread: raise a failure of the worker, warn about skipped records, tell observers,
+        in order (a query made by an observer tells nothing more)."""
+        if self._offload is None or self._delivering:
             return
+        self._delivering = True
         try:
             self._offload.check()
         finally:
-            while self._done:
-                kind, detail, index = self._done.popleft()
-                if kind == "skip":
-                    self._skips_reported += 1
-                    warnings.warn(f"CMDRecorder: record {index} skipped (offloaded): non-finite (NaN/Inf) values in "
-                                  f"{', '.join(detail[:5])}{' …' if len(detail) > 5 else ''}; the statistics are "
-                                  f"unchanged", RuntimeWarning, stacklevel=4)
-                else:
-                    self._tell(*detail, index)
+            try:
+                while self._done:
+                    kind, detail, index = self._done.popleft()
+                    try:
+                        if kind == "skip":
+                            self._skips_reported += 1
+                            warnings.warn(f"CMDRecorder: record {index} skipped (offloaded): non-finite (NaN/Inf) "
+                                          f"values in {', '.join(detail[:5])}{' …' if len(detail) > 5 else ''}; the "
+                                          f"statistics are unchanged", RuntimeWarning, stacklevel=4)
+                        else:
+                            self._tell(*detail, index)
+                    finally:
+                        self._offload.gate.told()
+            finally:
+                self._delivering = False
 
     def _finite_flags(self, weights: list[torch.Tensor], exact: bool) -> tuple[torch.Tensor, list[int]]:
         """Device flags, one per parameter, that all its values on every rank are finite, and the
@@ -589,6 +618,7 @@ class CMDRecorder:
                           f" at record {at} are not all finite: the fit goes beyond the range of "
                           f"{self._coefficient_dtype} (weights near its largest value?)", RuntimeWarning, stacklevel=3)
 
+    @_serialised
     def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
         """CMD weights at record ``at``, one tensor per optimizer parameter (local shards under FSDP)."""
         return [tensor for _, tensor in self._cmd_tensors(at)]
@@ -602,6 +632,7 @@ class CMDRecorder:
                                "keep a reference to it while you use the recorder")
         return model
 
+    @_serialised
     def cmd_state_dict(self, at: int = -1) -> dict[str, Any]:
         """The model's state_dict with CMD weights for the recorded parameters (buffers are live)."""
         model = self._live_model()
@@ -616,19 +647,23 @@ class CMDRecorder:
     @contextlib.contextmanager
     def swapped(self, at: int = -1) -> Iterator[None]:
         """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit."""
-        self._require_tracking("swapped")
-        local = self._shards.local(self.params)
-        saved = [p.detach().clone() for p in local]
+        with self._lock:  # the CMD weights of one state (not the user's block: other threads may record)
+            self._require_tracking("swapped")
+            local = self._shards.local(self.params)
+            saved = [p.detach().clone() for p in local]
+            try:
+                with torch.no_grad():
+                    for i, value in self._cmd_tensors(at):
+                        local[i].copy_(value)
+            except BaseException:
+                _copy_back(local, saved)
+                raise
         try:
-            with torch.no_grad():
-                for i, value in self._cmd_tensors(at):
-                    local[i].copy_(value)
             yield
         finally:
-            with torch.no_grad():
-                for p, value in zip(local, saved):
-                    p.copy_(value)
+            _copy_back(local, saved)
 
+    @_serialised
     def export(self, path, at: int = -1) -> None:
         """Write ``cmd_state_dict(at)`` as a normal checkpoint, atomically (rank 0 only when distributed).
 
@@ -656,6 +691,7 @@ class CMDRecorder:
                 totals[1] += torch.bincount(fit.modes[part], minlength=M)
         return a, b, modes, totals
 
+    @_serialised
     def trajectory(self) -> CMDTrajectory:
         """The CMD model so far, as a :class:`CMDTrajectory` with full tensors.
 
@@ -680,6 +716,7 @@ class CMDRecorder:
                     mode_r2=(totals[0] / totals[1].clamp_min(1)).float(),
                     set_aside=~self._stats.resolved_references())
 
+    @_serialised
     def trajectory_state_dict(self) -> dict[str, Any]:
         """The CMD model as a state_dict for ``torch.distributed.checkpoint``, without gathering anything.
 
@@ -698,6 +735,7 @@ class CMDRecorder:
                                 for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
             return {"meta": pack(meta), "a": place(a), "b": place(b), "modes": place(modes)}
 
+    @_serialised
     def r2(self) -> list[torch.Tensor]:
         """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""
         self._require_tracking("r2")
@@ -707,6 +745,7 @@ class CMDRecorder:
                 out[block.flat] = block.fit.r2
             return [v.to(self._param_device) for v in self._stats.views(out)]
 
+    @_serialised
     def nbytes(self) -> dict[str, int]:
         """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references,
         indices, the offload's host ``staging`` buffers) and their ``total``."""
@@ -724,6 +763,7 @@ class CMDRecorder:
         return out
 
     # ----------------------------------------------------------------------------- logging
+    @_serialised
     def log(self, writer, step: int | None = None) -> None:
         """Log mode statistics to a TensorBoard ``writer`` now, at ``step`` (default: the last record).
 
@@ -738,6 +778,7 @@ class CMDRecorder:
         logger.log(self, self.num_records - 1 if step is None else step)
 
     # ----------------------------------------------------------------------------- checkpoints
+    @_serialised
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: configuration, counters, samples, history, references, statistics.
 
@@ -789,6 +830,7 @@ class CMDRecorder:
         return per_parameter(list(self.layout.names), [tuple(s) for s in self._local_shapes], fields, rows, bound,
                              self._shards.like_param)
 
+    @_serialised
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (this version, or 1 and 2 of earlier cmd_online). Every field is
         checked first: a state of another configuration, other parameter shapes, other samples, or one
@@ -819,6 +861,7 @@ class CMDRecorder:
         self._set_references(checked.reference_index, checked.references, checked.stats, copy=not fresh)
         self._device_attempts = self._stats.window_count() - 1
 
+    @_serialised
     def close(self) -> None:
         """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed)."""
         self._sync()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -265,3 +268,165 @@ def test_cuda_offload_adds_no_device_memory_and_never_synchronises():
     added = torch.cuda.max_memory_allocated() - base
     print(f"offload: device memory added {added} bytes = {added / (4 * N):.4f} float32 per weight")
     assert added < 0.01 * 4 * N  # transient gathers only: no statistics, no scratch on the device
+
+
+# ---------------------------------------------------------------------------------- second probe round
+def test_offload_observers_read_the_state_of_the_record_they_are_told_of(monkeypatch):
+    """A worker slower than training (several records applied between two calls) must not let an observer
+    of record i see later records: the worker waits for the observers."""
+    class Journal:
+        def __init__(self):
+            self.seen = []
+
+        def on_record(self, rec, index):
+            if rec.phase == "tracking":
+                self.seen.append((index, rec.num_records, rec.references[:, index].clone(),
+                                  [t.clone() for t in rec.cmd_parameters()]))
+            else:
+                self.seen.append((index, rec.num_records))
+
+    plain = Journal()
+    run(10, callbacks=[plain]).close()
+    update = StreamingMoments.update
+
+    def slow(stats, *args, **kwargs):
+        time.sleep(0.02)
+        return update(stats, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingMoments, "update", slow)
+    offloaded = Journal()
+    run(10, offload=True, callbacks=[offloaded]).close()
+    assert [e[:2] for e in offloaded.seen] == [e[:2] for e in plain.seen] == [(i, i + 1) for i in range(10)]
+    for a, b in zip(plain.seen, offloaded.seen):
+        if len(a) > 2:
+            assert torch.equal(a[2], b[2]) and all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+
+
+def test_an_offload_recorder_is_freed_with_its_worker_thread():
+    def made():
+        model, steps = model_and_walk()
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
+                               offload=True)
+        walk(model, rec, steps, 0, 6)
+        assert rec.num_records == 6
+        return weakref.ref(rec), [t for t in threading.enumerate() if t.name == "cmd_online-offload"][-1]
+
+    ref, worker = made()
+    gc.collect()
+    assert ref() is None  # nothing holds the recorder: not its worker either
+    worker.join(30)
+    assert not worker.is_alive()  # and the worker ended with it
+
+
+def test_a_record_that_fails_while_staging_gives_its_buffer_back():
+    model, steps = model_and_walk()
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
+                           offload=True)
+    walk(model, rec, steps, 0, 6)
+    weight = model[0].weight
+    trained = weight.data
+    for _ in range(3):  # more failures than staging buffers
+        weight.data = torch.zeros(20, 20)  # a wrong shape for a moment (the copy into the buffer fails)
+        with pytest.raises(RuntimeError):
+            rec.record()
+        weight.data = trained
+    thread, done = in_thread(lambda: walk(model, rec, steps, 6, 9) or rec.num_records)
+    thread.join(60)
+    assert not thread.is_alive() and done["value"] == 9  # a buffer lost per failure would hang here
+    expected = run(9)
+    assert all(torch.equal(x, y) for x, y in zip(rec.cmd_parameters(), expected.cmd_parameters()))
+
+
+def test_queries_are_serialised_with_records_of_other_threads(monkeypatch):
+    for offload in (False, True):
+        model, steps = model_and_walk()
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40,
+                               warmup=4, offload=offload)
+        walk(model, rec, steps, 0, 8)
+        before = rec.cmd_parameters(at=6)
+        fit, entered, opened, calls = StreamingMoments.fit, threading.Event(), threading.Event(), []
+
+        def held(stats, *args, **kwargs):  # the query pauses between two parameters' fits
+            if threading.current_thread().name == "query":
+                calls.append(1)
+                if len(calls) == 2:
+                    entered.set()
+                    assert opened.wait(60)
+            return fit(stats, *args, **kwargs)
+
+        monkeypatch.setattr(StreamingMoments, "fit", held)
+        out = {}
+        query = threading.Thread(target=lambda: out.setdefault("value", rec.cmd_parameters(at=6)), name="query")
+        query.start()
+        assert entered.wait(60)
+        recording, _ = in_thread(lambda: walk(model, rec, steps, 8, 9))
+        recording.join(1.0)
+        assert recording.is_alive()  # the record waits for the query
+        opened.set()
+        query.join(60)
+        recording.join(60)
+        monkeypatch.setattr(StreamingMoments, "fit", fit)
+        assert all(torch.equal(x, y) for x, y in zip(out["value"], before))  # one state: the one before
+        assert rec.num_records == 9
+
+
+def test_the_call_that_reports_a_worker_failure_still_takes_its_own_record(monkeypatch):
+    cluster, failures = recorder_module.cluster, []
+
+    def flaky(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise MemoryError("no room for the clustering")
+        return cluster(*args, **kwargs)
+
+    monkeypatch.setattr(recorder_module, "cluster", flaky)
+    model, steps = model_and_walk()
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
+                           offload=True)
+    raised = 0
+    for t in range(8):
+        try:
+            walk(model, rec, steps, t, t + 1)
+        except OffloadError:
+            raised += 1
+        idle(rec)  # the failure, if any, is then reported by the next record() (no query in between)
+    assert raised == 1 and rec.num_records == 7  # only the record whose clustering failed is not taken
+
+
+def idle(rec, timeout=60.0):
+    """Wait until the worker has applied every record, without a query (which would report a failure)."""
+    deadline = time.monotonic() + timeout
+    while rec._offload.pending() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_offload_checks_finiteness_with_the_setting_at_the_record(monkeypatch):
+    update = StreamingMoments.update
+
+    def slow(stats, *args, **kwargs):  # a worker behind training: the flag changes before it gets to a record
+        time.sleep(0.05)
+        return update(stats, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingMoments, "update", slow)
+    counts = {}
+    for offload in (False, True):
+        model, steps = model_and_walk()
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40,
+                               warmup=4, offload=offload)
+        for t in range(8):
+            with torch.no_grad():
+                for p, d in zip(model.parameters(), steps[t]):
+                    p.add_(d)
+                if t == 5:
+                    model[0].bias[0] = float("nan")
+            rec.check_finite = t <= 5  # turned off right after the NaN record, which was taken with it on
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                rec.record()
+            rec.check_finite = False
+            with torch.no_grad():
+                model[0].bias[0] = 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            counts[offload] = (rec.num_records, rec.skipped_records, bool(torch.isfinite(rec.moments.mean).all()))
+    assert counts[True] == counts[False] == (7, 1, True)
