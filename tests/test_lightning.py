@@ -232,6 +232,59 @@ def test_several_optimizers_need_optimizer_index_and_lightning_optimizer_steps_a
     assert cmd.recorder.num_records == 24 // 2
 
 
+def test_one_callback_per_optimizer_each_keeps_its_own_state_in_the_checkpoint(tmp_path):
+    body, head = (CMDCallback(modes=2, samples=50, warmup=2, optimizer_index=i) for i in (0, 1))
+    assert body.state_key != head.state_key and CMDCallback().state_key == "CMDCallback"  # old checkpoints load
+    fit = trainer(max_epochs=2, callbacks=[body, head])
+    fit.fit(TwoOptimizers(), train_loader())
+    fit.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
+    assert {read_meta(states[cmd.state_key]["recorder"])["layout"]["names"][0] for cmd in (body, head)} == {
+        "body.weight", "head.weight"}
+    body, head = (CMDCallback(modes=2, samples=50, warmup=2, optimizer_index=i) for i in (0, 1))
+    trainer(max_epochs=3, callbacks=[body, head]).fit(TwoOptimizers(), train_loader(), ckpt_path=tmp_path / "two.ckpt")
+    assert body.recorder.layout.names == ("body.weight", "body.bias")
+    assert head.recorder.layout.names == ("head.weight", "head.bias")
+    assert body.recorder.num_records == head.recorder.num_records == 3
+    # a checkpoint of an earlier version holds its one callback's state under "CMDCallback"
+    older = torch.load(tmp_path / "two.ckpt", weights_only=True)
+    older["callbacks"] = {"CMDCallback": states[head.state_key]}
+    torch.save(older, tmp_path / "older.ckpt")
+    head = CMDCallback(modes=2, samples=50, warmup=2, optimizer_index=1)
+    trainer(max_epochs=3, callbacks=[head]).fit(TwoOptimizers(), train_loader(), ckpt_path=tmp_path / "older.ckpt")
+    assert head.recorder.num_records == 3
+
+
+def test_a_second_fit_continues_the_recording_of_the_first():
+    config = CONFIG | dict(warmup=2)
+    straight = CMDCallback(**config)
+    trainer(max_epochs=4, callbacks=[straight]).fit(Digits(), train_loader())
+    cmd, model = CMDCallback(**config), Digits()
+    fit = trainer(max_epochs=2, callbacks=[cmd])
+    fit.fit(model, train_loader())
+    first = cmd.recorder.trajectory().references.clone()
+    fit.fit_loop.max_epochs = 4
+    fit.fit(model, train_loader())  # epochs 2 and 3; Lightning makes a new optimizer
+    assert cmd.recorder.num_records == straight.recorder.num_records == 4
+    assert read_meta(cmd.recorder.state_dict())["steps"] == 4 * 24
+    references = cmd.recorder.trajectory().references
+    assert torch.equal(references[:, :2], first)
+    assert torch.equal(references[:, :2], straight.recorder.trajectory().references[:, :2])
+
+
+def test_a_second_fit_of_other_parameters_warns_and_starts_a_new_recording():
+    class Smaller(Digits):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 10)
+
+    cmd = CMDCallback(**CONFIG | dict(warmup=2))
+    trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
+    with pytest.warns(RuntimeWarning, match=r"cannot continue the recording of the earlier run \(2 records\)"):
+        trainer(max_epochs=1, callbacks=[cmd]).fit(Smaller(), train_loader())
+    assert cmd.recorder.num_records == 1 and cmd.recorder.layout.names == ("net.weight", "net.bias")
+
+
 def test_torch_optimizer_is_found_inside_a_lightning_optimizer():
     from lightning.pytorch.core.optimizer import LightningOptimizer
 

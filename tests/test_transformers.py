@@ -203,6 +203,26 @@ def test_a_checkpoint_outside_output_dir_is_found_through_training_arguments(run
     assert torch.equal(cmd.recorder.trajectory().references, run["cmd"].recorder.trajectory().references)
 
 
+def test_a_state_of_the_same_step_from_another_run_is_refused_not_loaded(tmp_path):
+    config = CONFIG | dict(warmup=2)
+
+    def epochs(folder, cmd, resume=None, data=Chars(64), **kwargs):  # 8 steps an epoch, a checkpoint after each
+        Trainer(model=make_model(), train_dataset=data, callbacks=[cmd],
+                args=arguments(folder, num_train_epochs=3, save_strategy="epoch", **kwargs)).train(
+            resume_from_checkpoint=resume)
+
+    run_a, run_b = CMDCallback(**config), CMDCallback(**config)
+    epochs(tmp_path / "a", run_a)
+    epochs(tmp_path / "b", run_b, data=Chars(64, start=500), learning_rate=1e-3)  # the same step numbers
+    a16 = str(tmp_path / "a" / "checkpoint-16")
+    with pytest.raises(ValueError, match=r"global step 16.*b/checkpoint-16/cmd_recorder\.pt was saved with other "
+                                         r"weights.*resume_from_checkpoint="):
+        epochs(tmp_path / "b", CMDCallback(**config), resume=a16)  # run A's weights; output_dir holds run B's
+    cmd = CMDCallback(**config)
+    epochs(tmp_path / "b", cmd, resume=a16, resume_from_checkpoint=a16)
+    assert torch.equal(cmd.recorder.trajectory().references, run_a.recorder.trajectory().references)
+
+
 # ------------------------------------------------------------------------------------------ other runs
 def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights_and_log_to_the_writer(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -223,6 +243,75 @@ def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights_and_log_to_t
     assert torch.equal(traj.reference_index, want.reference_index)
     for at in range(6):
         assert_same_cmd(traj.reconstruct(at), want.reconstruct(at))
+
+
+def per_epoch(folder, cmd, resume=None, **kwargs) -> Trainer:
+    """Per-epoch recording: 64 examples in batches of 8, so 8 optimizer steps an epoch."""
+    trainer = Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd],
+                      args=arguments(folder, **{"num_train_epochs": 4} | kwargs))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def same_recording(got, want) -> None:
+    assert got.num_records == want.num_records
+    got, want = got.trajectory(), want.trajectory()
+    for key in ("references", "reference_index", "a", "b", "modes"):
+        assert torch.equal(getattr(got, key), getattr(want, key)), key
+
+
+def test_resume_from_a_checkpoint_at_an_epochs_last_step_keeps_that_epochs_record(tmp_path):
+    # save_steps = the steps of an epoch: the Trainer saves checkpoint-16 before its on_epoch_end, and a
+    # run resumed from it starts the next epoch
+    config = CONFIG | dict(warmup=3)
+    uninterrupted = CMDCallback(**config)
+    per_epoch(tmp_path / "full", uninterrupted, save_strategy="steps", save_steps=8)
+    assert uninterrupted.recorder.num_records == 4
+    for step in (16, 24):
+        saved = torch.load(tmp_path / "full" / f"checkpoint-{step}" / "cmd_recorder.pt", weights_only=True)
+        assert saved["recorded_epoch"] == step // 8 - 1 and read_meta(saved["recorder"])["num_records"] == step // 8
+        cmd, folder = CMDCallback(**config), str(tmp_path / "full" / f"checkpoint-{step}")
+        per_epoch(tmp_path / f"resumed{step}", cmd, resume=folder, resume_from_checkpoint=folder)
+        same_recording(cmd.recorder, uninterrupted.recorder)
+    # a checkpoint of an earlier version, which recorded only at on_epoch_end, after the save: the epoch's
+    # record is missing there, and the resumed run takes it from the weights it loads, the epoch's end
+    older = type("Older", (CMDCallback,), {"on_step_end": lambda self, *args, **kwargs: None})(**config)
+    per_epoch(tmp_path / "older", older, save_strategy="steps", save_steps=8)
+    folder = str(tmp_path / "older" / "checkpoint-16")
+    assert torch.load(Path(folder) / "cmd_recorder.pt", weights_only=True)["recorded_epoch"] == 0
+    cmd = CMDCallback(**config)
+    per_epoch(tmp_path / "resumed_older", cmd, resume=folder, resume_from_checkpoint=folder)
+    same_recording(cmd.recorder, uninterrupted.recorder)
+
+
+def test_an_epoch_cut_short_by_max_steps_keeps_its_record_when_training_is_extended(tmp_path):
+    # documented in docs/integrations.md: the record of the cut epoch (step 20, in epoch 2 of 8 steps) stays;
+    # the extended run does not record epoch 2 again at its end (step 24)
+    config = CONFIG | dict(warmup=3)
+    short, extended, straight = CMDCallback(**config), CMDCallback(**config), CMDCallback(**config)
+    per_epoch(tmp_path / "run", short, max_steps=20, save_strategy="epoch")
+    saved = torch.load(tmp_path / "run" / "checkpoint-20" / "cmd_recorder.pt", weights_only=True)
+    assert short.recorder.num_records == 3 and saved["recorded_epoch"] == 2
+    per_epoch(tmp_path / "run", extended, resume=True, max_steps=40)
+    per_epoch(tmp_path / "straight", straight, max_steps=40)
+    assert extended.recorder.num_records == straight.recorder.num_records == 5  # epochs 0, 1, 2 (cut), 3, 4
+    got, cut, want = (c.recorder.trajectory().references for c in (extended, short, straight))
+    assert torch.equal(got[:, :3], cut)  # the record of step 20 is kept and counted as epoch 2's
+    assert not torch.equal(got, want)  # so the CMD model differs from the straight run's
+
+
+def test_a_second_train_continues_the_recording_of_the_first(tmp_path):
+    config = CONFIG | dict(warmup=2)
+    straight, cmd = CMDCallback(**config), CMDCallback(**config)
+    per_epoch(tmp_path / "straight", straight)
+    trainer = per_epoch(tmp_path / "twice", cmd, num_train_epochs=2)
+    first = cmd.recorder.trajectory().references.clone()
+    trainer.train()  # the Trainer counts epochs and steps from 0 again; the recording goes on
+    assert cmd.recorder.num_records == straight.recorder.num_records == 4
+    assert read_meta(cmd.recorder.state_dict())["steps"] == 4 * 8
+    references = cmd.recorder.trajectory().references
+    assert torch.equal(references[:, :2], first)
+    assert torch.equal(references[:, :2], straight.recorder.trajectory().references[:, :2])
 
 
 def test_steps_the_grad_scaler_skips_are_not_counted_with_the_default_fused_adamw(tmp_path):
@@ -285,6 +374,7 @@ def test_compiled_plain_model_is_exported_as_a_safetensors_state_dict_with_its_o
     (dict(samples=0), ValueError, "samples"), (dict(record_every_n_steps=1.5), TypeError, "record_every_n_steps"),
     (dict(export_dir=""), TypeError, "export_dir"), (dict(resume=1), TypeError, "resume"),
     (dict(threshold=2.0), ValueError, "threshold"), (dict(modes=50, samples=10), ValueError, "modes"),
+    (dict(writer=3), TypeError, "writer"), (dict(writer="runs/x"), TypeError, "writer"),
 ])
 def test_bad_arguments_are_refused_naming_them(kwargs, error, name):
     with pytest.raises(error, match=name):

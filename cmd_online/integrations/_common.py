@@ -255,7 +255,7 @@ def export_at_end(rec: CMDRecorder, target: str, may_write: bool, write) -> None
 
 
 # ------------------------------------------------------------------------------------------ state
-def callback_state(rec: CMDRecorder, schedule: Schedule, **extra: int) -> dict[str, Any]:
+def callback_state(rec: CMDRecorder, schedule: Schedule, **extra: Any) -> dict[str, Any]:
     """The callback's state: plain tensors and numbers, loadable with ``torch.load(weights_only=True)``."""
     return {"format": STATE_FORMAT, "version": STATE_VERSION, "recorder": rec.state_dict(),
             "recorded_epoch": schedule.epochs.last_epoch,
@@ -271,6 +271,41 @@ def restore_state(rec: CMDRecorder, schedule: Schedule, state: Any, where: str) 
                          f"but this callback has record_every_n_steps={schedule.every_n_steps!r}; use the same")
     rec.load_state_dict(state["recorder"])
     schedule.epochs.last_epoch = int(state["recorded_epoch"])
+
+
+def continue_recording(old: CMDRecorder, new: CMDRecorder, schedule: Schedule, epoch: int) -> Schedule:
+    """A second ``fit``/``train`` goes on with the earlier one's recording: ``old``'s state loaded into ``new``
+    (built on this run's optimizer), the schedule kept, so the record count continues. ``epoch`` is the
+    epoch this run starts at: a trainer that counts epochs from 0 again records them again. A recording
+    that ``new`` cannot continue (other parameter shapes) gives a warning and a new recording (the
+    returned schedule is then a fresh one)."""
+    try:
+        new.load_state_dict(old.state_dict())
+    except ValueError as e:
+        warn(f"this run cannot continue the recording of the earlier run ({old.num_records} records): {e}; "
+             "a new recording starts")
+        return Schedule(schedule.every_n_steps)
+    schedule.epochs.last_epoch = min(schedule.epochs.last_epoch, epoch - 1)
+    return schedule
+
+
+def weights_fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """Per parameter, the sum, the sum of absolute values and the sum of squares of its values (float64, on
+    the CPU): which weights a state was saved with, so that a resume can check that it continues the run
+    whose weights the trainer has loaded."""
+    with torch.no_grad():
+        rows = [torch.stack([w.sum(), w.abs().sum(), w.square().sum()])
+                for w in (p.detach().to(torch.float64) for p in params)]
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+def same_weights(saved: Any, now: torch.Tensor) -> bool:
+    """Whether two :func:`weights_fingerprint` describe the same weights, up to the round-off of summing
+    on another device (10⁻⁹ relative to the sums of absolute values)."""
+    if not isinstance(saved, torch.Tensor) or saved.shape != now.shape:
+        return False
+    scale = torch.stack([now[:, 1], now[:, 1], now[:, 2]], dim=1)
+    return bool(((saved.to(torch.float64) - now).abs() <= 1e-9 * scale).all())
 
 
 def save_state_file(state: dict[str, Any], path: str | os.PathLike) -> None:

@@ -51,7 +51,7 @@ class LightningCMDHooks(_common.CMDAccess):
         log_every (int): log the mode statistics to the trainer's TensorBoard logger, if it has one, every this
             many records (reference values every record); None: no logging (default 10).
         optimizer_index (int): which of the LightningModule's optimizers to record; needed when it has
-            several (default None: the only one).
+            several; one callback per optimizer records them all (default None: the only one).
         resume (bool): when ``fit`` resumes from a checkpoint, continue the recording stored in it, and refuse
             a checkpoint without it; False starts a new recording (default True).
         check_finite (bool): skip records whose weights hold NaN/Inf, with a warning (default True).
@@ -61,6 +61,7 @@ class LightningCMDHooks(_common.CMDAccess):
     Raises ``TypeError``/``ValueError`` naming the argument for bad input, and ``ValueError`` at the start of
     ``fit`` for a sharded strategy (FSDP, DeepSpeed, ModelParallel), for several optimizers without
     ``optimizer_index``, and for a resume from a checkpoint that holds no CMD state (with ``resume=True``).
+    A second ``fit`` without a checkpoint continues the recording.
     """
 
     def __init__(self, *, modes: int | None = None, threshold: float | None = None, samples: int = 1000,
@@ -97,14 +98,26 @@ class LightningCMDHooks(_common.CMDAccess):
                              "(saved without the callback, or with weights_only=True); pass "
                              "CMDCallback(resume=False) to start a new recording from this point")
         optimizer = self._choose_optimizer(trainer)
-        if self.recorder is not None:
-            self.recorder.close()
+        earlier = self.recorder
+        if earlier is not None:
+            earlier.close()
         self._swap.end()
-        self._schedule = Schedule(self.options.record_every_n_steps)
+        schedule = Schedule(self.options.record_every_n_steps)
         self.recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
                                                self._tensorboard(trainer))
         if state is not None:
-            _common.restore_state(self.recorder, self._schedule, state, f"the checkpoint {trainer.ckpt_path}")
+            _common.restore_state(self.recorder, schedule, state, f"the checkpoint {trainer.ckpt_path}")
+        elif earlier is not None and trainer.ckpt_path is None:
+            # fit called again without a checkpoint: go on with the earlier fit's recording
+            schedule = _common.continue_recording(earlier, self.recorder, self._schedule, trainer.current_epoch)
+        self._schedule = schedule
+
+    @property
+    def state_key(self) -> str:
+        # one key per optimizer, so that a Trainer can hold a callback for each (as ModelCheckpoint does)
+        if self.optimizer_index is None:
+            return type(self).__qualname__
+        return self._generate_state_key(optimizer_index=self.optimizer_index)
 
     def _refuse_sharded(self, trainer) -> None:
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
@@ -172,6 +185,14 @@ class LightningCMDHooks(_common.CMDAccess):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before it creates the optimizer: keep the state for on_fit_start
         self._pending = state_dict if self.resume else None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint of an earlier version holds the state of its one callback under the class name only
+        states = checkpoint.get("callbacks") or {}
+        plain = type(self).__qualname__
+        if (self.state_key not in states and plain in states
+                and sum(isinstance(cb, LightningCMDHooks) for cb in trainer.callbacks) == 1):
+            self.load_state_dict(states[plain])
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if not self._swap.active:

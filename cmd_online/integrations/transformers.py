@@ -56,7 +56,8 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             ``args.output_dir``: ``save_pretrained`` for a ``PreTrainedModel`` (so ``from_pretrained`` loads the
             CMD model), else ``model.safetensors`` holding the state_dict, as the Trainer saves models
             (default "cmd_model"; None: not written).
-        writer (SummaryWriter): log the mode statistics there (rank 0 only) (default None).
+        writer (SummaryWriter): log the mode statistics there (rank 0 only); it must have ``add_scalar``
+            (default None).
         log_every (int): log the mode statistics every this many records (default 10).
         resume (bool): when ``train`` resumes from a checkpoint, continue the recording stored in it, and refuse
             a checkpoint without it; False starts a new recording (default True).
@@ -66,7 +67,9 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
 
     Raises ``TypeError``/``ValueError`` naming the argument for bad input; ``ValueError`` when the Trainer
     is created with FSDP or DeepSpeed; ``FileNotFoundError`` when training resumes (``resume=True``) from a
-    checkpoint that holds no CMD state.
+    checkpoint that holds no CMD state, ``ValueError`` when the state it finds for that step was saved with
+    other weights than those the Trainer resumes with (another run's). A second ``train()`` without a
+    checkpoint continues the recording.
     """
 
     def __init__(self, *, modes: int | None = None, threshold: float | None = None, samples: int = 1000,
@@ -80,6 +83,8 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
                                   record_every_n_steps=record_every_n_steps, log_every=log_every,
                                   check_finite=check_finite, compile_update=compile_update)
         self.export_dir = _common.check_path("export_dir", export_dir)
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must be a SummaryWriter (an object with add_scalar) or None; got {writer!r}")
         self.writer = writer
         self.resume = check_bool("resume", resume)
         self.recorder: CMDRecorder | None = None
@@ -99,31 +104,56 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             raise ValueError("CMDCallback: the Trainer passed no optimizer or model to on_train_begin")
         model = _common.plain_module(model)
         optimizer = _common.torch_optimizer(optimizer)
-        saved = self._find_state(args, state.global_step) if state.global_step > 0 and self.resume else None
-        if self.recorder is not None:
-            self.recorder.close()
+        saved = None
+        if state.global_step > 0 and self.resume:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            saved = self._find_state(args, state.global_step, _common.weights_fingerprint(params))
+        earlier = self.recorder
+        if earlier is not None:
+            earlier.close()
         self._swap.end()
         self._model = weakref.ref(model)
-        self._schedule = Schedule(self.options.record_every_n_steps)
+        schedule = Schedule(self.options.record_every_n_steps)
         self.recorder = _common.build_recorder(optimizer, model, self.options, self.writer)
         if saved is not None:
-            _common.restore_state(self.recorder, self._schedule, saved[1], saved[0])
+            _common.restore_state(self.recorder, schedule, saved[1], saved[0])
+            if state.epoch and float(state.epoch).is_integer():
+                # a checkpoint written at an epoch's last step by an older version, which recorded the epoch
+                # only at on_epoch_end, after the save: the weights just loaded are that epoch's end
+                schedule.end_of_epoch(self.recorder, int(state.epoch) - 1)
+        elif earlier is not None and state.global_step == 0:
+            # train() called again without a checkpoint: go on with the earlier recording
+            schedule = _common.continue_recording(earlier, self.recorder, self._schedule, 0)
+        self._schedule = schedule
 
     def _refuse_sharded(self, args, model=None) -> None:
         strategy = ("FSDP (TrainingArguments.fsdp)" if getattr(args, "fsdp", None) else
                     "DeepSpeed (TrainingArguments.deepspeed)" if getattr(args, "deepspeed", None) else "")
         _common.refuse_sharded("the Hugging Face Trainer", strategy, () if model is None else model.parameters())
 
-    def _find_state(self, args, global_step: int) -> tuple[str, dict[str, Any]]:
-        """The state saved with the checkpoint training resumes from (the Trainer does not tell callbacks its path)."""
+    def _find_state(self, args, global_step: int, weights) -> tuple[str, dict[str, Any]]:
+        """The state saved with the checkpoint training resumes from. The Trainer does not tell callbacks its
+        path: the state must be of this step and saved with the weights the Trainer has just loaded (``weights``,
+        their fingerprint), so that a folder of another run with the same step is never taken for it."""
         candidates = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}", STATE_FILE)]
         if isinstance(getattr(args, "resume_from_checkpoint", None), str):
             candidates.insert(0, os.path.join(args.resume_from_checkpoint, STATE_FILE))
+        others = []
         for path in candidates:
             if os.path.isfile(path):
                 saved = _common.load_state_file(path)
                 if isinstance(saved, dict) and saved.get("global_step") == global_step:
-                    return path, saved
+                    if "weights" in saved and not _common.same_weights(saved["weights"], weights):
+                        others.append(path)  # the same step of another run
+                        continue
+                    return path, saved  # (a state of an older version, without the fingerprint, is taken)
+        if others:
+            raise ValueError(
+                f"CMDCallback: training resumes at global step {global_step}, but {', '.join(others)} was saved with "
+                "other weights than those the Trainer resumes with: it belongs to another run. The Trainer does not "
+                "tell callbacks the folder it resumes from; for a checkpoint outside args.output_dir set "
+                "TrainingArguments(resume_from_checkpoint=<its folder>), or pass CMDCallback(resume=False) to start a "
+                "new recording from this point")
         raise FileNotFoundError(
             f"CMDCallback: training resumes at global step {global_step}, but no {STATE_FILE} of that step was found "
             f"(looked at {', '.join(candidates)}); for a checkpoint outside args.output_dir set "
@@ -131,9 +161,17 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             "new recording from this point")
 
     # ------------------------------------------------------------------------------------- recording
+    def on_step_end(self, args, state, control, **kwargs):
+        # The optimizer step that completes an epoch (state.epoch is then a whole number): record the epoch
+        # now, before the Trainer saves a checkpoint of this step, which it does before on_epoch_end; a run
+        # resumed from that checkpoint starts the next epoch and would never record this one.
+        if self.recorder is not None and state.epoch and float(state.epoch).is_integer():
+            self._schedule.end_of_epoch(self.recorder, int(state.epoch) - 1)
+
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
-            # state.epoch is epoch + its finished fraction: 1.0 at an epoch's end, less if max_steps cut it short
+            # state.epoch is epoch + its finished fraction: 1.0 at an epoch's end (recorded at on_step_end
+            # already, unless the loader's length is unknown), less if max_steps cut it short
             self._schedule.end_of_epoch(self.recorder, math.ceil(state.epoch) - 1)
 
     # ------------------------------------------------------------------------------------- checkpoints
@@ -145,7 +183,8 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             _common.warn(f"no checkpoint folder {folder} after the Trainer saved; the CMD state was not saved "
                          "(hyper-parameter search runs save elsewhere)")
             return
-        state_dict = _common.callback_state(self.recorder, self._schedule, global_step=state.global_step)
+        state_dict = _common.callback_state(self.recorder, self._schedule, global_step=state.global_step,
+                                            weights=_common.weights_fingerprint(self.recorder.params))
         _common.save_state_file(state_dict, os.path.join(folder, STATE_FILE))
 
     # ------------------------------------------------------------------------------------- the end
