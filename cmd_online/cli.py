@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 PROG = "cmd-online"
 USER_ERRORS = (ValueError, TypeError, OSError)  # FileNotFoundError is an OSError
 
@@ -180,15 +178,13 @@ def _inspect(args) -> None:
     print(f"weights      {N:,} in {len(layout.names)} tensors")
     print(f"records      {T} (a, b fitted over records {traj.window_start}..{T - 1})")
     print(f"modes        {M}")
+    sizes = traj.mode_sizes().tolist()
     if traj.set_aside is not None:
         aside = torch.nonzero(traj.set_aside).flatten().tolist()
-        detail = f" (mode{'s' if len(aside) > 1 else ''} {', '.join(map(str, aside))}: the reference moved only by " \
-                 f"rounding in the window; no weight is assigned to it)" if aside else ""
-        print(f"set aside    {len(aside)} of {M} references{detail}")
+        print(f"set aside    {len(aside)} of {M} references{_set_aside_detail(aside, sizes)}")
     print(f"file size    {human_bytes(file_bytes)}; the full history N×T×4 bytes would be "
           f"{human_bytes(history)} ({history / file_bytes:.1f}× larger)")
     print()
-    sizes = traj.mode_sizes().tolist()
     r2 = traj.mode_r2.tolist() if traj.mode_r2 is not None else [None] * M
     if traj.mode_r2 is not None:
         overall = sum(n * r for n, r in zip(sizes, r2)) / N
@@ -215,6 +211,23 @@ def _inspect(args) -> None:
         if M > shown:
             cells += f"{100 * sum(counts[shown:]) / size:>6.1f}%" if size else f"{'-':>7}"
         print(f"{name:<{width}}  {size:>9,}{cells}")
+
+
+def _set_aside_detail(aside: list[int], sizes: list[int]) -> str:
+    """What ``inspect`` says of the set-aside references: a mode of its reference alone has no weight
+    assigned; one with more weights holds them because no reference moves (they are constants, a = 0)."""
+    if not aside:
+        return ""
+    alone = [m for m in aside if sizes[m] <= 1]
+    held = [m for m in aside if sizes[m] > 1]
+    parts = []
+    if alone:
+        parts.append(f"mode{'s' if len(alone) > 1 else ''} {', '.join(map(str, alone))}: the reference moved only "
+                     f"by rounding in the window; no weight is assigned to it")
+    if held:
+        parts.append(f"mode{'s' if len(held) > 1 else ''} {', '.join(map(str, held))}: no reference moves above "
+                     f"rounding in the window, so its weights stay there as constants (a = 0)")
+    return f" ({'; '.join(parts)})"
 
 
 def _export(args) -> None:
@@ -269,8 +282,12 @@ class _Checkpoints(collections.abc.Sequence):
 
 
 def _decompose(args) -> None:
+    from .config import CMDConfig
     from .posthoc import decompose_checkpoints
 
+    # Options are checked before any file is read (those that need N or T are checked by decompose).
+    CMDConfig(modes=args.modes, threshold=args.threshold, samples=args.samples, seed=args.seed, warmup=args.warmup,
+              distance=args.distance)
     paths = _checkpoint_paths(args.checkpoints)
     traj = decompose_checkpoints(_Checkpoints(paths), modes=args.modes, threshold=args.threshold,
                                  samples=args.samples, seed=args.seed, warmup=args.warmup, distance=args.distance)

@@ -43,22 +43,26 @@ class Clustering:
 # samples) are one height: the history's rounding moves a correlation by about eps, a Euclidean
 # distance between rows of |C| by about eps·√k, and it must never decide a cut.
 ROUNDOFF = 8.0
+# A threshold is the user's bound, not a height of the tree: above it only the round-off of the
+# float64 distance computation itself is allowed, this fraction of max(1, the largest height).
+THRESHOLD_ROUNDOFF = 1e-9
 
 
 def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, threshold: float | None = None,
             distance: str = "correlation", max_modes: int | None = None) -> Clustering:
     """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
 
-    Complete linkage on the distance between samples, then a cut. Merge heights that differ by the
-    history's round-off only (:data:`ROUNDOFF`) fall on the same side of the cut, so round-off never
-    splits a mode: in particular two records (every |corr| = 1) always give one mode, and exact
-    affine copies of one another always share a mode.
+    Complete linkage on the distance between samples, then a cut. With ``modes``, merge heights that
+    differ by the history's round-off only (:data:`ROUNDOFF`) fall on the same side of the cut, so
+    round-off never splits a mode: in particular two records (every |corr| = 1) always give one mode,
+    and exact affine copies of one another always share a mode. With ``threshold`` the cut is at the
+    threshold plus :data:`THRESHOLD_ROUNDOFF` (10⁻⁹) only.
 
     Args:
         history (tensor or array): K × T trajectories of the sampled weights.
         modes (int): cut the linkage into at most this many modes (criterion ``maxclust``).
         threshold (float): or cut at this distance (criterion ``distance``): with the correlation
-            distance every pair inside a mode then has |corr| ≥ 1 − threshold, the paper's
+            distance every pair inside a mode then has |corr| ≥ 1 − threshold − 10⁻⁹, the paper's
             hypothesis with ε = threshold.
         distance (str): ``"correlation"``: 1 − |C_ij| (default); ``"euclidean"``: the Euclidean
             distance between rows i and j of |C|, as the paper authors' code computes it.
@@ -113,12 +117,13 @@ def _cut(tree: np.ndarray, modes: int | None, threshold: float | None, roundoff:
     """Flat clusters of a linkage: at most ``modes`` of them, or merged up to ``threshold`` (and then
     at most ``max_modes``).
 
-    The cut is made at a height, and every merge within ``roundoff`` (relative) above it is taken too.
+    The cut is made at a height, and every merge within ``roundoff`` (relative) above it is taken too;
+    above a threshold only :data:`THRESHOLD_ROUNDOFF` is.
     """
     heights = tree[:, 2]
     # the lowest height that leaves at most `bound` clusters: K − bound merges (heights ascend)
     lowest = lambda bound: heights[len(heights) - bound] if bound <= len(heights) else 0.0  # noqa: E731
-    height = lowest(modes) if threshold is None else threshold
-    if threshold is not None and max_modes is not None:
-        height = max(height, lowest(max_modes))
-    return fcluster(tree, t=height + roundoff * max(1.0, float(heights.max())), criterion="distance")
+    height, margin = (lowest(modes), roundoff) if threshold is None else (threshold, THRESHOLD_ROUNDOFF)
+    if threshold is not None and max_modes is not None and lowest(max_modes) > threshold:
+        height, margin = lowest(max_modes), roundoff
+    return fcluster(tree, t=height + margin * max(1.0, float(heights.max())), criterion="distance")

@@ -16,6 +16,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Iterator
 
+import numpy as np
+
 DISTANCES = ("correlation", "euclidean")
 
 
@@ -49,7 +51,7 @@ def check_float(name: str, value: Any, low: float, high: float, *, low_open: boo
 
 def check_bool(name: str, value: Any) -> bool:
     """``value`` as a bool (Python or NumPy bool only; 0/1 are refused as ambiguous)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):  # np.bool_ in NumPy 1 and 2 (where its type is named "bool")
         raise TypeError(f"{name} must be True or False; got {type(value).__name__}")
     return bool(value)
 
@@ -181,5 +183,15 @@ class CMDConfig(Mapping):
         return self.modes if self.modes is not None else self.max_modes
 
     def replace(self, **changes: Any) -> "CMDConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        ``modes`` and ``threshold`` are the two ways to cut: giving one of them (not None) without the
+        other switches the cut, so ``CMDConfig().replace(threshold=0.2)`` has ``modes=None``, and
+        ``replace(modes=M)`` drops ``threshold`` and ``max_modes`` (which bounds only a threshold cut).
+        """
+        if changes.get("threshold") is not None and "modes" not in changes:
+            changes["modes"] = None
+        if changes.get("modes") is not None and "threshold" not in changes:
+            changes["threshold"] = None
+            changes.setdefault("max_modes", None)
         return dataclasses.replace(self, **changes)

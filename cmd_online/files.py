@@ -91,8 +91,9 @@ def _keep_owner_and_mode(tmp: Path, target: Path) -> None:
 
 
 def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` with the file named and the errno spelled out, e.g. ``No space left on device (ENOSPC)``."""
-    if error.filename is not None or error.errno is None:
+    """``error`` naming ``path`` (not the hidden temporary file) with the errno spelled out, e.g.
+    ``No space left on device (ENOSPC)``."""
+    if error.errno is None:
         return error
     code = errno.errorcode.get(error.errno, str(error.errno))
     return type(error)(error.errno, f"{error.strerror or os.strerror(error.errno)} ({code}) while writing; "
@@ -110,7 +111,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path = Path(path)
     target = _write_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(target)
+    try:
+        fd, tmp = _create_temporary(target)
+    except OSError as e:  # e.g. a folder that is not writable: its error names the temporary file
+        raise _naming(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             kept = _KeepWriteError(f)
@@ -239,6 +243,8 @@ def check_format(obj: Any, path: str | os.PathLike, kind: str, versions: tuple[i
     if not isinstance(obj, dict) or obj.get("format") != kind:
         raise ValueError(f"{str(path)!r} is not a {kind} file")
     version = obj.get("version")
+    if type(version) is not int:  # True and 1.0 equal 1, but no writer stores them
+        raise ValueError(f"{str(path)!r} is a damaged {kind} file: its version must be an int; got {version!r}")
     if version not in versions:
         raise ValueError(f"{str(path)!r} is a {kind} file of version {version!r}, which this cmd_online "
                          f"does not read (known: {', '.join(map(str, versions))}); upgrade cmd_online")

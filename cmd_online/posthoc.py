@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +15,7 @@ from .files import read_checkpoint
 from .layout import Layout
 from .sampling import sample_indices
 from .stats import AffineFit, affine_fit, mode_means, pin_references, resolved_references
-from .trajectory import CMDTrajectory
+from .trajectory import CMDTrajectory, _tensor
 
 # Bound on the float64 temporaries of one chunk of rows (elements).
 _CHUNK_ELEMENTS = 1 << 23
@@ -26,6 +26,7 @@ def _as_matrix(W) -> torch.Tensor:
         W = torch.from_numpy(W)
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"W must be a torch.Tensor or numpy array (N × T); got {type(W).__name__}")
+    W = W.detach()  # the fit is arithmetic on the values, never part of a graph
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D matrix N × T (weights × records); got shape {tuple(W.shape)}")
     if not W.is_floating_point():
@@ -45,6 +46,23 @@ def _result_dtype(W: torch.Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
 
+def _reference_index(reference_index, N: int) -> torch.Tensor:
+    """``reference_index`` as an int64 CPU vector of M ≥ 1 indices in [0, N)."""
+    what = f"reference_index must be a non-empty vector of int indices in [0, {N})"
+    if reference_index is None or isinstance(reference_index, (str, bytes)):
+        raise TypeError(f"{what}; got {type(reference_index).__name__}")
+    try:
+        ref = torch.as_tensor(reference_index).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what}; got {type(reference_index).__name__}") from None
+    if ref.dim() != 1 or ref.numel() < 1:
+        raise ValueError(f"{what}; got shape {tuple(ref.shape)}")
+    ref = _tensor("reference_index", ref, "int").long()  # refuses float and bool; unsigned ints checked
+    if int(ref.min()) < 0 or int(ref.max()) >= N:
+        raise ValueError(f"{what}; got values from {int(ref.min())} to {int(ref.max())}")
+    return ref
+
+
 def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None = None) -> CMDTrajectory:
     """Assign every weight to a mode and fit a, b by least squares over records [window_start, T).
 
@@ -53,20 +71,21 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
 
     Args:
         W (tensor or array): N × T trajectory.
-        reference_index (sequence of int): M flat indices of the reference weights.
+        reference_index (sequence of int): M flat indices of the reference weights (any integer dtype).
         window_start (int): first record of the fit window (default 0, the whole run).
         layout (Layout): names and shapes of the tensors the rows come from (default one flat tensor).
+
+    A set-aside reference (it moves only by rounding in the window) gets R² = 0, as every weight that
+    does not move; it still reproduces itself (a = 1, b = 0).
     """
     W = _as_matrix(W)
     N, T = W.shape
-    ref = torch.as_tensor(reference_index).cpu()
-    if ref.is_floating_point() or ref.is_complex() or ref.dtype == torch.bool:
-        raise TypeError(f"reference_index must hold integer indices; got dtype {ref.dtype}")
-    ref = ref.long()
-    if ref.dim() != 1 or ref.numel() < 1 or int(ref.min()) < 0 or int(ref.max()) >= N:
-        raise ValueError(f"reference_index must be a non-empty vector of indices in [0, {N})")
+    ref = _reference_index(reference_index, N)
+    window_start = check_int("window_start", window_start)
     if not 0 <= window_start <= T - 2:
         raise ValueError(f"window_start must be in [0, T−2 = {T - 2}] so the window has 2 records; got {window_start}")
+    if layout is not None:
+        _check_layout_arg(layout, N)
     references = W[ref.to(W.device)].double()
     R = references[:, window_start:]
     ref_mean = R.mean(dim=1)
@@ -87,10 +106,30 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     fit = AffineFit(*(torch.cat(parts) for parts in zip(*((f.modes, f.a, f.b, f.r2) for f in fits))))
     M = ref.numel()
     pin_references(fit, ref.tolist(), range(M))
+    set_aside = Q == 0
+    fit.r2[ref[set_aside.cpu()].to(fit.r2.device)] = 0.0  # it moved only by rounding: R² = 0, as any weight that does not move
     dtype = _result_dtype(W)
     return CMDTrajectory(references.to(dtype), ref, fit.a.to(dtype), fit.b.to(dtype), fit.modes, window_start,
                          layout if layout is not None else Layout.flat(N, W.dtype), mode_means(fit.modes, fit.r2, M),
-                         (Q == 0).cpu())
+                         set_aside.cpu())
+
+
+def _check_layout_arg(layout, N: int) -> None:
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout (cmd_online.layout.Layout); got {type(layout).__name__}")
+    if layout.numel != N:
+        raise ValueError(f"layout covers {layout.numel} weights but W has N = {N} rows")
+
+
+def _layer_sizes(layer_sizes, N: int) -> list[int]:
+    """``layer_sizes`` as a list of ints ≥ 0 that sum to N."""
+    if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Iterable):
+        raise TypeError(f"layer_sizes must be a list of ints (the size of each layer) summing to N = {N}; "
+                        f"got {type(layer_sizes).__name__}")
+    sizes = [check_int(f"layer_sizes[{i}]", size, 0) for i, size in enumerate(layer_sizes)]
+    if sum(sizes) != N:
+        raise ValueError(f"layer_sizes must sum to N = {N}; got {sum(sizes)}")
+    return sizes
 
 
 def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,
@@ -119,12 +158,10 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
     N, T = W.shape
     if config.samples > N:
         raise ValueError(f"samples must be in [1, N = {N}] (N = number of weights); got {config.samples}")
-    if layer_sizes is None:
-        layer_sizes = layout.sizes if layout is not None else [N]
-    if sum(layer_sizes) != N:
-        raise ValueError(f"layer_sizes must sum to N = {N}; got {sum(layer_sizes)}")
-    if layout is not None and layout.numel != N:
-        raise ValueError(f"layout covers {layout.numel} weights but W has N = {N} rows")
+    if layout is not None:
+        _check_layout_arg(layout, N)
+    layer_sizes = _layer_sizes(layer_sizes, N) if layer_sizes is not None else \
+        (layout.sizes if layout is not None else [N])
     if config.warmup is None:
         clustered, window_start = T, 0
     else:

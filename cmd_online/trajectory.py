@@ -41,6 +41,7 @@ def reconstruct(a: torch.Tensor, b: torch.Tensor, modes: torch.Tensor, column: t
     return torch.addcmul(b.to(torch.float64), a.to(torch.float64), picked).to(a.dtype)
 
 
+_WIDE_UNSIGNED = tuple(getattr(torch, f"uint{bits}") for bits in (16, 32, 64) if hasattr(torch, f"uint{bits}"))
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _KINDS = {  # what each kind of field must hold, and how an error names it
     "float": (lambda t: t.dtype in _FLOATS, "a floating-point (float64/32/16, bfloat16)"),
@@ -61,6 +62,11 @@ def _tensor(name: str, value, kind: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a dense tensor; got layout {t.layout}")
     if not ok(t):
         raise TypeError(f"{name} must be {words} tensor; got dtype {t.dtype}")
+    if t.dtype in _WIDE_UNSIGNED:  # torch has no min/max/compare for these: int64, where the values fit
+        values = t.cpu().numpy()
+        if values.size and values.max() > torch.iinfo(torch.int64).max:
+            raise ValueError(f"{name} holds {int(values.max())}, too large for an index (int64)")
+        t = t.to(torch.int64)
     return t
 
 
@@ -114,7 +120,8 @@ class CMDTrajectory:
         layout (Layout): names, shapes and dtypes of the tensors the flat index runs over (N weights).
         mode_r2 (tensor): mean R² of each mode's members over the window (M,), or None.
         set_aside (tensor): which references were set aside (M bool: they moved only by rounding in
-            the window, so no weight was assigned to them; concepts.md), or None (not known).
+            the window, so no weight was assigned to them, unless no reference moves: every weight
+            then stays in mode 0 as a constant; concepts.md), or None (not known).
 
     Every argument is checked: a wrong type or dtype raises TypeError, a wrong shape, range or value
     ValueError, each naming the argument.
@@ -261,6 +268,9 @@ class CMDTrajectory:
             if not isinstance(parts, dict) or set(parts) != set(layout.names):
                 raise ValueError(f"state[{name!r}] must hold one tensor per parameter of the layout")
             flat[name] = torch.cat([torch.as_tensor(parts[n]).reshape(-1) for n in layout.names])
+        missing = [key for key in ("references", "reference_index", "window_start") if key not in meta]
+        if missing:
+            raise ValueError(f"state['meta'] is missing {', '.join(map(repr, missing))}")
         optional = {key: meta.get(key) for key in _OPTIONAL}
         return cls(meta["references"], meta["reference_index"], flat["a"], flat["b"], flat["modes"],
                    meta["window_start"], layout, **optional)

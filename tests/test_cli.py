@@ -306,3 +306,29 @@ def test_console_script_reports_a_missing_file_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"cmd-online: error: CMD trajectory file not found: "
                                                 f"{str(tmp_path / 'none.pt')!r}"]
+
+
+@pytest.mark.parametrize("files", ["missing", "unreadable"])
+def test_decompose_checks_its_options_before_reading_any_file(tmp_path, capsys, files):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    paths = [str(tmp_path / "nonexistent1.pt"), str(tmp_path / "nonexistent2.pt")] if files == "missing" else \
+        [str(tmp_path / "empty.pt")] * 2
+    code = main(["decompose", *paths, "-o", str(tmp_path / "t.pt"), "--modes", "5", "--samples", "3"])
+    _one_line_error(capsys, code, "modes (5) must be ≤ samples (3)")
+    code = main(["decompose", *paths, "-o", str(tmp_path / "t.pt"), "--samples", "5"])  # the default --modes 10
+    _one_line_error(capsys, code, "modes (10) must be ≤ samples (5)")
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_inspect_of_a_trajectory_where_nothing_moves_says_where_the_weights_are(tmp_path, capsys):
+    from cmd_online import decompose
+
+    W = torch.full((36, 8), 0.25) + torch.arange(36.0)[:, None]  # every reference is set aside
+    decompose(W, modes=3, samples=20).save(tmp_path / "t.cmd")
+    assert main(["inspect", str(tmp_path / "t.cmd")]) == 0
+    text = capsys.readouterr().out
+    assert "set aside    1 of 1 references (mode 0: no reference moves above rounding in the window, so its " \
+           "weights stay there as constants (a = 0))" in text
+    assert "no weight is assigned" not in text  # 36 weights are listed in mode 0
+    assert re.search(r"^\s+0\s+36\s+100\.0%\s+0\.0000\s", text, re.M)
+    assert number(r"mean R²\s+([\d.]+) over all weights", text) == 0.0  # was 1/36

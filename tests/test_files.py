@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import signal
 import time
 from pathlib import Path
@@ -197,6 +198,17 @@ def test_wrong_version_is_refused_with_a_message_naming_it(tmp_path, saved):
     payload["version"] = trajectory_module.VERSION + 1
     torch.save(payload, path)
     with pytest.raises(ValueError, match=f"version {trajectory_module.VERSION + 1}.*upgrade cmd_online"):
+        cmdo.CMDTrajectory.load(path)
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_a_version_that_only_equals_1_is_refused(tmp_path, saved, version):
+    path, _ = saved
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = version  # True == 1 == 1.0: loaded as version 1 before
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=f"damaged cmd_online.CMDTrajectory file: its version must be an int; "
+                                         f"got {re.escape(repr(version))}"):
         cmdo.CMDTrajectory.load(path)
 
 

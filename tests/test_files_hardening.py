@@ -243,3 +243,47 @@ def test_cli_refuses_a_malicious_pickle_in_one_line_with_no_warning(tmp_path, ca
     assert "refused for safety (weights_only load): " + reason in line, line
     assert not any(words in line for words in ADVICE), line
     assert not marker.exists() and not (tmp_path / "x.pt").exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no file can be created in: a read-only tmpfs as root (a mode does not stop root), else mode 0o555."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("cannot mount a read-only tmpfs here: no mount command")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("what", ["atomic_save", "trajectory"])
+def test_a_write_into_a_read_only_folder_names_the_path_given_not_the_temporary_file(read_only_folder, what):
+    target = read_only_folder / "model.pt"
+    with pytest.raises(OSError) as caught:
+        if what == "atomic_save":
+            atomic_save({"w": torch.zeros(3)}, target)
+        else:
+            small_trajectory().save(target)
+    assert caught.value.errno in (errno.EROFS, errno.EACCES)
+    assert caught.value.filename == str(target)  # was '.../.model.pt.XXXXXXXX.tmp'
+    assert ".tmp" not in str(caught.value) and names(read_only_folder) == []
+
+
+def test_cli_export_into_a_read_only_folder_names_the_output_in_one_line(read_only_folder, tmp_path):
+    small_trajectory().save(tmp_path / "t.cmd")
+    target = read_only_folder / "m.pt"
+    proc = run_cli("export", str(tmp_path / "t.cmd"), "-o", str(target))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and str(target) in line and ".tmp" not in line, line

@@ -467,3 +467,30 @@ def test_freeze_modes_after_1_freezes_at_the_windows_first_record_and_its_state_
         assert torch.equal(a, b)
     rec.close()
     fresh.close()
+
+
+# ------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("value", [np.True_, np.False_, np.bool_(True)])
+def test_numpy_bools_are_taken_where_a_bool_is(value):
+    from cmd_online.config import check_bool
+
+    assert check_bool("check_finite", value) is bool(value)  # NumPy 2 names the type "bool": it was refused
+    model = torch.nn.Linear(3, 2)
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=1, samples=4, warmup=3,
+                           check_finite=value)
+    assert rec.check_finite is bool(value)
+    with pytest.raises(TypeError, match="^check_finite must be True or False; got int"):
+        check_bool("check_finite", 1)
+
+
+def test_config_replace_switches_between_modes_and_threshold():
+    config = cmdo.CMDConfig()  # modes defaults to 10
+    switched = config.replace(threshold=0.2)
+    assert (switched.modes, switched.threshold) == (None, 0.2)
+    bounded = config.replace(threshold=0.2, max_modes=5)
+    assert (bounded.modes, bounded.threshold, bounded.max_modes) == (None, 0.2, 5)
+    back = bounded.replace(modes=4)
+    assert (back.modes, back.threshold, back.max_modes) == (4, None, None)
+    assert config.replace(seed=3).modes == 10
+    with pytest.raises(ValueError, match="give either modes or threshold, not both"):
+        config.replace(modes=3, threshold=0.2)

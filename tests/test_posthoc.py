@@ -264,3 +264,64 @@ def test_cuda_matches_cpu():
     assert (gpu.modes.cpu() == cpu.modes).float().mean() > 0.999
     torch.testing.assert_close(gpu.reconstruct(-1).cpu(), cpu.reconstruct(-1), rtol=1e-5, atol=1e-5)
 
+
+
+def test_decompose_and_fit_affine_take_a_W_that_requires_grad():
+    W = planted(N=200, T=12, M=2, constant=0)[0]
+    W = W.float().requires_grad_(True)
+    traj = cmdo.decompose(W, modes=2, samples=100)
+    oracle = cmdo.decompose(W.detach(), modes=2, samples=100)
+    assert torch.equal(traj.a, oracle.a) and not traj.a.requires_grad
+    fit = cmdo.fit_affine(W, traj.reference_index)
+    assert torch.equal(fit.modes, oracle.modes) and not fit.b.requires_grad
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(layout=Layout.flat(41)), ValueError, r"^layout covers 41 weights but W has N = 40 rows"),
+    (dict(layout={"names": ["w"], "shapes": [[40]], "dtypes": ["float32"]}), TypeError, r"^layout must be a Layout"),
+    (dict(layer_sizes="40"), TypeError, r"^layer_sizes must be a list of ints.*got str"),
+    (dict(layer_sizes=40), TypeError, r"^layer_sizes must be a list of ints.*got int"),
+    (dict(layer_sizes=[20.5, 19.5]), TypeError, r"^layer_sizes\[0\] must be an int ≥ 0; got float"),
+    (dict(layer_sizes=[50, -10]), ValueError, r"^layer_sizes\[1\] must be an int ≥ 0; got -10"),
+    (dict(layer_sizes=[20, 19]), ValueError, r"^layer_sizes must sum to N = 40; got 39"),
+])
+def test_decompose_names_a_wrong_layout_or_layer_sizes(kwargs, error, match):
+    W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).cumsum(1)
+    with pytest.raises(error, match=match):
+        cmdo.decompose(W, modes=2, samples=20, **kwargs)
+
+
+def test_decompose_takes_layer_sizes_as_numpy_ints():
+    W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).cumsum(1)
+    traj = cmdo.decompose(W, modes=2, samples=20, layer_sizes=np.array([20, 20]))
+    assert torch.equal(traj.modes, cmdo.decompose(W, modes=2, samples=20, layer_sizes=[20, 20]).modes)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(reference_index=[0, 1], window_start=1.5), TypeError, r"^window_start must be an int; got float"),
+    (dict(reference_index=[0, 1], window_start=7), ValueError, r"^window_start must be in \[0, T−2 = 6\]"),
+    (dict(reference_index=[]), ValueError, r"^reference_index must be a non-empty vector.*got shape \(0,\)"),
+    (dict(reference_index=None), TypeError, r"^reference_index must be a non-empty vector.*got NoneType"),
+    (dict(reference_index="01"), TypeError, r"^reference_index must be a non-empty vector.*got str"),
+    (dict(reference_index=[0.0, 1.0]), TypeError, r"^reference_index must be an integer tensor"),
+    (dict(reference_index=[0, 40]), ValueError, r"^reference_index must be .* in \[0, 40\); got values from 0 to 40"),
+])
+def test_fit_affine_names_a_wrong_window_start_or_reference_index(kwargs, error, match):
+    W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).cumsum(1)
+    with pytest.raises(error, match=match):
+        cmdo.fit_affine(W, **kwargs)
+
+
+def test_fit_affine_takes_a_numpy_uint64_reference_index():
+    W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).cumsum(1)
+    fit = cmdo.fit_affine(W, np.array([3, 17], dtype=np.uint64))
+    assert fit.reference_index.tolist() == [3, 17]
+    assert torch.equal(fit.modes, cmdo.fit_affine(W, [3, 17]).modes)
+
+
+def test_a_reference_set_aside_has_r2_0_like_every_weight_that_does_not_move():
+    W = torch.full((36, 8), 0.25) + torch.arange(36.0)[:, None]  # nothing moves
+    traj = cmdo.decompose(W, modes=3, samples=20)
+    assert traj.set_aside.tolist() == [True] and traj.mode_sizes().tolist() == [36]
+    assert traj.mode_r2.tolist() == [0.0]  # was 1/36: the reference pinned to R² = 1
+    assert torch.equal(traj.reconstruct(3), W[:, 3])  # it still reproduces itself

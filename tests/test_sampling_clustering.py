@@ -99,3 +99,36 @@ def test_one_mode_and_single_varying_row():
     h2[2] = torch.arange(6.0)
     found = cluster(h2, modes=2)
     assert found.num_modes == 1 and found.reference.tolist() == [2]
+
+
+def _two_signals_apart(distance: float, T: int = 12, copies: int = 500) -> np.ndarray:
+    """float32 rows: ``copies`` of x and ``copies`` of y with 1 − |corr(x, y)| = ``distance``."""
+    rng = np.random.default_rng(0)
+    x, z = rng.standard_normal(T), rng.standard_normal(T)
+    x -= x.mean()
+    z -= z.mean()
+    z -= (z @ x) / (x @ x) * x
+    x, z = x / np.linalg.norm(x), z / np.linalg.norm(z)
+    rho = 1 - distance
+    y = rho * x + np.sqrt(1 - rho ** 2) * z
+    return np.vstack([np.tile(x, (copies, 1)), np.tile(y, (copies, 1))]).astype(np.float32)
+
+
+@pytest.mark.parametrize("gap", [2e-6, 1e-5])
+def test_threshold_never_joins_samples_whose_corr_is_below_1_minus_t_by_more_than_1e_9(gap):
+    t = 0.1
+    history = _two_signals_apart(t + gap)
+    actual = 1 - abs(np.corrcoef(history[0].astype(np.float64), history[-1].astype(np.float64))[0, 1])
+    assert t + 1e-9 < actual < t + 3e-5  # inside the old margin 8·eps32·√1000 ≈ 3.0e-5, which joined them
+    found = cluster(torch.from_numpy(history), threshold=t)
+    assert found.num_modes == 2 and len(set(found.labels[:500])) == 1 and len(set(found.labels[500:])) == 1
+    assert found.labels[0] != found.labels[-1]
+
+
+def test_threshold_joins_samples_whose_corr_is_1_minus_t_up_to_round_off():
+    t = 0.1
+    history = _two_signals_apart(t - 2e-6)
+    actual = 1 - abs(np.corrcoef(history[0].astype(np.float64), history[-1].astype(np.float64))[0, 1])
+    assert actual <= t
+    assert cluster(torch.from_numpy(history), threshold=t).num_modes == 1
+    assert cluster(torch.from_numpy(history), threshold=actual).num_modes == 1  # exactly at the boundary

@@ -279,3 +279,30 @@ def test_finite_coefficients_whose_sum_overflows_are_accepted_and_each_bad_one_c
         damaged[[7, 299]] = bad
         with pytest.raises(ValueError, match=r"^a must be finite; it holds 2 NaN or Inf value\(s\)$"):
             cmdo.CMDTrajectory(traj.references, traj.reference_index, damaged, traj.b, traj.modes, layout=traj.layout)
+
+
+def test_the_constructor_takes_a_numpy_uint64_index_and_refuses_one_beyond_int64():
+    import numpy as np
+
+    args = (np.ones((2, 4)), np.array([0, 3], dtype=np.uint64), np.ones(5), np.zeros(5), np.array([0, 1, 0, 1, 0]))
+    traj = cmdo.CMDTrajectory(*args)  # raised NotImplementedError ("min_all" for UInt64)
+    assert traj.reference_index.tolist() == [0, 3] and traj.reference_index.dtype == torch.int64
+    modes = cmdo.CMDTrajectory(*args[:4], np.array([0, 1, 0, 1, 0], dtype=np.uint32)).modes
+    assert modes.tolist() == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match=r"^reference_index holds 18446744073709551615, too large for an index"):
+        cmdo.CMDTrajectory(args[0], np.array([0, 2**64 - 1], dtype=np.uint64), *args[2:])
+    with pytest.raises(ValueError, match=r"^reference_index must lie in \[0, N = 5\); got values from 0 to 9"):
+        cmdo.CMDTrajectory(args[0], np.array([0, 9], dtype=np.uint64), *args[2:])
+
+
+@pytest.mark.parametrize("missing", ["references", "reference_index", "window_start"])
+def test_from_state_dict_names_a_field_missing_from_meta(missing):
+    from cmd_online.files import pack
+
+    meta = {"layout": {"names": ["w"], "shapes": [[5]], "dtypes": ["float32"]}, "references": torch.zeros(1, 3),
+            "reference_index": torch.tensor([0]), "window_start": 0}
+    state = {"a": {"w": torch.zeros(5)}, "b": {"w": torch.zeros(5)}, "modes": {"w": torch.zeros(5, dtype=torch.int32)}}
+    assert cmdo.CMDTrajectory.from_state_dict({**state, "meta": pack(meta)}).num_weights == 5
+    del meta[missing]
+    with pytest.raises(ValueError, match=rf"^state\['meta'\] is missing '{missing}'$"):  # was a bare KeyError
+        cmdo.CMDTrajectory.from_state_dict({**state, "meta": pack(meta)})
