@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .config import CMDConfig
-from .files import pack, unpack
+from .files import unpack
 from .layout import Layout
 
 FORMAT = "cmd_online.CMDRecorder"
@@ -270,7 +270,16 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
                           for i, (name, shape) in enumerate(zip(names, shapes))])
 
     out = {kind: flat(kind) for kind in ["shift", "mean", "sumsq"] + (["modes"] if compact else [])}
-    out["comoment"] = [flat("comoment", f"mode_{m}") for m in range(1 if compact else M)]
+    held = stats.get("comoment")
+    rows_needed = [f"mode_{m}" for m in range(1 if compact else M)]
+    if (config.threshold is not None and config.max_modes is None
+            and not (isinstance(held, dict) and all(row in held for row in rows_needed))):
+        raise ValueError(f"the state has {M} mode(s) but this recorder holds no rows of P for them: with threshold= "
+                         f"and no max_modes a recorder has no mode bound before its warm-up ends, so a freshly built "
+                         f"one cannot take a checkpoint of a later phase through torch.distributed.checkpoint; "
+                         f"build it with max_modes= (at least {M}), or save with torch.save and restore with "
+                         f"load_state_dict")
+    out["comoment"] = [flat("comoment", row) for row in rows_needed]
     out.update({key: meta.get(key) for key in ("count", "ref_shift", "ref_mean", "ref_sumsq")})
     state["stats"] = out
     return state

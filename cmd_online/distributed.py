@@ -155,8 +155,10 @@ def _at_offset_zero(t: torch.Tensor) -> torch.Tensor:
     python storage"); the statistics are such views of flat buffers. The result aliases ``t``, so
     torch.distributed.checkpoint still loads in place.
     """
-    if t.storage_offset() == 0 or t.numel() == 0:
+    if t.storage_offset() == 0:
         return t
+    if t.numel() == 0:  # nothing to alias (a rank holding no rows): a tensor of its own
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     size = t.element_size()
     extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     start = t.storage_offset() * size

@@ -6,7 +6,7 @@ process of a distributed run, in the order the observers were given:
 - ``on_tracking_start(rec)``: the warm-up has ended — the modes and references exist now. Called
   once, at the record that ends the warm-up, before that record's ``on_record``.
 - ``on_record(rec, index)``: record ``index`` has been taken (skipped records are not reported).
-- ``on_close(rec)``: ``rec.close()`` was called.
+- ``on_close(rec)``: ``rec.close()`` was called (once, however often, until the next record).
 
 An observer reads the recorder through its public, read-only API: ``phase``, ``num_records``,
 ``num_modes``, ``layout``, ``config``, ``clustering``, ``reference_index``, ``references``,

@@ -28,7 +28,7 @@ from .observers import check_observers, notify, tensorboard_logger
 from .offload import Job, Offload
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
-from .stats import BLOCK, KERNELS, AffineFit, StreamingMoments, mode_dtype, mode_means, pin_references
+from .stats import KERNELS, AffineFit, StreamingMoments, mode_dtype, pin_references
 from .trajectory import CMDTrajectory, normalize_at, reconstruct
 
 
@@ -166,7 +166,8 @@ class CMDRecorder:
         self._table: ReferenceTable | None = None
         self._stats: StreamingMoments | None = None
 
-        self.callbacks = check_observers(callbacks)
+        self._callbacks = check_observers(callbacks)
+        self._closed = False  # close() told the observers, and nothing was recorded since
         self._writer_logger = None if writer is None else tensorboard_logger(writer, log_every)
         self._log_every = log_every
         self._loggers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # for log(writer)
@@ -193,6 +194,11 @@ class CMDRecorder:
     def _check_params(params: list, model: torch.nn.Module | None) -> None:
         if not params:
             raise ValueError("optimizer has no parameters to record")
+        first: dict[int, int] = {}
+        for i, p in enumerate(params):
+            if first.setdefault(id(p), i) != i:
+                raise ValueError(f"optimizer parameter {i} is the same tensor as parameter {first[id(p)]}: each "
+                                 f"parameter must appear once in the optimizer's param_groups")
         for i, p in enumerate(params):
             if not p.is_floating_point():
                 raise TypeError(f"optimizer parameter {i} has dtype {p.dtype}; CMD records floating-point parameters")
@@ -293,6 +299,15 @@ class CMDRecorder:
             self._writer_logger.every = self._log_every
 
     @property
+    def callbacks(self) -> list:
+        """The observers given as ``callbacks=`` (a list; may be replaced or changed between records)."""
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, callbacks) -> None:
+        self._callbacks = check_observers(callbacks)
+
+    @property
     def observers(self) -> list:
         """Everything told about the records: ``callbacks``, then the ``writer=`` shortcut's logger."""
         return self.callbacks + ([self._writer_logger] if self._writer_logger is not None else [])
@@ -332,12 +347,17 @@ class CMDRecorder:
         stats = self._stats
         size = block or (FIT_BLOCK if self.device.type == "cpu" else 1 << 22)
         resolved = stats.resolved_references()
+        moving = resolved.tolist()
         overflowed = [] if bool(torch.isfinite(stats.ref_sumsq).all()) else list(self.layout.names)
         for tensor, local, flat in stats.block_plan(size):
             if tensors is not None and tensor not in tensors:
                 continue
             fit = stats.fit(flat, resolved)
-            pin_references(fit, *self._slots.within(flat.start, flat.stop))
+            positions, modes = self._slots.within(flat.start, flat.stop)
+            pin_references(fit, positions, modes)
+            aside = [p for p, m in zip(positions, modes) if not moving[m]]
+            if aside:  # it moved only by rounding: R² = 0, as any weight that does not move (and post hoc)
+                fit.r2[torch.as_tensor(aside, device=fit.r2.device)] = 0.0
             name = self.layout.names[tensor]
             # S ≥ 0: its largest value is finite exactly when all are (and |P| ≤ √(SQ) then is too)
             if name not in overflowed and flat.stop > flat.start and not bool(stats.sumsq[flat].max() < math.inf):
@@ -371,6 +391,7 @@ class CMDRecorder:
         ``torch.inference_mode()`` or neither, from any thread (one at a time).
         """
         with self._lock, torch.inference_mode(False), torch.no_grad():
+            self._closed = False
             self._warn_if_params_changed()
             weights = self._local_weights()
             if self._offload is not None:
@@ -863,13 +884,16 @@ class CMDRecorder:
 
     @_serialised
     def close(self) -> None:
-        """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed)."""
+        """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed),
+        once: calling it again before another record does nothing more."""
         self._sync()
         with self._lock:
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
-            notify(self.observers, "on_close", self)
+            if not self._closed:  # once, however often close() is called (frameworks call it again)
+                self._closed = True
+                notify(self.observers, "on_close", self)
 
     def __repr__(self) -> str:
         modes = self.num_modes if self.num_modes is not None else self.config.modes

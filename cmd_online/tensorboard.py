@@ -90,8 +90,8 @@ class TensorBoardLogger:
     # ------------------------------------------------------------------------- observer events
     def on_tracking_start(self, rec) -> None:
         if _is_writer():
+            self._started = True  # once, even if a figure fails: the records' own logs must go on
             self._log_warmup_end(rec, rec.num_records - 1)
-            self._started = True
 
     def on_record(self, rec, index: int) -> None:
         if _is_writer() and rec.phase == "tracking":
@@ -113,8 +113,8 @@ class TensorBoardLogger:
             _write_scalars(self.writer, [(f"{TAG}/memory/bytes", float(rec.nbytes()["total"]))], step)
             return
         if not self._started:
-            self._log_warmup_end(rec, step)
             self._started = True
+            self._log_warmup_end(rec, step)
         record = rec.num_records - 1
         due = self.last_summary is None or record - self.last_summary >= self.every
         self._log(rec, step, full=rec.moments.window_count() >= 3 and due)
@@ -152,11 +152,11 @@ class TensorBoardLogger:
             items.append((f"{TAG}/fit/references_set_aside", set_aside))
         _write_scalars(self.writer, items, step)
         if summary is not None:
+            self.last_summary = record  # a figure that fails below is not retried at every record
             _write_histograms(self.writer, summary, step)
             # a matplotlib figure costs far more than a record: only the one-off figures at close use it
             _add_figure(self.writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
                         summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
-            self.last_summary = record
 
     def _frozen_sizes(self, rec) -> torch.Tensor:
         modes = rec.moments.modes

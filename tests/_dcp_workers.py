@@ -90,10 +90,15 @@ def phase(save_or_load: str, world_size: int, out: Path, stop: int, kwargs: dict
 
     W = trajectory()
     model, optimizer, rec = build(world_size, **kwargs)
+    rank = 0 if world_size == 1 else dist.get_rank()
     if save_or_load == "save":
         record(model, rec, W[:stop])
         model_sd, optim_sd = model_and_optim(model, optimizer, world_size)
         dcp.save({"model": model_sd, "optim": optim_sd, "cmd": rec}, checkpoint_id=str(out / "dcp"))
+        return
+    if save_or_load == "save_per_rank":  # each rank torch.saves its own state (a resume on the same ranks)
+        record(model, rec, W[:stop])
+        torch.save(rec.state_dict(), out / f"cmd_rank{rank}.pt")
         return
     if save_or_load == "trajectory":  # a sharded save of the CMD model, and the gathered one to compare with
         record(model, rec, W[:stop])
@@ -104,8 +109,11 @@ def phase(save_or_load: str, world_size: int, out: Path, stop: int, kwargs: dict
                                                                "mode_r2", "set_aside")}, out / "gathered.pt")
         return
     assert rec.num_records == 0 and rec.phase == "warmup"  # freshly built
-    model_sd, optim_sd = model_and_optim(model, optimizer, world_size)
-    dcp.load({"model": model_sd, "optim": optim_sd, "cmd": rec}, checkpoint_id=str(out / "dcp"))
+    if save_or_load == "load_per_rank":
+        rec.load_state_dict(torch.load(out / f"cmd_rank{rank}.pt", weights_only=True))
+    else:
+        model_sd, optim_sd = model_and_optim(model, optimizer, world_size)
+        dcp.load({"model": model_sd, "optim": optim_sd, "cmd": rec}, checkpoint_id=str(out / "dcp"))
     loaded = rec.num_records
     record(model, rec, W[stop:])
     traj = rec.trajectory()  # gathered on every rank

@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from cmd_online.checkpoint import pack, read_meta
+from cmd_online.checkpoint import read_meta
+from cmd_online.files import pack
 
 
 def leaves(state) -> dict:

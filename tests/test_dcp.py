@@ -71,6 +71,17 @@ def test_a_fresh_recorder_resumes_resharded_and_records_on_like_an_uninterrupted
     assert got["compact"] == ("freeze_modes_after" in kwargs)
 
 
+@pytest.mark.parametrize("stop", [2, 7], ids=["warmup", "tracking"])
+def test_per_rank_torch_save_works_on_a_rank_that_holds_no_rows_of_a_parameter(tmp_path, stop):
+    """The planted model's last parameter has one row: under FSDP2 on 2 ranks, rank 1 holds none of it."""
+    launch("save_per_rank", 2, tmp_path, stop, {"modes": 3})
+    launch("load_per_rank", 2, tmp_path, stop, {"modes": 3})
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    want = uninterrupted({"modes": 3}).trajectory()
+    assert got["loaded_records"] == stop and got["num_records"] == workers.RECORDS
+    assert all(torch.equal(got[name], getattr(want, name)) for name in FIT)
+
+
 def test_with_a_threshold_the_mode_bound_fixes_the_state(tmp_path):
     kwargs = {"threshold": 0.5, "max_modes": 4}
     launch("save", 2, tmp_path, 8, kwargs)
@@ -88,8 +99,9 @@ def test_without_a_mode_bound_a_threshold_state_is_refused_by_a_fresh_recorder(t
     workers.record(model, rec, W[:8])
     dcp.save({"cmd": rec}, checkpoint_id=str(tmp_path / "dcp"))
     _, _, fresh = workers.build(1, threshold=0.5)
-    with pytest.raises(ValueError, match="mode bound"):
+    with pytest.raises(ValueError, match=r"no max_modes.*max_modes= \(at least \d+\)"):
         dcp.load({"cmd": fresh}, checkpoint_id=str(tmp_path / "dcp"))
+    assert fresh.num_records == 0 and fresh.phase == "warmup"  # refused: nothing changed
 
 
 def test_a_trajectory_saved_sharded_loads_in_one_process_like_the_gathered_one(tmp_path):

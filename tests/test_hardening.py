@@ -17,7 +17,8 @@ import torch
 
 import cmd_online as cmdo
 from _digits import small_cnn, train_epoch
-from cmd_online.checkpoint import pack, read_meta
+from cmd_online.checkpoint import read_meta
+from cmd_online.files import pack
 from cmd_online.clustering import cluster
 
 
@@ -388,6 +389,31 @@ def dead_reference_trajectory(T=20, F=6, seed=0):
     W[dead, F:] = torch.where(steps > 0, torch.nextafter(value, torch.tensor(float("inf"))),  # ... its reference
                               torch.where(steps < 0, torch.nextafter(value, torch.tensor(-float("inf"))), value))
     return W, dead
+
+
+def test_the_same_parameter_twice_in_the_optimizer_is_refused_naming_both():
+    model = torch.nn.Linear(4, 3)
+    with pytest.warns(UserWarning):  # torch itself only warns about a duplicate inside one group
+        opt = torch.optim.SGD([model.weight, model.bias, model.weight], lr=0.1)
+    for kwargs in ({}, {"model": model}):
+        with pytest.raises(ValueError, match="optimizer parameter 2 is the same tensor as parameter 0"):
+            cmdo.CMDRecorder(opt, modes=2, samples=8, warmup=3, **kwargs)
+
+
+def test_a_set_aside_reference_has_r2_0_online_as_post_hoc():
+    F = 6
+    W, dead_index = dead_reference_trajectory(F=F)
+    weights = torch.nn.Parameter(W[:, 0].clone())
+    rec = cmdo.CMDRecorder(torch.optim.SGD([weights], lr=0.1), modes=2, samples=300, warmup=F)
+    for column in W.T:
+        with torch.no_grad():
+            weights.copy_(column)
+        rec.record()
+    online, post = rec.trajectory(), cmdo.decompose(W, modes=2, samples=300, warmup=F)
+    assert rec.r2()[0][dead_index] == 0.0  # it moved only by rounding: R² 0, as a weight that does not move
+    dead = online.reference_index.tolist().index(dead_index)
+    assert online.mode_r2[dead] == post.mode_r2[dead] == 0.0
+    assert torch.allclose(online.mode_r2.double(), post.mode_r2.double(), rtol=1e-5)
 
 
 def test_a_reference_that_stops_moving_is_set_aside_online_and_post_hoc():

@@ -74,6 +74,36 @@ def test_callbacks_must_be_observers():
         cmdo.CMDRecorder(opt, model, callbacks=Journal())
 
 
+def test_callbacks_replaced_between_records_are_checked_when_set():
+    journal = Journal()
+    model = small_cnn(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = cmdo.CMDRecorder(opt, model, modes=3, samples=100, warmup=WARMUP, record_every=1)
+    with pytest.raises(TypeError, match=r"callbacks\[0\] \(int\) has none of the observer methods"):
+        rec.callbacks = [3]
+    rec.callbacks = None  # no observers, as callbacks=None gives
+    assert rec.callbacks == []
+    gen = torch.Generator().manual_seed(0)
+    train_epoch(model, opt, gen)  # record_every=1: every optimizer step records, and none raises
+    rec.callbacks = [journal]
+    train_epoch(model, opt, gen)
+    assert journal.events and all(event[0] == "record" for event in journal.events)
+
+
+def test_close_tells_the_observers_once_until_the_next_record():
+    journal = Journal()
+    model = small_cnn(seed=0)
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=100,
+                           warmup=WARMUP, callbacks=[journal])
+    rec.record()
+    for _ in range(3):
+        rec.close()
+    assert [e[0] for e in journal.events].count("close") == 1
+    rec.record()  # a record after close: the next close is told again
+    rec.close()
+    assert [e[0] for e in journal.events].count("close") == 2
+
+
 def scalars(logdir):
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     ea.Reload()

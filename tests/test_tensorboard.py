@@ -74,6 +74,7 @@ def test_per_record_scalars_at_every_tracking_record(run):
     for m in range(rec.num_modes):
         logged = [e.value for e in ea.Scalars(f"cmd/reference/mode_{m:02d}")]
         assert np.allclose(logged, traj.references[m, WARMUP - 1:].numpy(), rtol=1e-6)
+    assert steps(ea, "cmd/memory/bytes") == list(range(WARMUP - 1, EPOCHS))  # from the end of the warm-up
     assert last(ea, "cmd/memory/bytes") == rec.nbytes()["total"]
 
 
@@ -209,3 +210,31 @@ def test_log_on_the_users_schedule(tmp_path, monkeypatch):
     assert steps(ea, "cmd/reference/mode_00") == [200, 300, 400, 500, 600]
     assert steps(ea, "cmd/mode_size/mode_00") == [400]  # third window record; log_every=10
     assert "cmd/figures/references" in ea.Tags()["images"]
+
+
+def test_a_figure_that_fails_warns_once_and_the_scalars_go_on(tmp_path):
+    class BrokenFigures(SummaryWriter):  # a real writer whose image back end fails (e.g. a broken PIL)
+        def add_figure(self, *args, **kwargs):
+            raise RuntimeError("figure back end broken")
+
+        def add_image(self, *args, **kwargs):
+            raise RuntimeError("image back end broken")
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    writer = BrokenFigures(str(tmp_path))
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.05), model, modes=2, samples=20, warmup=3,
+                           writer=writer, log_every=2)
+    with pytest.warns(RuntimeWarning, match="figure back end broken|image back end broken") as caught:
+        for _ in range(10):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            rec.record()
+        rec.close()
+    writer.close()
+    ea = read(tmp_path)
+    assert steps(ea, "cmd/reference/mode_00") == list(range(2, 10))  # every tracking record
+    assert steps(ea, "cmd/fit/mean_r2")[:2] == [4, 6]  # the interval logs too (from the window's third record)
+    failures = [w for w in caught if "back end broken" in str(w.message)]
+    assert len(failures) <= 1 + 10 // 2  # the warm-up figures once, then at most once per interval log
