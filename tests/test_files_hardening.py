@@ -6,6 +6,7 @@ real permission bits, and runs the real ``cmd-online`` command.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -60,16 +61,23 @@ def full_disk(tmp_path):
     """A real 256 KiB tmpfs (mounting needs root), holding one small file ``old.pt``."""
     folder = tmp_path / "small_fs"
     folder.mkdir()
+    with tmpfs(folder, "size=256k", "a small tmpfs"):
+        torch.save({"w": torch.arange(4.0)}, folder / "old.pt")
+        yield folder
+
+
+@contextlib.contextmanager
+def tmpfs(folder, options: str, what: str):
+    """Mount a tmpfs with ``options`` on ``folder`` for the block (a skip naming ``what`` where one cannot)."""
     try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                               capture_output=True, text=True)
     except FileNotFoundError:
-        pytest.skip("cannot mount a small tmpfs here: no mount command")
+        pytest.skip(f"cannot mount {what} here: no mount command")
     if proc.returncode != 0:
         said = (proc.stderr.strip().splitlines() or [f"status {proc.returncode}"])[0]
-        pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {said}")
+        pytest.skip(f"cannot mount {what} here (needs root with CAP_SYS_ADMIN): {said}")
     try:
-        torch.save({"w": torch.arange(4.0)}, folder / "old.pt")
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
@@ -255,17 +263,8 @@ def read_only_folder(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("cannot mount a read-only tmpfs here: no mount command")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    try:
+    with tmpfs(folder, "ro,size=64k", "a read-only tmpfs"):
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.mark.parametrize("what", ["atomic_save", "trajectory"])

@@ -400,8 +400,8 @@ def test_the_same_parameter_twice_in_the_optimizer_is_refused_naming_both():
             cmdo.CMDRecorder(opt, modes=2, samples=8, warmup=3, **kwargs)
 
 
-def test_a_set_aside_reference_has_r2_0_online_as_post_hoc():
-    F = 6
+def recorded_dead_reference(F: int):
+    """The planted dead-reference trajectory recorded online: it, the dead index, the recorder and its parameter."""
     W, dead_index = dead_reference_trajectory(F=F)
     weights = torch.nn.Parameter(W[:, 0].clone())
     rec = cmdo.CMDRecorder(torch.optim.SGD([weights], lr=0.1), modes=2, samples=300, warmup=F)
@@ -409,6 +409,12 @@ def test_a_set_aside_reference_has_r2_0_online_as_post_hoc():
         with torch.no_grad():
             weights.copy_(column)
         rec.record()
+    return W, dead_index, rec, weights
+
+
+def test_a_set_aside_reference_has_r2_0_online_as_post_hoc():
+    F = 6
+    W, dead_index, rec, _ = recorded_dead_reference(F)
     online, post = rec.trajectory(), cmdo.decompose(W, modes=2, samples=300, warmup=F)
     assert rec.r2()[0][dead_index] == 0.0  # it moved only by rounding: R² 0, as a weight that does not move
     dead = online.reference_index.tolist().index(dead_index)
@@ -418,13 +424,7 @@ def test_a_set_aside_reference_has_r2_0_online_as_post_hoc():
 
 def test_a_reference_that_stops_moving_is_set_aside_online_and_post_hoc():
     F = 6
-    W, dead_index = dead_reference_trajectory(F=F)
-    weights = torch.nn.Parameter(W[:, 0].clone())
-    rec = cmdo.CMDRecorder(torch.optim.SGD([weights], lr=0.1), modes=2, samples=300, warmup=F)
-    for column in W.T:
-        with torch.no_grad():
-            weights.copy_(column)
-        rec.record()
+    W, dead_index, rec, _ = recorded_dead_reference(F)
     online = rec.trajectory()
     post = cmdo.decompose(W, modes=2, samples=300, warmup=F)
     assert torch.equal(online.reference_index, post.reference_index)

@@ -162,12 +162,9 @@ def test_offload_bounds_the_records_in_flight_and_queries_wait(monkeypatch):
     assert rec.num_records == 8
 
 
-def test_a_failure_in_the_worker_surfaces_at_the_next_call_and_loses_nothing(monkeypatch):
-    model, steps = model_and_walk()
-    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
-                           offload=True)
-    cluster = recorder_module.cluster
-    failures = []
+def fail_the_first_clustering(monkeypatch):
+    """The clustering at the end of the warm-up raises MemoryError once (in the worker, with offload)."""
+    cluster, failures = recorder_module.cluster, []
 
     def flaky(*args, **kwargs):
         if not failures:
@@ -176,6 +173,13 @@ def test_a_failure_in_the_worker_surfaces_at_the_next_call_and_loses_nothing(mon
         return cluster(*args, **kwargs)
 
     monkeypatch.setattr(recorder_module, "cluster", flaky)
+
+
+def test_a_failure_in_the_worker_surfaces_at_the_next_call_and_loses_nothing(monkeypatch):
+    model, steps = model_and_walk()
+    rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
+                           offload=True)
+    fail_the_first_clustering(monkeypatch)
     walk(model, rec, steps, 0, 4)  # the fourth record ends the warm-up: its clustering fails in the worker
     with pytest.raises(OffloadError, match="no room for the clustering") as error:
         rec.num_records
@@ -371,15 +375,7 @@ def test_queries_are_serialised_with_records_of_other_threads(monkeypatch):
 
 
 def test_the_call_that_reports_a_worker_failure_still_takes_its_own_record(monkeypatch):
-    cluster, failures = recorder_module.cluster, []
-
-    def flaky(*args, **kwargs):
-        if not failures:
-            failures.append(1)
-            raise MemoryError("no room for the clustering")
-        return cluster(*args, **kwargs)
-
-    monkeypatch.setattr(recorder_module, "cluster", flaky)
+    fail_the_first_clustering(monkeypatch)
     model, steps = model_and_walk()
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
                            offload=True)
