@@ -52,3 +52,15 @@ def test_an_epoch_is_recorded_once_and_a_swap_gives_the_trained_weights_back_on_
             raise KeyError("inside")
     assert torch.equal(model.weight, trained) and not swap.active
     rec.close()
+
+
+def test_the_weights_fingerprint_tells_the_same_weights_also_with_nan_and_inf():
+    w = torch.randn(40, 3)
+    bad = w.clone()
+    bad[0, 0], bad[1, 1] = float("nan"), float("inf")  # a run whose weights diverged: sums NaN and inf
+    for weights in (w, bad):
+        assert _common.same_weights(_common.weights_fingerprint([weights]), _common.weights_fingerprint([weights]))
+    other = w.clone()
+    other[5, 2] += 1e-3
+    assert not _common.same_weights(_common.weights_fingerprint([w]), _common.weights_fingerprint([other]))
+    assert not _common.same_weights(_common.weights_fingerprint([w]), _common.weights_fingerprint([bad]))

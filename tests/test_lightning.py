@@ -280,9 +280,42 @@ def test_a_second_fit_of_other_parameters_warns_and_starts_a_new_recording():
 
     cmd = CMDCallback(**CONFIG | dict(warmup=2))
     trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
-    with pytest.warns(RuntimeWarning, match=r"cannot continue the recording of the earlier run \(2 records\)"):
+    with pytest.warns(RuntimeWarning, match=r"other parameters than the earlier run .*\(2 records\) is not continued"):
         trainer(max_epochs=1, callbacks=[cmd]).fit(Smaller(), train_loader())
     assert cmd.recorder.num_records == 1 and cmd.recorder.layout.names == ("net.weight", "net.bias")
+
+
+def test_a_second_fit_of_another_model_of_the_same_shapes_starts_a_new_recording():
+    cmd = CMDCallback(**CONFIG | dict(warmup=2))
+    trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
+    with pytest.warns(RuntimeWarning, match=r"other parameters than the earlier run .*\(2 records\) is not continued"):
+        trainer(max_epochs=1, callbacks=[cmd]).fit(Digits(), train_loader())  # same shapes, another model
+    assert cmd.recorder.num_records == 1
+
+
+def test_a_refused_resume_leaves_the_earlier_recording_as_it_was(run, tmp_path):
+    cmd, model = CMDCallback(**CONFIG | dict(warmup=2)), Digits()
+    fit = trainer(max_epochs=2, callbacks=[cmd])
+    fit.fit(model, train_loader())
+    recorder = cmd.recorder
+    with pytest.raises(ValueError, match="warmup=4, but this recorder has warmup=2"):  # another run's checkpoint
+        trainer(max_epochs=EPOCHS, callbacks=[cmd]).fit(Digits(), train_loader(),
+                                                          ckpt_path=run["folder"] / "ckpt" / "epoch=5.ckpt")
+    assert cmd.recorder is recorder and recorder.num_records == 2
+    fit.fit_loop.max_epochs = 4
+    fit.fit(model, train_loader())  # and the recording goes on
+    assert cmd.recorder.num_records == 4
+
+
+def test_a_one_optimizer_checkpoint_resumes_with_or_without_optimizer_index(tmp_path):
+    for saved, resumed in ((0, None), (None, 0)):
+        cmd = CMDCallback(**CONFIG | dict(warmup=2), optimizer_index=saved)
+        fit = trainer(max_epochs=2, callbacks=[cmd])
+        fit.fit(Digits(), train_loader())
+        fit.save_checkpoint(tmp_path / "one.ckpt")
+        again = CMDCallback(**CONFIG | dict(warmup=2), optimizer_index=resumed)
+        trainer(max_epochs=3, callbacks=[again]).fit(Digits(), train_loader(), ckpt_path=tmp_path / "one.ckpt")
+        assert again.recorder.num_records == 3
 
 
 def test_torch_optimizer_is_found_inside_a_lightning_optimizer():

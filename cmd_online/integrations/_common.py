@@ -276,9 +276,17 @@ def restore_state(rec: CMDRecorder, schedule: Schedule, state: Any, where: str) 
 def continue_recording(old: CMDRecorder, new: CMDRecorder, schedule: Schedule, epoch: int) -> Schedule:
     """A second ``fit``/``train`` goes on with the earlier one's recording: ``old``'s state loaded into ``new``
     (built on this run's optimizer), the schedule kept, so the record count continues. ``epoch`` is the
-    epoch this run starts at: a trainer that counts epochs from 0 again records them again. A recording
-    that ``new`` cannot continue (other parameter shapes) gives a warning and a new recording (the
-    returned schedule is then a fresh one)."""
+    epoch this run starts at: a trainer that counts epochs from 0 again records them again. A run of
+    other parameters (another model, even of the same shapes) or one ``new`` cannot continue gives a
+    warning and a new recording (the returned schedule is then a fresh one)."""
+    try:
+        same = [id(p) for p in old.params] == [id(p) for p in new.params]
+    except RuntimeError:  # the earlier run's parameters are gone
+        same = False
+    if not same:
+        warn(f"this run trains other parameters than the earlier run (another model?): its recording "
+             f"({old.num_records} records) is not continued; a new recording starts")
+        return Schedule(schedule.every_n_steps)
     try:
         new.load_state_dict(old.state_dict())
     except ValueError as e:
@@ -287,6 +295,17 @@ def continue_recording(old: CMDRecorder, new: CMDRecorder, schedule: Schedule, e
         return Schedule(schedule.every_n_steps)
     schedule.epochs.last_epoch = min(schedule.epochs.last_epoch, epoch - 1)
     return schedule
+
+
+@contextlib.contextmanager
+def discarded_on_error(rec: CMDRecorder) -> Iterator[None]:
+    """Close ``rec`` (its optimizer hook removed) if the block fails: a recorder built for a run whose state was
+    refused must not record that run, nor replace the callback's earlier recording."""
+    try:
+        yield
+    except BaseException:
+        rec.close()
+        raise
 
 
 def weights_fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
@@ -304,8 +323,11 @@ def same_weights(saved: Any, now: torch.Tensor) -> bool:
     on another device (10⁻⁹ relative to the sums of absolute values)."""
     if not isinstance(saved, torch.Tensor) or saved.shape != now.shape:
         return False
+    saved = saved.to(torch.float64)
     scale = torch.stack([now[:, 1], now[:, 1], now[:, 2]], dim=1)
-    return bool(((saved.to(torch.float64) - now).abs() <= 1e-9 * scale).all())
+    close = (saved - now).abs() <= 1e-9 * scale
+    same = (saved == now) | (saved.isnan() & now.isnan())  # weights holding NaN/Inf have such sums
+    return bool((close | same).all())
 
 
 def save_state_file(state: dict[str, Any], path: str | os.PathLike) -> None:

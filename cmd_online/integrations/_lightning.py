@@ -82,6 +82,7 @@ class LightningCMDHooks(_common.CMDAccess):
         self._schedule = Schedule(self.options.record_every_n_steps)
         self._swap = Swap()
         self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint before the optimizer exists
+        self._found_keys: list[str] = []  # CMDCallback state keys of the checkpoint being loaded
 
     # ------------------------------------------------------------------------------------- set-up
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -94,23 +95,30 @@ class LightningCMDHooks(_common.CMDAccess):
         self._refuse_sharded(trainer)
         state, self._pending = self._pending, None
         if state is None and self.resume and trainer.ckpt_path is not None:
+            found, self._found_keys = self._found_keys, []
+            if found:
+                raise ValueError(f"CMDCallback: fit resumes from {trainer.ckpt_path}, which holds CMDCallback state "
+                                 f"under {', '.join(map(repr, found))} but none under this callback's key "
+                                 f"{self.state_key!r}: give each callback the optimizer_index it was saved with, "
+                                 "or pass CMDCallback(resume=False) to start a new recording from this point")
             raise ValueError(f"CMDCallback: fit resumes from {trainer.ckpt_path}, which holds no CMDCallback state "
                              "(saved without the callback, or with weights_only=True); pass "
                              "CMDCallback(resume=False) to start a new recording from this point")
         optimizer = self._choose_optimizer(trainer)
         earlier = self.recorder
-        if earlier is not None:
-            earlier.close()
         self._swap.end()
         schedule = Schedule(self.options.record_every_n_steps)
-        self.recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
-                                               self._tensorboard(trainer))
-        if state is not None:
-            _common.restore_state(self.recorder, schedule, state, f"the checkpoint {trainer.ckpt_path}")
-        elif earlier is not None and trainer.ckpt_path is None:
-            # fit called again without a checkpoint: go on with the earlier fit's recording
-            schedule = _common.continue_recording(earlier, self.recorder, self._schedule, trainer.current_epoch)
-        self._schedule = schedule
+        recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
+                                          self._tensorboard(trainer))
+        with _common.discarded_on_error(recorder):  # a refused state leaves the earlier recording as it was
+            if state is not None:
+                _common.restore_state(recorder, schedule, state, f"the checkpoint {trainer.ckpt_path}")
+            elif earlier is not None and trainer.ckpt_path is None:
+                # fit called again without a checkpoint: go on with the earlier fit's recording
+                schedule = _common.continue_recording(earlier, recorder, self._schedule, trainer.current_epoch)
+        if earlier is not None:
+            earlier.close()
+        self.recorder, self._schedule = recorder, schedule
 
     @property
     def state_key(self) -> str:
@@ -188,11 +196,14 @@ class LightningCMDHooks(_common.CMDAccess):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # a checkpoint of an earlier version holds the state of its one callback under the class name only
+        # — or a one-optimizer run resumed with or without optimizer_index=0: with one callback on each
+        # side, its state is this callback's whatever the key
         states = checkpoint.get("callbacks") or {}
         plain = type(self).__qualname__
-        if (self.state_key not in states and plain in states
+        self._found_keys = [k for k in states if k == plain or k.startswith(plain + "{")]
+        if (self.state_key not in states and len(self._found_keys) == 1
                 and sum(isinstance(cb, LightningCMDHooks) for cb in trainer.callbacks) == 1):
-            self.load_state_dict(states[plain])
+            self.load_state_dict(states[self._found_keys[0]])
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if not self._swap.active:

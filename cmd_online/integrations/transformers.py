@@ -109,22 +109,23 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             saved = self._find_state(args, state.global_step, _common.weights_fingerprint(params))
         earlier = self.recorder
+        self._swap.end()
+        schedule = Schedule(self.options.record_every_n_steps)
+        recorder = _common.build_recorder(optimizer, model, self.options, self.writer)
+        with _common.discarded_on_error(recorder):  # a refused state leaves the earlier recording as it was
+            if saved is not None:
+                _common.restore_state(recorder, schedule, saved[1], saved[0])
+                if state.epoch and float(state.epoch).is_integer():
+                    # a checkpoint written at an epoch's last step by an older version, which recorded the
+                    # epoch only at on_epoch_end, after the save: the weights just loaded are that epoch's end
+                    schedule.end_of_epoch(recorder, int(state.epoch) - 1)
+            elif earlier is not None and state.global_step == 0:
+                # train() called again without a checkpoint: go on with the earlier recording
+                schedule = _common.continue_recording(earlier, recorder, self._schedule, 0)
         if earlier is not None:
             earlier.close()
-        self._swap.end()
         self._model = weakref.ref(model)
-        schedule = Schedule(self.options.record_every_n_steps)
-        self.recorder = _common.build_recorder(optimizer, model, self.options, self.writer)
-        if saved is not None:
-            _common.restore_state(self.recorder, schedule, saved[1], saved[0])
-            if state.epoch and float(state.epoch).is_integer():
-                # a checkpoint written at an epoch's last step by an older version, which recorded the epoch
-                # only at on_epoch_end, after the save: the weights just loaded are that epoch's end
-                schedule.end_of_epoch(self.recorder, int(state.epoch) - 1)
-        elif earlier is not None and state.global_step == 0:
-            # train() called again without a checkpoint: go on with the earlier recording
-            schedule = _common.continue_recording(earlier, self.recorder, self._schedule, 0)
-        self._schedule = schedule
+        self.recorder, self._schedule = recorder, schedule
 
     def _refuse_sharded(self, args, model=None) -> None:
         strategy = ("FSDP (TrainingArguments.fsdp)" if getattr(args, "fsdp", None) else
