@@ -690,6 +690,7 @@ class CMDRecorder:
 
         Load it with ``model.load_state_dict(torch.load(path))``.
         """
+        self._require_tracking("export")
         sd = self.cmd_state_dict(at)
         if dist_utils.is_writer():
             atomic_save(sd, path)

@@ -322,8 +322,11 @@ def test_querying_during_warmup_says_how_many_records_remain():
     rec.record()
     rec.record()
     assert rec.phase == "warmup"
-    for query in (rec.cmd_parameters, rec.trajectory, rec.cmd_state_dict):
-        with pytest.raises(RuntimeError, match="4 more record"):
+    queries = {"cmd_parameters": rec.cmd_parameters, "trajectory": rec.trajectory,
+               "cmd_state_dict": rec.cmd_state_dict, "export": lambda: rec.export("unused.pt"),
+               "swapped": lambda: rec.swapped().__enter__()}
+    for name, query in queries.items():
+        with pytest.raises(RuntimeError, match=f"^{name} is not available during the warm-up: 4 more record"):
             query()
 
 
