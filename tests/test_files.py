@@ -317,3 +317,11 @@ def test_damaged_pickle_without_checksums_is_refused_or_loaded_never_another_err
         except ValueError:
             refused += 1
     assert refused > 0
+
+
+def test_a_file_written_into_missing_folders_creates_them(tmp_path):
+    from cmd_online.files import atomic_save
+
+    target = tmp_path / "a" / "b" / "model.pt"
+    atomic_save({"w": torch.arange(3.0)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(3.0))
