@@ -3,7 +3,7 @@
     cmd-online demo [--data digits|mnist1d] [--epochs E] [--warmup F] [--modes M] [--samples K] ...
     cmd-online inspect TRAJECTORY
     cmd-online export TRAJECTORY [--at N] -o MODEL.pt
-    cmd-online decompose CHECKPOINT... -o TRAJECTORY [--modes M | --threshold t] [--samples K] ...
+    cmd-online decompose CHECKPOINT... -o TRAJECTORY [--modes M | --threshold t [--max-modes B]] [--samples K] ...
 
 A user mistake (missing file, wrong kind of file, out-of-range option) prints one line,
 ``cmd-online: error: ...``, to stderr and exits with status 2; never a traceback.
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 10 unless --threshold)")
     mode_choice.add_argument("--threshold", type=_threshold, default=None, help="in-mode distance t in (0, 1]: "
                              "every pair in a mode has |corr| ≥ 1 − t")
+    decompose.add_argument("--max-modes", type=_int_at_least(1), default=None,
+                           help="with --threshold, at most this many modes (a cut that gives more is coarsened)")
     decompose.add_argument("--samples", type=_int_at_least(1), default=1000,
                            help="sampled weights that are clustered (default 1000, at most the weights)")
     decompose.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the sampling (default 0)")
@@ -287,10 +289,11 @@ def _decompose(args) -> None:
 
     # Options are checked before any file is read (those that need N or T are checked by decompose).
     CMDConfig(modes=args.modes, threshold=args.threshold, samples=args.samples, seed=args.seed, warmup=args.warmup,
-              distance=args.distance)
+              distance=args.distance, max_modes=args.max_modes)
     paths = _checkpoint_paths(args.checkpoints)
     traj = decompose_checkpoints(_Checkpoints(paths), modes=args.modes, threshold=args.threshold,
-                                 samples=args.samples, seed=args.seed, warmup=args.warmup, distance=args.distance)
+                                 samples=args.samples, seed=args.seed, warmup=args.warmup, distance=args.distance,
+                                 max_modes=args.max_modes)
     traj.save(args.output)
     print(f"wrote {args.output}: {traj.num_modes} modes over {traj.num_weights:,} weights and "
           f"{traj.num_records} records (from {len(paths)} checkpoints)")

@@ -43,6 +43,23 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return module is not None and isinstance(p, module.DTensor)
 
 
+def whole(value: torch.Tensor) -> torch.Tensor:
+    """A tensor of a module's state_dict as a plain whole tensor: a DTensor is gathered (collective)."""
+    return value.full_tensor().detach() if _is_dtensor(value) else value.detach()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 keeps after a forward (the root module's own, and every module's
+    with ``reshard_after_forward=False``), so that the next forward gathers the sharded ones again."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kind = getattr(fsdp, "FSDPModule", None)
+    if kind is None:
+        return
+    for module in model.modules():
+        if isinstance(module, kind):
+            module.reshard()
+
+
 class ShardInfo:
     """Parameters held whole by this process (single process or DDP)."""
 

@@ -91,7 +91,13 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     ref_mean = R.mean(dim=1)
     Rc = R - ref_mean.unsqueeze(1)
     Q = (Rc * Rc).sum(dim=1)
-    resolved = resolved_references(Q, T - window_start, ref_mean, W.dtype)  # the others move by rounding only
+    # the others move by rounding only: at the resolution of W's dtype, or of the reference's own parameter
+    # (from layout) where that is coarser, as the recorder judges each reference
+    eps = torch.full((ref.numel(),), torch.finfo(W.dtype).eps, dtype=torch.float64)
+    if layout is not None:
+        own = [torch.finfo(layout.dtypes[t]).eps for t in layout.locate(ref)[0].tolist()]
+        eps = torch.maximum(eps, torch.tensor(own, dtype=torch.float64))
+    resolved = resolved_references(Q, T - window_start, ref_mean, eps)
     Q = torch.where((R.amax(dim=1) > R.amin(dim=1)) & resolved, Q, torch.zeros_like(Q))
     rows = max(1, _CHUNK_ELEMENTS // T)
     fits = []
@@ -134,7 +140,8 @@ def _layer_sizes(layer_sizes, N: int) -> list[int]:
 
 def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,
               layer_sizes: Sequence[int] | None = None, warmup: int | None = None,
-              layout: Layout | None = None, distance: str = "correlation") -> CMDTrajectory:
+              layout: Layout | None = None, distance: str = "correlation",
+              max_modes: int | None = None) -> CMDTrajectory:
     """Post-hoc CMD of a full trajectory (paper, Algorithms 1 and 2).
 
     Args:
@@ -151,9 +158,11 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
         layout (Layout): names, shapes and dtypes of the tensors the rows come from.
         distance (str): the clustering distance, ``"correlation"`` (1 − |C|, default) or ``"euclidean"``
             (between rows of |C|, as the paper authors' code does).
+        max_modes (int): with ``threshold``, at most this many modes (a cut that gives more is coarsened
+            to ``max_modes``), as the recorder's ``max_modes`` (default None).
     """
     config = CMDConfig(modes=modes, threshold=threshold, samples=samples, seed=seed, warmup=warmup,
-                       distance=distance)
+                       distance=distance, max_modes=max_modes)
     W = _as_matrix(W)
     N, T = W.shape
     if config.samples > N:
@@ -169,7 +178,7 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
         clustered, window_start = config.warmup, config.warmup - 1
     sample = sample_indices(layer_sizes, config.samples, config.seed)
     history = W[sample.to(W.device), :clustered]
-    found = cluster(history, config.modes, config.threshold, config.distance)
+    found = cluster(history, config.modes, config.threshold, config.distance, config.max_modes)
     reference_index = sample[torch.from_numpy(found.reference)]
     return fit_affine(W, reference_index, window_start, layout)
 

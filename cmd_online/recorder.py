@@ -60,10 +60,12 @@ def _serialised(method):
     return serialised
 
 
-def _copy_back(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+def _copy_back(params: list[torch.Tensor], saved: list[torch.Tensor], model: torch.nn.Module | None = None) -> None:
     with torch.no_grad():
         for p, value in zip(params, saved):
             p.copy_(value)
+    if model is not None:  # FSDP2: no unsharded copy of the CMD weights may outlive the block
+        dist_utils.reshard(model)
 
 
 class CMDRecorder:
@@ -584,6 +586,10 @@ class CMDRecorder:
                                    shift_dtype=self._coefficient_dtype, kernel=self._kernel, allocate=stats is None)
         if stats is not None:
             moments.restore(stats, copy)
+        # a reference moves by rounding only at the resolution of its own parameter's dtype
+        moments.ref_eps = torch.tensor([torch.finfo(self.layout.dtypes[t]).eps
+                                        for t in self.layout.locate(reference_index)[0].tolist()],
+                                       dtype=torch.float64, device=self.device)
         self.reference_index, self._ref_plan, self._slots, self._table = reference_index, ref_plan, slots, table
         self._stats, self._device_attempts = moments, 0
 
@@ -662,7 +668,8 @@ class CMDRecorder:
         full = self._shards.full_tensors(self.cmd_parameters(at), params)
         by_id = {id(p): v for p, v in zip(params, full)}
         sd = model.state_dict(keep_vars=True)
-        return {k: by_id[id(v)] if id(v) in by_id else v.detach() if isinstance(v, torch.Tensor) else v
+        # the parameters the optimizer does not hold are the live ones, whole (gathered under FSDP2)
+        return {k: by_id[id(v)] if id(v) in by_id else dist_utils.whole(v) if isinstance(v, torch.Tensor) else v
                 for k, v in sd.items()}
 
     @contextlib.contextmanager
@@ -670,6 +677,7 @@ class CMDRecorder:
         """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit."""
         with self._lock:  # the CMD weights of one state (not the user's block: other threads may record)
             self._require_tracking("swapped")
+            model = self._sharded_model()
             local = self._shards.local(self.params)
             saved = [p.detach().clone() for p in local]
             try:
@@ -677,12 +685,23 @@ class CMDRecorder:
                     for i, value in self._cmd_tensors(at):
                         local[i].copy_(value)
             except BaseException:
-                _copy_back(local, saved)
+                _copy_back(local, saved, model)
                 raise
+            if model is not None:
+                dist_utils.reshard(model)  # FSDP2's unsharded copies of the trained weights must go
         try:
             yield
         finally:
-            _copy_back(local, saved)
+            _copy_back(local, saved, model)
+
+    def _sharded_model(self) -> torch.nn.Module | None:
+        """Under FSDP2, the model (whose FSDP modules ``swapped`` reshards); None otherwise."""
+        if not self._shards.sharded:
+            return None
+        if self._model is None:
+            raise ValueError("swapped() under FSDP2 needs the model: pass model= to CMDRecorder, so that FSDP's "
+                             "unsharded copies of the trained weights are dropped on entry and exit")
+        return self._live_model()
 
     @_serialised
     def export(self, path, at: int = -1) -> None:

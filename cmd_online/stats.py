@@ -96,7 +96,8 @@ def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor,
     return mode, torch.stack(rows).gather(0, mode.unsqueeze(0)).squeeze(0)
 
 
-def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor,
+                        dtype: torch.dtype | torch.Tensor) -> torch.Tensor:
     """Which references move over the window by more than the resolution of their dtype.
 
     A reference whose standard deviation over the window is at most 2 units in the last place of
@@ -109,9 +110,11 @@ def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor, dt
         Q (tensor): centred sums of squares of the references over the window (M,).
         count (int): records in the window.
         magnitude (tensor): the references' typical value, e.g. their mean over the window (M,).
-        dtype (torch.dtype): the dtype the reference values were stored in.
+        dtype (torch.dtype or tensor): the dtype the reference values were stored in, or each reference's
+            machine epsilon (M,) when they differ (references in parameters of several dtypes).
     """
-    spacing = torch.finfo(dtype).eps * magnitude.double().abs()
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else dtype.double().to(magnitude.device)
+    spacing = eps * magnitude.double().abs()
     return Q.double() > count * (2 * spacing) ** 2
 
 
@@ -405,6 +408,7 @@ class StreamingMoments:
         self.comoment = [zeros(N) for _ in range(self.num_modes)] if allocate else []
         self.modes: torch.Tensor | None = None  # set by freeze()
         self.ref_shift = zeros(self.num_modes, shift_dtype)
+        self.ref_eps: torch.Tensor | None = None  # each reference's own machine epsilon, if set (M,)
         self.ref_mean, self.ref_sumsq = zeros(self.num_modes), zeros(self.num_modes)
         self.copy_exact = shift_dtype != torch.float64
         self.blocks = _block_plan(self.sizes, BLOCK)
@@ -473,7 +477,7 @@ class StreamingMoments:
     def resolved_references(self) -> torch.Tensor:
         """The references that move above their resolution (:func:`resolved_references`), (M,) bool."""
         return resolved_references(self.ref_sumsq, self.window_count(), self.ref_shift.double() + self.ref_mean.double(),
-                                   self.ref_shift.dtype)
+                                   self.ref_shift.dtype if self.ref_eps is None else self.ref_eps)
 
     def fit(self, flat: slice | torch.Tensor = slice(None), resolved: torch.Tensor | None = None) -> AffineFit:
         """The affine fit (:func:`affine_fit`) of the weights in ``flat`` (a slice or indices of the flat index).

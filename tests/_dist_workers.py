@@ -142,14 +142,35 @@ def fsdp(rank, world_size, out: Path):
     train(model, optimizer, rec, range(RESUME_AT, STEPS), shadow_rec)
 
     rec.export(out / "fsdp_export.pt")
-    with rec.swapped():
-        x, y = digits()
-        swapped_loss = torch.nn.functional.cross_entropy(model(x), y).item()
+    # a recorder of part of the parameters: the export holds the others whole (gathered), as live weights
+    partial = cmdo.CMDRecorder(torch.optim.SGD([p for n, p in model.named_parameters() if n != "scale"], lr=0.0),
+                               model, modes=2, samples=50, warmup=3)
+    blind = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.0), modes=2, samples=50, warmup=3)  # no model=
+    x, y = digits()
+    loss = lambda: torch.nn.functional.cross_entropy(model(x), y).item()  # noqa: E731
+    with torch.no_grad():
+        trained_loss = loss()  # an evaluation first: FSDP2 keeps the root's own parameter (scale) unsharded
+        with rec.swapped():
+            swapped_loss = loss()
+        after_loss = loss()  # and again after the block: the trained weights, not a stale CMD copy
     local_cmd = [t.clone() for t in rec.cmd_parameters()]
     offloaded.close()  # the pending records first
     torch.save({**summary(rec), "shadow": summary(shadow_rec), "swapped_loss": swapped_loss,
+                "trained_loss": trained_loss, "after_loss": after_loss,
                 "local_cmd": local_cmd, "state": rec.state_dict(), "offloaded": offloaded.state_dict(),
                 "offloaded_fit": summary(offloaded)}, out / f"fsdp_rank{rank}.pt")
+    rec.close()
+    for step in range(STEPS, STEPS + 3):
+        train_steps(model, optimizer, [step], rank, world_size)
+        partial.record()
+        blind.record()
+    partial.export(out / "fsdp_partial_export.pt")
+    try:
+        with blind.swapped():
+            refused = ""
+    except ValueError as e:
+        refused = str(e)
+    torch.save({"scale": model.scale.full_tensor().detach(), "refused": refused}, out / f"fsdp_partial_rank{rank}.pt")
 
     # resume: fresh model, optimizer and recorder from the sharded checkpoint, same remaining batches
     model2 = _fsdp_model()

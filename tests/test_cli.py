@@ -177,6 +177,16 @@ def test_decompose_takes_files_in_the_order_given(demo, tmp_path):
     torch.testing.assert_close(traj.references[:, 2], flat[traj.reference_index])
 
 
+def test_decompose_max_modes_bounds_the_threshold_cut(demo, tmp_path):
+    out, _ = demo
+    files = sorted((out / "checkpoints").glob("epoch_*.pt"))
+    free, bounded = tmp_path / "free.pt", tmp_path / "bounded.pt"
+    for target, extra in ((free, []), (bounded, ["--max-modes", "2"])):
+        assert main(["decompose", *map(str, files), "-o", str(target), "--threshold", "0.05", "--samples", "200",
+                     *extra]) == 0
+    assert CMDTrajectory.load(free).num_modes > 2 and CMDTrajectory.load(bounded).num_modes == 2
+
+
 def test_random_shift_translates_each_sample_with_zero_fill():
     x = torch.arange(1.0, 1 + 3 * 2 * 5 * 6).view(3, 2, 5, 6)
     shifted = random_shift(x, 1, torch.Generator().manual_seed(0))

@@ -169,6 +169,28 @@ def test_fsdp_swapped_model_evaluates_like_the_export(out):
         assert load(out, "fsdp", rank)["swapped_loss"] == pytest.approx(loss, rel=1e-6)
 
 
+def test_fsdp_swapped_after_an_evaluation_uses_the_cmd_weights_and_leaves_none_behind(out):
+    """FSDP2 keeps the root module's own parameters unsharded after a forward without backward: the block must
+    not run on those copies of the trained weights, nor leave copies of the CMD weights after it."""
+    for rank in range(WORLD):
+        got = load(out, "fsdp", rank)
+        assert got["swapped_loss"] != got["trained_loss"]
+        assert got["after_loss"] == got["trained_loss"]
+
+
+def test_fsdp_export_of_a_partial_recorder_holds_the_other_parameters_whole(out):
+    exported = torch.load(out / "fsdp_partial_export.pt", weights_only=True)
+    assert all(type(v) is torch.Tensor for v in exported.values())  # no DTensor shard of a rank
+    model = workers.make_model()
+    model.load_state_dict(exported)  # loads into the plain model
+    assert torch.equal(exported["scale"], load(out, "fsdp_partial", 0)["scale"])  # the live weight, not recorded
+
+
+def test_fsdp_swapped_without_the_model_is_refused(out):
+    for rank in range(WORLD):
+        assert "swapped() under FSDP2 needs the model: pass model=" in load(out, "fsdp_partial", rank)["refused"]
+
+
 def test_fsdp_each_rank_holds_about_half_the_statistics(out, single):
     _, single = single
     whole = single.nbytes()["statistics"]

@@ -391,6 +391,27 @@ def dead_reference_trajectory(T=20, F=6, seed=0):
     return W, dead
 
 
+def test_a_dead_reference_is_set_aside_at_its_own_dtypes_resolution_in_a_model_with_a_float64_parameter():
+    """A float64 parameter makes the statistics float64; the float32 reference that jitters by one float32
+    step must still be set aside (at float64 resolution it moves: slopes of 1e5 followed)."""
+    F = 6
+    W, dead_index = dead_reference_trajectory(F=F)
+    p32, p64 = torch.nn.Parameter(W[:, 0].clone()), torch.nn.Parameter(W[:2, 0].double())  # two live copies
+    rec = cmdo.CMDRecorder(torch.optim.SGD([p32, p64], lr=0.1), modes=2, samples=302, warmup=F)
+    for column in W.T:
+        with torch.no_grad():
+            p32.copy_(column)
+            p64.copy_(column[:2].double())
+        rec.record()
+    traj = rec.trajectory()
+    dead = traj.reference_index.tolist().index(dead_index)
+    assert traj.set_aside.tolist() == [m == dead for m in range(2)]
+    others = torch.ones(302, dtype=torch.bool)
+    others[traj.reference_index] = False
+    dying = torch.tensor([i for i in range(150, 300) if i != dead_index])
+    assert (traj.modes[others] != dead).all() and traj.a[dying].abs().max() < 1  # small slopes, as in float32
+
+
 def test_the_same_parameter_twice_in_the_optimizer_is_refused_naming_both():
     model = torch.nn.Linear(4, 3)
     with pytest.warns(UserWarning):  # torch itself only warns about a duplicate inside one group

@@ -132,6 +132,25 @@ def test_threshold_bounds_in_mode_correlation():
     assert traj.num_modes == found.num_modes >= 4
 
 
+def test_max_modes_bounds_a_threshold_cut_as_the_recorder_does():
+    W, *_ = planted(N=800, T=30)
+    W = W.float()
+    free = cmdo.decompose(W, threshold=0.05, samples=300, warmup=8)
+    bounded = cmdo.decompose(W, threshold=0.05, max_modes=2, samples=300, warmup=8)
+    assert free.num_modes == 3 and bounded.num_modes == 2  # the cut gave more: coarsened to the bound
+    weights = torch.nn.Parameter(W[:, 0].clone())
+    rec = cmdo.CMDRecorder(torch.optim.SGD([weights], lr=0.1), threshold=0.05, max_modes=2, samples=300, warmup=8)
+    for column in W.T:
+        with torch.no_grad():
+            weights.copy_(column)
+        rec.record()
+    online = rec.trajectory()
+    assert torch.equal(online.reference_index, bounded.reference_index)
+    assert (online.reconstruct(-1) - bounded.reconstruct(-1)).abs().max() < 1e-4 * W.abs().max()
+    with pytest.raises(ValueError, match="max_modes"):
+        cmdo.decompose(W, modes=3, max_modes=2, samples=300)
+
+
 def test_warmup_argument_matches_the_online_window():
     W, *_ = planted(N=500, T=30)
     traj = cmdo.decompose(W, modes=4, samples=200, warmup=10)

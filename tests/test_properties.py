@@ -125,12 +125,13 @@ def correlations(W: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, Rc.T @ Wc / denom, 0.0)
 
 
-def least_squares(W: torch.Tensor, ref: torch.Tensor, modes: torch.Tensor):
-    """a, b of each weight against its given mode's reference, float64, over all rows of W (T × N)."""
+def least_squares(W: torch.Tensor, ref: torch.Tensor, modes: torch.Tensor, aside: torch.Tensor):
+    """a, b of each weight against its given mode's reference, float64, over all rows of W (T × N); a
+    reference set aside (``aside``, per mode) counts as not moving, as the recorder has it."""
     R = W[:, ref][:, modes]
     Wc, Rc = W - W.mean(0), R - R.mean(0)
-    S, Q = (Wc * Wc).sum(0), (Rc * Rc).sum(0)
-    moving = (W.amax(0) > W.amin(0)) & (R.amax(0) > R.amin(0))
+    Q = (Rc * Rc).sum(0)
+    moving = (W.amax(0) > W.amin(0)) & (R.amax(0) > R.amin(0)) & ~aside[modes.long()]
     a = torch.where(moving & (Q > 0), (Rc * Wc).sum(0) / Q, 0.0)
     a[ref] = 1.0
     b = W.mean(0) - a * R.mean(0)
@@ -138,13 +139,21 @@ def least_squares(W: torch.Tensor, ref: torch.Tensor, modes: torch.Tensor):
     return a, b
 
 
-def assert_modes_agree_where_clear(modes: torch.Tensor, W: torch.Tensor, ref: torch.Tensor, margin=1e-3):
-    """Online modes equal argmax |ρ| (float64) wherever the best mode beats the second by ``margin``.
+def assert_modes_agree_where_clear(modes: torch.Tensor, W: torch.Tensor, ref: torch.Tensor, aside: torch.Tensor,
+                                   margin=1e-3):
+    """Online modes equal argmax |ρ| (float64) over the references not set aside (``aside``, per mode)
+    wherever the best mode beats the second by ``margin``; the references themselves keep their own mode.
 
     Where two |ρ| are closer than that, float32 may legitimately pick either one: the online choice must
     then be one of the near-best modes.
     """
-    rho = correlations(W, ref).abs()
+    if aside.all():  # no reference moves: every weight stays in mode 0
+        return
+    others = torch.ones(W.shape[1], dtype=torch.bool)
+    others[ref] = False
+    rho = correlations(W, ref).abs()[:, others]
+    modes = modes[others]
+    rho[aside] = -1.0
     best = rho.amax(0)
     chosen = rho.gather(0, modes.long().unsqueeze(0)).squeeze(0)
     assert (chosen >= best - margin).all()
@@ -182,8 +191,8 @@ def test_online_equals_posthoc(run):
     modes = traj.modes
     assert torch.equal(modes[ref].long(), torch.arange(len(ref)))
     if freeze is None or freeze > len(window):
-        oracle = cmdo.fit_affine(W.T, ref, start)
-        assert_modes_agree_where_clear(modes, window, ref)
+        oracle = cmdo.fit_affine(W.T, ref, start, rec.layout)  # each reference judged at its own dtype
+        assert_modes_agree_where_clear(modes, window, ref, traj.set_aside)
         same = modes == oracle.modes
         for at in range(start, records):
             err = (traj.reconstruct(at).double() - oracle.reconstruct(at))[same].abs()
@@ -193,9 +202,9 @@ def test_online_equals_posthoc(run):
         others[ref] = False
         assert (modes[others] == 0).all()
     else:  # compact form: modes frozen from the first `freeze` records of the window
-        assert_modes_agree_where_clear(modes, window[:freeze], ref)
+        assert_modes_agree_where_clear(modes, window[:freeze], ref, traj.set_aside)
     # everywhere: a, b are the float64 least squares over the whole window against the chosen mode
-    a, b = least_squares(window, ref, modes)
+    a, b = least_squares(window, ref, modes, traj.set_aside)
     for at in range(start, records):
         expected = a * W[at, ref][modes.long()] + b
         assert ((traj.reconstruct(at).double() - expected).abs() <= tolerance(window, traj)).all()
