@@ -78,6 +78,11 @@ class Layout:
         tensor = torch.searchsorted(starts, flat_index.to(torch.int64).cpu(), right=True) - 1
         return tensor, flat_index.cpu() - starts[tensor]
 
+    def resolution(self, flat_index: torch.Tensor) -> torch.Tensor:
+        """The machine epsilon of each flat index's tensor dtype, float64 (its relative resolution)."""
+        eps = [torch.finfo(dtype).eps for dtype in self.dtypes]
+        return torch.tensor(eps, dtype=torch.float64)[self.locate(flat_index)[0]]
+
     def split(self, flat: torch.Tensor, cast: bool = True) -> dict[str, torch.Tensor]:
         """A flat N-vector as named tensors of this layout's shapes (and dtypes, if ``cast``)."""
         if flat.dim() != 1 or flat.numel() != self.numel:

@@ -163,14 +163,6 @@ class Offload:
             raise OffloadError(f"a record applied in the background failed: {error!r}; the statistics hold every "
                                f"record before it, and the records after it") from error
 
-    def close(self, deliver: Callable[[], None]) -> None:
-        """Settle, then stop the worker thread."""
-        try:
-            self.settle(deliver)
-        finally:
-            self.stop()
-            self._thread.join()
-
 
 class Gate:
     """Records applied but not yet told, and the worker's wait for them while ``hold`` is set."""

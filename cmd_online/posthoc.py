@@ -95,8 +95,7 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     # (from layout) where that is coarser, as the recorder judges each reference
     eps = torch.full((ref.numel(),), torch.finfo(W.dtype).eps, dtype=torch.float64)
     if layout is not None:
-        own = [torch.finfo(layout.dtypes[t]).eps for t in layout.locate(ref)[0].tolist()]
-        eps = torch.maximum(eps, torch.tensor(own, dtype=torch.float64))
+        eps = torch.maximum(eps, layout.resolution(ref))
     resolved = resolved_references(Q, T - window_start, ref_mean, eps)
     Q = torch.where((R.amax(dim=1) > R.amin(dim=1)) & resolved, Q, torch.zeros_like(Q))
     rows = max(1, _CHUNK_ELEMENTS // T)
@@ -111,9 +110,8 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
         fits.append(affine_fit(P, S, Q, mean, ref_mean))
     fit = AffineFit(*(torch.cat(parts) for parts in zip(*((f.modes, f.a, f.b, f.r2) for f in fits))))
     M = ref.numel()
-    pin_references(fit, ref.tolist(), range(M))
     set_aside = Q == 0
-    fit.r2[ref[set_aside.cpu()].to(fit.r2.device)] = 0.0  # it moved only by rounding: R² = 0, as any weight that does not move
+    pin_references(fit, ref.tolist(), range(M), (~set_aside).tolist())
     dtype = _result_dtype(W)
     return CMDTrajectory(references.to(dtype), ref, fit.a.to(dtype), fit.b.to(dtype), fit.modes, window_start,
                          layout if layout is not None else Layout.flat(N, W.dtype), mode_means(fit.modes, fit.r2, M),

@@ -355,11 +355,7 @@ class CMDRecorder:
             if tensors is not None and tensor not in tensors:
                 continue
             fit = stats.fit(flat, resolved)
-            positions, modes = self._slots.within(flat.start, flat.stop)
-            pin_references(fit, positions, modes)
-            aside = [p for p, m in zip(positions, modes) if not moving[m]]
-            if aside:  # it moved only by rounding: R² = 0, as any weight that does not move (and post hoc)
-                fit.r2[torch.as_tensor(aside, device=fit.r2.device)] = 0.0
+            pin_references(fit, *self._slots.within(flat.start, flat.stop), moving)
             name = self.layout.names[tensor]
             # S ≥ 0: its largest value is finite exactly when all are (and |P| ≤ √(SQ) then is too)
             if name not in overflowed and flat.stop > flat.start and not bool(stats.sumsq[flat].max() < math.inf):
@@ -479,8 +475,8 @@ class CMDRecorder:
         weights = job.weights
         if job.finite is not None:
             bad = [] if bool(job.finite) else ["(a shard of another rank)"]
-        else:  # the setting when the record was taken (never a collective here: sharded runs check on submit)
-            bad = self._nonfinite(weights) if job.check_finite and not self._shards.sharded else []
+        else:  # the setting when the record was taken (sharded runs checked on submit: no collective here)
+            bad = self._nonfinite(weights) if job.check_finite else []
         if bad:
             self._skipped += 1
             self._done.append(("skip", bad, self._records()))
@@ -505,10 +501,7 @@ class CMDRecorder:
                     kind, detail, index = self._done.popleft()
                     try:
                         if kind == "skip":
-                            self._skips_reported += 1
-                            warnings.warn(f"CMDRecorder: record {index} skipped (offloaded): non-finite (NaN/Inf) "
-                                          f"values in {', '.join(detail[:5])}{' …' if len(detail) > 5 else ''}; the "
-                                          f"statistics are unchanged", RuntimeWarning, stacklevel=4)
+                            self._warn_skipped(index, detail, " (offloaded)")
                         else:
                             self._tell(*detail, index)
                     finally:
@@ -549,11 +542,15 @@ class CMDRecorder:
         if not bad:
             return True
         self._skipped += 1
-        self._skips_reported += 1
-        warnings.warn(f"CMDRecorder: record {self._records()} skipped: non-finite (NaN/Inf) values in "
-                      f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the statistics are unchanged",
-                      RuntimeWarning, stacklevel=4)
+        self._warn_skipped(self._records(), bad)
         return False
+
+    def _warn_skipped(self, index: int, bad: list[str], how: str = "") -> None:
+        """Warn about one skipped record, naming (up to five of) the parameters that held NaN/Inf."""
+        self._skips_reported += 1
+        warnings.warn(f"CMDRecorder: record {index} skipped{how}: non-finite (NaN/Inf) values in "
+                      f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the statistics are unchanged",
+                      RuntimeWarning, stacklevel=5)
 
     def _report_skips(self) -> None:
         """Warn about records the flat kernel skipped since the last report (reads its count)."""
@@ -587,9 +584,7 @@ class CMDRecorder:
         if stats is not None:
             moments.restore(stats, copy)
         # a reference moves by rounding only at the resolution of its own parameter's dtype
-        moments.ref_eps = torch.tensor([torch.finfo(self.layout.dtypes[t]).eps
-                                        for t in self.layout.locate(reference_index)[0].tolist()],
-                                       dtype=torch.float64, device=self.device)
+        moments.ref_eps = self.layout.resolution(reference_index).to(self.device)
         self.reference_index, self._ref_plan, self._slots, self._table = reference_index, ref_plan, slots, table
         self._stats, self._device_attempts = moments, 0
 
@@ -742,11 +737,10 @@ class CMDRecorder:
         :meth:`trajectory_state_dict` with torch.distributed.checkpoint instead.
         """
         self._require_tracking("trajectory")
-        with self._lock:
-            a, b, modes, totals = self._flat_fit()
-            meta = self._trajectory_meta(totals)
-            a, b, modes = (self._shards.gather_flat(x, self._stats.sizes) for x in (a, b, modes))
-            return CMDTrajectory(**meta, a=a, b=b, modes=modes)
+        a, b, modes, totals = self._flat_fit()
+        meta = self._trajectory_meta(totals)
+        a, b, modes = (self._shards.gather_flat(x, self._stats.sizes) for x in (a, b, modes))
+        return CMDTrajectory(**meta, a=a, b=b, modes=modes)
 
     def _trajectory_meta(self, totals: torch.Tensor) -> dict[str, Any]:
         """What a trajectory holds besides a, b and the modes: references, their indices and flags, and each
@@ -767,24 +761,22 @@ class CMDRecorder:
         :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed).
         """
         self._require_tracking("trajectory_state_dict")
-        with self._lock:
-            a, b, modes, totals = self._flat_fit()
-            a, b, modes = (self._stats.views(x) for x in (a, b, modes))
-            meta = {**self._trajectory_meta(totals), "layout": self.layout.to_dict()}
-            shapes = [tuple(s) for s in self._local_shapes]
-            place = lambda xs: {name: self._shards.like_param(i, x.view(shape))  # noqa: E731
-                                for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
-            return {"meta": pack(meta), "a": place(a), "b": place(b), "modes": place(modes)}
+        a, b, modes, totals = self._flat_fit()
+        a, b, modes = (self._stats.views(x) for x in (a, b, modes))
+        meta = {**self._trajectory_meta(totals), "layout": self.layout.to_dict()}
+        shapes = [tuple(s) for s in self._local_shapes]
+        place = lambda xs: {name: self._shards.like_param(i, x.view(shape))  # noqa: E731
+                            for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
+        return {"meta": pack(meta), "a": place(a), "b": place(b), "modes": place(modes)}
 
     @_serialised
     def r2(self) -> list[torch.Tensor]:
         """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""
         self._require_tracking("r2")
-        with self._lock:
-            out = torch.empty(sum(self._stats.sizes), dtype=torch.float32, device=self.device)
-            for block in self.fit_blocks():
-                out[block.flat] = block.fit.r2
-            return [v.to(self._param_device) for v in self._stats.views(out)]
+        out = torch.empty(sum(self._stats.sizes), dtype=torch.float32, device=self.device)
+        for block in self.fit_blocks():
+            out[block.flat] = block.fit.r2
+        return [v.to(self._param_device) for v in self._stats.views(out)]
 
     @_serialised
     def nbytes(self) -> dict[str, int]:
@@ -834,8 +826,7 @@ class CMDRecorder:
         ends the statistics are zeros, allocated for the call.
         """
         self._sync()
-        with self._lock:
-            return {"meta": pack(self._meta()), "stats": self._per_parameter_stats()}
+        return {"meta": pack(self._meta()), "stats": self._per_parameter_stats()}
 
     def _mode_bound(self) -> int:
         """Rows of P in a state: the configured bound, else the modes found (0 during the warm-up)."""
@@ -877,8 +868,7 @@ class CMDRecorder:
         checked first: a state of another configuration, other parameter shapes, other samples, or one
         damaged, is refused with a ValueError and changes nothing."""
         self._sync()
-        with self._lock:
-            self._load_state_dict(state)
+        self._load_state_dict(state)
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
         fresh = False
@@ -907,13 +897,12 @@ class CMDRecorder:
         """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed),
         once: calling it again before another record does nothing more."""
         self._sync()
-        with self._lock:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
-            if not self._closed:  # once, however often close() is called (frameworks call it again)
-                self._closed = True
-                notify(self.observers, "on_close", self)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if not self._closed:  # once, however often close() is called (frameworks call it again)
+            self._closed = True
+            notify(self.observers, "on_close", self)
 
     def __repr__(self) -> str:
         modes = self.num_modes if self.num_modes is not None else self.config.modes

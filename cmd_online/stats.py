@@ -118,18 +118,23 @@ def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor,
     return Q.double() > count * (2 * spacing) ** 2
 
 
-def pin_references(fit: AffineFit, positions: Sequence[int], modes: Sequence[int]) -> None:
-    """A reference weight reproduces itself exactly: mode m, a = 1, b = 0, R² = 1 at its position.
+def pin_references(fit: AffineFit, positions: Sequence[int], modes: Sequence[int],
+                   moving: Sequence[bool] | None = None) -> None:
+    """A reference weight reproduces itself exactly: mode m, a = 1, b = 0 at its position, and R² = 1 —
+    or 0 for a reference set aside, which moves by rounding only, as any weight that does not move.
 
     Args:
         fit (AffineFit): the fit of a run of weights, changed in place.
         positions (sequence of int): positions of reference weights inside that run.
         modes (sequence of int): the mode each of them is the reference of.
+        moving (sequence of bool): per mode, whether its reference moves (default: all do).
     """
     if len(positions):
         where = torch.as_tensor(positions, dtype=torch.int64, device=fit.a.device)
         fit.modes[where] = torch.as_tensor(modes, dtype=fit.modes.dtype, device=fit.modes.device)
-        fit.a[where], fit.b[where], fit.r2[where] = 1.0, 0.0, 1.0
+        fit.a[where], fit.b[where] = 1.0, 0.0
+        r2 = [1.0] * len(positions) if moving is None else [float(moving[m]) for m in modes]
+        fit.r2[where] = torch.tensor(r2, dtype=fit.r2.dtype, device=fit.r2.device)
 
 
 def mode_means(modes: torch.Tensor, values: torch.Tensor, num_modes: int) -> torch.Tensor:
