@@ -58,44 +58,40 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class TensorBoardLogger:
-    """Logs a CMDRecorder's mode statistics to a TensorBoard ``SummaryWriter`` (an observer).
+class _StatisticsLog:
+    """What a logger of the mode statistics logs, and when; where it goes is the subclass's.
 
-    Per record: the reference values and the recorder's memory. Every ``every`` records from the
-    third record of the fit window on (with two, every affine fit is exact), and at ``close()``:
-    mode sizes, shares and R², the fit's mean R² and relative residual, histograms of a and R², and
-    the mode-by-layer map. At the end of the warm-up: the configuration, the clustered correlation,
-    the references over the warm-up and the sampled mode-by-layer map. Only rank 0 writes.
-
-    Args:
-        writer (SummaryWriter): a ``torch.utils.tensorboard.SummaryWriter`` (or one with its methods).
-        every (int): records between two logs of the mode statistics (default 10).
-
-    Attributes:
-        last_summary (int or None): the record whose mode statistics were logged last.
+    Per record: the reference values and the recorder's memory. Every ``every`` records from the third
+    record of the fit window on (with two, every affine fit is exact), and at ``close()``: mode sizes,
+    shares and R², the fit's mean R² and relative residual, histograms and the mode-by-layer map. At the
+    end of the warm-up: the configuration and the warm-up figures. Only rank 0 writes.
     """
 
-    def __init__(self, writer, every: int = 10):
+    def __init__(self, every: int = 10, step=None):
         from .config import check_int
 
-        if writer is None or not callable(getattr(writer, "add_scalar", None)):
-            raise TypeError(f"writer must be a SummaryWriter; got {type(writer).__name__}")
-        self.writer = writer
         self.every = check_int("every", every, 1)
+        if step is not None and not callable(step):
+            raise TypeError(f"step must be a callable (record index → step) or None; got {type(step).__name__}")
+        self.step = step
         self._started = False
         self.last_summary: int | None = None  # record of the last log of the mode statistics (read-only)
         self._last_sizes: int | None = None  # record whose mode sizes were last written
         self._frozen = None  # (modes tensor, its sizes) of the compact form: fixed after the freeze
 
+    def _at(self, index: int) -> int:
+        """The x-axis value of record ``index``: ``step(index)``, or the index itself."""
+        return index if self.step is None else int(self.step(index))
+
     # ------------------------------------------------------------------------- observer events
     def on_tracking_start(self, rec) -> None:
         if _is_writer():
             self._started = True  # once, even if a figure fails: the records' own logs must go on
-            self._log_warmup_end(rec, rec.num_records - 1)
+            self._log_warmup_end(rec, self._at(rec.num_records - 1))
 
     def on_record(self, rec, index: int) -> None:
         if _is_writer() and rec.phase == "tracking":
-            self.log(rec, index)
+            self.log(rec, self._at(index))
 
     def on_close(self, rec) -> None:
         """The mode statistics at the last record (unless the last record logged them), then flush."""
@@ -104,13 +100,13 @@ class TensorBoardLogger:
         if rec.phase == "tracking" and rec.moments.window_count() >= 2:
             record = rec.num_records - 1
             if self.last_summary != record:
-                self._log(rec, record, full=True, per_record=False)
-        self.writer.flush()
+                self._log(rec, self._at(record), full=True, per_record=False)
+        self._flush()
 
     def log(self, rec, step: int) -> None:
-        """Log now, at TensorBoard step ``step``: the per-record values, and the mode statistics when due."""
+        """Log now, at step ``step``: the per-record values, and the mode statistics when due."""
         if rec.phase == "warmup":
-            _write_scalars(self.writer, [(f"{TAG}/memory/bytes", float(rec.nbytes()["total"]))], step)
+            self._scalars([(f"{TAG}/memory/bytes", float(rec.nbytes()["total"]))], step)
             return
         if not self._started:
             self._started = True
@@ -119,7 +115,7 @@ class TensorBoardLogger:
         due = self.last_summary is None or record - self.last_summary >= self.every
         self._log(rec, step, full=rec.moments.window_count() >= 3 and due)
 
-    # ------------------------------------------------------------------------- writing
+    # ------------------------------------------------------------------------- what is logged
     def _log(self, rec, step: int, full: bool, per_record: bool = True) -> None:
         M, record = rec.num_modes, rec.num_records - 1
         device_values = [rec.references[:, record]]
@@ -150,13 +146,13 @@ class TensorBoardLogger:
             residual = math.sqrt(max(total_s - total_explained, 0.0) / total_s) if total_s > 0 else 0.0
             items.append((f"{TAG}/fit/relative_residual", residual))
             items.append((f"{TAG}/fit/references_set_aside", set_aside))
-        _write_scalars(self.writer, items, step)
+        self._scalars(items, step)
         if summary is not None:
             self.last_summary = record  # a figure that fails below is not retried at every record
-            _write_histograms(self.writer, summary, step)
+            self._histograms(summary, step)
             # a matplotlib figure costs far more than a record: only the one-off figures at close use it
-            _add_figure(self.writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
-                        summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
+            self._figure(f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
+                         summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
 
     def _frozen_sizes(self, rec) -> torch.Tensor:
         modes = rec.moments.modes
@@ -166,21 +162,114 @@ class TensorBoardLogger:
 
     def _log_warmup_end(self, rec, step: int) -> None:
         """The warm-up figures and the configuration text (once per logger)."""
-        writer = self.writer
-        writer.add_text(f"{TAG}/config", config_markdown(rec, self.every), step)
+        self._text(f"{TAG}/config", config_markdown(rec, self.every), step)
         c = rec.clustering
         if c is not None:  # None after load_state_dict: the sample correlations are not kept
-            _add_figure(writer, f"{TAG}/figures/correlation", correlation_figure, c.abs_corr, c.labels[c.varying],
-                        step)
+            self._figure(f"{TAG}/figures/correlation", correlation_figure, c.abs_corr, c.labels[c.varying], step)
             layer = rec.layout.locate(rec.sample_index)[0].numpy()
             counts = np.zeros((len(rec.layout.names), rec.num_modes))
             keep = c.labels >= 0
             np.add.at(counts, (layer[keep], c.labels[keep]), 1)
-            _add_figure(writer, f"{TAG}/figures/mode_by_layer", mode_by_layer_figure, counts,
-                        list(rec.layout.names), step)
+            self._figure(f"{TAG}/figures/mode_by_layer", mode_by_layer_figure, counts, list(rec.layout.names), step)
         F = rec.config["warmup"]
-        _add_figure(writer, f"{TAG}/figures/references", references_figure,
-                    rec.references[:, :F].cpu().numpy(), step)
+        self._figure(f"{TAG}/figures/references", references_figure, rec.references[:, :F].cpu().numpy(), step)
+
+    # ------------------------------------------------------------------------- where it goes
+    def _scalars(self, items: list[tuple[str, float]], step: int) -> None:
+        raise NotImplementedError
+
+    def _histograms(self, summary: dict, step: int) -> None:
+        """Histograms of a and R² (a logger that takes none drops them)."""
+
+    def _figure(self, tag: str, draw, *args, native: bool = False) -> None:
+        """A figure: ``draw(*data, native=...)`` with ``args`` = data..., step (a logger that takes none drops it)."""
+
+    def _text(self, tag: str, text: str, step: int) -> None:
+        """The configuration as markdown text (a logger that takes none drops it)."""
+
+    def _flush(self) -> None:
+        """At ``close()``."""
+
+
+class TensorBoardLogger(_StatisticsLog):
+    """Logs a CMDRecorder's mode statistics to a TensorBoard ``SummaryWriter`` (an observer).
+
+    Per record: the reference values and the recorder's memory. Every ``every`` records from the
+    third record of the fit window on (with two, every affine fit is exact), and at ``close()``:
+    mode sizes, shares and R², the fit's mean R² and relative residual, histograms of a and R², and
+    the mode-by-layer map. At the end of the warm-up: the configuration, the clustered correlation,
+    the references over the warm-up and the sampled mode-by-layer map. Only rank 0 writes.
+
+    Args:
+        writer (SummaryWriter): a ``torch.utils.tensorboard.SummaryWriter`` (or one with its methods).
+        every (int): records between two logs of the mode statistics (default 10).
+        step (callable): ``step(index)``, the TensorBoard step of record ``index``, e.g. the training
+            loop's global step at that record (default None: the record index). It is called when the
+            observer is told of the record: at the record, or with ``offload=True`` at a later call into
+            the recorder; give it the step from the index, not the step the loop has reached by then.
+
+    Attributes:
+        last_summary (int or None): the record whose mode statistics were logged last.
+    """
+
+    def __init__(self, writer, every: int = 10, step=None):
+        if writer is None or not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must be a SummaryWriter; got {type(writer).__name__}")
+        super().__init__(every, step)
+        self.writer = writer
+
+    def _scalars(self, items: list[tuple[str, float]], step: int) -> None:
+        _write_scalars(self.writer, items, step)
+
+    def _histograms(self, summary: dict, step: int) -> None:
+        _write_histograms(self.writer, summary, step)
+
+    def _figure(self, tag: str, draw, *args, native: bool = False) -> None:
+        _add_figure(self.writer, tag, draw, *args, native=native)
+
+    def _text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def _flush(self) -> None:
+        self.writer.flush()
+
+
+class MetricsLogger(_StatisticsLog):
+    """Hands a CMDRecorder's mode statistics to any ``log(metrics, step)`` callable (an observer).
+
+    For plain training loops that log to Weights & Biases, MLflow or anything else that takes a dict of
+    scalars and a step: ``MetricsLogger(wandb.log)``, ``MetricsLogger(mlflow.log_metrics)``, a
+    Lightning logger's ``log_metrics``. The scalars, their names (``cmd/reference/mode_00``,
+    ``cmd/fit/mean_r2``, …) and when they come are those of :class:`TensorBoardLogger`; histograms and
+    the configuration text are not logged, figures only to ``image``. Only rank 0 logs.
+
+    Args:
+        log (callable): ``log(metrics, step)``: ``metrics`` a dict of tag → float, ``step`` an int.
+        every (int): records between two logs of the mode statistics (default 10).
+        step (callable): ``step(index)``, the step of record ``index`` (default None: the record index);
+            as for :class:`TensorBoardLogger`.
+        image (callable): ``image(tag, array, step)`` for the figures, ``array`` a uint8 H × W × 3 image
+            drawn without matplotlib, e.g. ``lambda tag, a, step: wandb.log({tag: wandb.Image(a)}, step=step)``
+            (default None: no figures).
+    """
+
+    def __init__(self, log, every: int = 10, step=None, image=None):
+        if not callable(log):
+            raise TypeError(f"log must be a callable log(metrics, step); got {type(log).__name__}")
+        if image is not None and not callable(image):
+            raise TypeError(f"image must be a callable image(tag, array, step) or None; got {type(image).__name__}")
+        super().__init__(every, step)
+        self.log_metrics, self.image = log, image
+
+    def _scalars(self, items: list[tuple[str, float]], step: int) -> None:
+        if items:
+            self.log_metrics({tag: float(value) for tag, value in items}, int(step))
+
+    def _figure(self, tag: str, draw, *args, native: bool = False) -> None:
+        if self.image is not None:
+            *data, step = args
+            chw = draw(*data, native=True)
+            self.image(tag, np.ascontiguousarray(chw.numpy().transpose(1, 2, 0)), int(step))
 
 
 # --------------------------------------------------------------------------------- statistics

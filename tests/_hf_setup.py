@@ -46,6 +46,19 @@ def make_model() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def make_tokenizer():
+    """A character-level tokenizer of the corpus's alphabet (ids as in ``corpus()``), built here: no download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    _, alphabet = corpus()
+    tokenizer = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(alphabet)}, unk_token=" "))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=" ", bos_token=alphabet[0],
+                                   eos_token=alphabet[0], pad_token=alphabet[0])
+
+
 def arguments(output_dir, **kwargs) -> TrainingArguments:
     """Quiet CPU training arguments; keyword arguments override the defaults."""
     defaults = dict(per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant", use_cpu=True,

@@ -28,7 +28,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in the started process
-    callback = CMDCallback(**CONFIG, export_path=out / f"export_rank{rank}.pt")
+    callback = CMDCallback(**CONFIG, export_path=out / f"export_rank{rank}.ckpt")
     fit = trainer(strategy="ddp", devices=2, max_epochs=EPOCHS, callbacks=[callback], enable_checkpointing=True,
                   default_root_dir=out)
     model = Digits()

@@ -100,3 +100,17 @@ class Snapshots(pl.Callback):
 
     def matrix(self) -> torch.Tensor:
         return torch.stack(self.weights, dim=1)
+
+
+class StepSnapshots(pl.Callback):
+    """The weights (float64, flat) after every ``every``-th optimizer step."""
+
+    def __init__(self, every: int):
+        self.every, self.weights = every, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step % self.every == 0:
+            self.weights.append(flat(pl_module))
+
+    def matrix(self) -> torch.Tensor:
+        return torch.stack(self.weights, dim=1)

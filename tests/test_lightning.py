@@ -23,7 +23,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import cmd_online as cmdo  # noqa: E402
 from _cmd_checks import assert_same_cmd, assert_same_cmd_model  # noqa: E402
-from _lightning_setup import Digits, Snapshots, flat, train_loader, trainer, val_loader  # noqa: E402
+from _lightning_setup import Digits, Snapshots, StepSnapshots, flat, train_loader, trainer, val_loader  # noqa: E402
 from cmd_online.integrations.lightning import CMDCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -67,14 +67,16 @@ class DuringValidation(pl.Callback):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lightning_run")
-    cmd = CMDCallback(**CONFIG, swap_for_validation=True, export_path=folder / "cmd.pt", log_every=2)
+    cmd = CMDCallback(**CONFIG, swap_for_validation=True, export_path=folder / "cmd.ckpt", log_every=2)
     snapshots, during = Snapshots(), DuringValidation(folder)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", filename="{epoch}", save_top_k=-1)
-    fit = trainer(max_epochs=EPOCHS, callbacks=[cmd, snapshots, during, checkpoints], enable_checkpointing=True,
-                  logger=pl.loggers.TensorBoardLogger(folder, name="tb", version=0))
+    best = pl.callbacks.ModelCheckpoint(dirpath=folder / "best", filename="{epoch}-{val_loss:.4f}", monitor="val_loss")
+    loggers = [pl.loggers.TensorBoardLogger(folder, name="tb", version=0), pl.loggers.CSVLogger(folder, name="csv", version=0)]
+    fit = trainer(max_epochs=EPOCHS, callbacks=[cmd, snapshots, during, checkpoints, best], enable_checkpointing=True,
+                  logger=loggers)
     model = Digits()
     fit.fit(model, train_loader(), val_loader())
-    return dict(folder=folder, cmd=cmd, model=model, W=snapshots.matrix(), during=during, trainer=fit)
+    return dict(folder=folder, cmd=cmd, model=model, W=snapshots.matrix(), during=during, trainer=fit, best=best)
 
 
 def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights(run):
@@ -104,32 +106,49 @@ def test_validation_runs_on_the_cmd_weights_of_the_epoch_just_recorded(run):
             assert (validated[epoch] - W[:, epoch]).abs().max() > 1e-3
 
 
-def test_checkpoints_written_during_validation_hold_the_trained_weights(run):
+def flat_state(state_dict: dict) -> torch.Tensor:
+    return torch.cat([state_dict[k].reshape(-1).double() for k in Digits().state_dict()])
+
+
+def test_checkpoints_hold_the_validated_weights_and_the_trained_ones_in_the_callback_state(run):
+    # Lightning's WeightAveraging convention: the state_dict holds the weights the validation ran on (whose
+    # score the checkpoint carries), the trained ones travel in the callback's state for a resume
     W, validated = run["W"], run["during"].validated
     for epoch in range(EPOCHS):
         for name in (f"mid_validation_epoch{epoch}.ckpt", f"ckpt/epoch={epoch}.ckpt"):
-            saved = torch.load(run["folder"] / name, weights_only=True)["state_dict"]
-            weights = torch.cat([saved[k].reshape(-1).double() for k in Digits().state_dict()])
-            assert torch.equal(weights, W[:, epoch]), name
+            checkpoint = torch.load(run["folder"] / name, weights_only=True)
+            state = checkpoint["callbacks"]["CMDCallback"]
+            assert torch.equal(flat_state(checkpoint["state_dict"]), validated[epoch]), name
+            if epoch < F - 1:  # the warm-up: the trained weights were validated
+                assert "trained_weights" not in state, name
+            else:
+                assert torch.equal(flat_state(state["trained_weights"]), W[:, epoch]), name
         state = torch.load(run["folder"] / f"mid_validation_epoch{epoch}.ckpt", weights_only=True)["callbacks"]
         assert read_meta(state["CMDCallback"]["recorder"])["num_records"] == epoch + 1  # the epoch was recorded before
         if epoch > F:
             assert not torch.equal(validated[epoch], W[:, epoch])
 
 
+def test_the_best_checkpoint_holds_the_weights_that_earned_its_score(run):
+    best = run["best"]
+    model = Digits.load_from_checkpoint(best.best_model_path)  # as a user loads the best model
+    score = trainer().validate(model, val_loader(), verbose=False)[0]
+    assert score["val_loss"] == pytest.approx(float(best.best_model_score), rel=1e-6)
+    epoch = torch.load(best.best_model_path, weights_only=True)["epoch"]
+    assert epoch >= F and torch.equal(flat(model), run["during"].validated[epoch])  # the CMD weights of that epoch
+
+
 def test_the_trained_weights_are_back_in_the_model_after_fit(run):
     assert torch.equal(flat(run["model"]), run["W"][:, -1])
 
 
-def test_export_path_holds_the_cmd_state_dict_and_loads_into_the_module(run):
-    exported = torch.load(run["folder"] / "cmd.pt", weights_only=True)
-    want = run["cmd"].cmd_state_dict()
-    assert exported.keys() == want.keys() == Digits().state_dict().keys()
-    for key in want:
-        assert torch.equal(exported[key], want[key]), key
-    fresh = Digits()
-    fresh.load_state_dict(exported, strict=True)
-    assert_same_cmd(flat(fresh), run["cmd"].recorder.trajectory().reconstruct(-1))
+def test_export_path_is_a_lightning_checkpoint_of_the_cmd_model(run):
+    model = Digits.load_from_checkpoint(run["folder"] / "cmd.ckpt")  # KeyError 'pytorch-lightning_version' before
+    assert_same_cmd(flat(model), run["cmd"].recorder.trajectory().reconstruct(-1))
+    for key, value in run["cmd"].cmd_state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    checkpoint = torch.load(run["folder"] / "cmd.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == EPOCHS * 24 and "callbacks" not in checkpoint and "optimizer_states" not in checkpoint
 
 
 def test_checkpoints_hold_the_recorder_state_as_plain_tensors(run):
@@ -138,14 +157,34 @@ def test_checkpoints_hold_the_recorder_state_as_plain_tensors(run):
         assert read_meta(state["recorder"])["num_records"] == epoch + 1 and state["recorded_epoch"] == epoch
 
 
-def test_mode_statistics_go_to_the_trainers_tensorboard_logger(run):
+RECORD_STEPS = [24 * (epoch + 1) for epoch in range(F - 1, EPOCHS)]  # global steps of the records from the warm-up's end
+
+
+def csv_metrics(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_mode_statistics_go_to_every_logger_at_the_global_step(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run["folder"] / "tb" / "version_0"))
+    events = EventAccumulator(str(run["folder"] / "tb" / "version_0"), size_guidance={"images": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert "cmd/reference/mode_00" in scalars and "val_loss" in scalars
-    assert len(events.Scalars("cmd/reference/mode_00")) == EPOCHS - F + 1  # every record from the warm-up's end
+    assert [e.step for e in events.Scalars("cmd/reference/mode_00")] == RECORD_STEPS  # not the record index
+    assert [e.step for e in events.Scalars("cmd/fit/mean_r2")] == RECORD_STEPS[2::2]  # every 2 from the 3rd
+    assert "cmd/figures/correlation" in events.Tags()["images"]
+    references = run["cmd"].recorder.trajectory().references
+    # every logger Lightning supports gets the scalars through log_metrics: here a CSVLogger
+    rows = csv_metrics(run["folder"] / "csv" / "version_0" / "metrics.csv")
+    logged = [(int(r["step"]), float(r["cmd/reference/mode_00"])) for r in rows if r.get("cmd/reference/mode_00")]
+    assert logged == [(s, pytest.approx(float(references[0, F - 1 + i]))) for i, s in enumerate(RECORD_STEPS)]
+    assert [int(r["step"]) for r in rows if r.get("cmd/fit/mean_r2")] == RECORD_STEPS[2::2]
+    assert [e.value for e in events.Scalars("cmd/fit/mean_r2")] == pytest.approx(
+        [float(r["cmd/fit/mean_r2"]) for r in rows if r.get("cmd/fit/mean_r2")])
 
 
 @pytest.mark.parametrize("name", ["ckpt/epoch=5.ckpt", "mid_validation_epoch5.ckpt"])
@@ -174,6 +213,96 @@ def test_resume_from_a_checkpoint_without_cmd_state_is_refused_unless_resume_fal
     trainer(max_epochs=EPOCHS, callbacks=[cmd], default_root_dir=tmp_path).fit(
         Digits(), train_loader(), ckpt_path=tmp_path / "without.ckpt")
     assert cmd.recorder.num_records == 2  # a new recording of epochs 6 and 7
+
+
+# ------------------------------------------------------------------------------------------ both metrics
+class WithMetric(Digits):
+    """Logs a torchmetrics metric too, and keeps outputs for on_validation_epoch_end, as many modules do."""
+
+    def __init__(self):
+        super().__init__()
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
+        self.outputs, self.outputs_per_epoch = [], []
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.accuracy(self(x), y)
+        self.log("val_metric", self.accuracy)
+        self.outputs.append(len(y))
+        super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self):
+        self.outputs_per_epoch.append(sum(self.outputs))
+        self.outputs.clear()
+
+
+def test_evaluate_cmd_logs_the_cmd_weights_metrics_beside_the_trained_ones(tmp_path):
+    cmd = CMDCallback(**CONFIG | dict(warmup=3), evaluate_cmd=True)
+    by_cmd = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "best", filename="best", monitor="cmd/val_loss")
+    model = WithMetric()
+    fit = trainer(max_epochs=5, callbacks=[cmd, by_cmd], enable_checkpointing=True,
+                  logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=0))
+    with pytest.warns(RuntimeWarning, match=r"appended to self.outputs during the validation of the CMD weights"):
+        fit.fit(model, train_loader(), val_loader())  # monitoring cmd/val_loss from the first epoch on
+    rows = [r for r in csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv") if r.get("val_loss")]
+    got = [{k: float(r[k]) for k in ("val_loss", "val_metric", "cmd/val_loss", "cmd/val_acc", "cmd/val_metric")}
+           for r in rows]
+    assert [int(r["step"]) for r in rows] == [24 * e + 23 for e in range(5)]  # one row per validation
+    assert got[0]["cmd/val_loss"] == got[0]["val_loss"]  # the warm-up: no CMD model, the trained weights'
+    assert model.outputs_per_epoch == [len(val_loader().dataset)] * 5  # the trained pass's outputs only
+    trained = trainer().validate(model, val_loader(), verbose=False)[0]
+    with cmd.swapped():
+        cmd_score = trainer().validate(model, val_loader(), verbose=False)[0]
+    assert got[-1]["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-6)
+    assert got[-1]["val_metric"] == pytest.approx(trained["val_metric"], rel=1e-6)
+    for key in ("val_loss", "val_acc", "val_metric"):
+        assert got[-1][f"cmd/{key}"] == pytest.approx(cmd_score[key], rel=1e-6), key
+    assert abs(got[-1]["cmd/val_loss"] - got[-1]["val_loss"]) > 1e-4
+    assert by_cmd.best_model_score == pytest.approx(min(g["cmd/val_loss"] for g in got), rel=1e-6)
+
+
+def test_swap_for_validation_and_evaluate_cmd_are_refused_together():
+    with pytest.raises(ValueError, match="swap_for_validation.*evaluate_cmd.*choose one"):
+        CMDCallback(swap_for_validation=True, evaluate_cmd=True)
+
+
+# ------------------------------------------------------------------------------------------ recorder options
+OPTIONS = [dict(modes=None, threshold=0.5, max_modes=2), dict(distance="euclidean"), dict(kernel="flat"),
+           dict(offload=True)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
+def test_every_recorder_option_works_through_the_callback(tmp_path, options):
+    config = CONFIG | dict(warmup=3) | options
+    cmd, snapshots = CMDCallback(**config, record_every_n_steps=8), StepSnapshots(every=8)
+    fit = trainer(max_epochs=2, callbacks=[cmd, snapshots], logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=0))
+    fit.fit(Digits(), train_loader())
+    rec = cmd.recorder
+    assert rec.num_records == 6 and rec.offload == options.get("offload", False)
+    oracle = cmdo.decompose(snapshots.matrix(), **{k: v for k, v in config.items() if k not in ("offload", "kernel")},
+                            layout=rec.layout)
+    traj = rec.trajectory()
+    assert torch.equal(traj.reference_index, oracle.reference_index) and traj.num_modes <= options.get("max_modes", 3)
+    for at in range(rec.num_records):
+        assert_same_cmd(traj.reconstruct(at), oracle.reconstruct(at))
+    rows = csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")  # at the records' global steps, offload too
+    assert [int(r["step"]) for r in rows if r.get("cmd/reference/mode_00")] == [24, 32, 40, 48]
+
+
+def test_recorder_arguments_are_checked_when_the_callback_is_created():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'mode'.*modes, threshold"):
+        CMDCallback(mode=3)
+    with pytest.raises(TypeError, match="record_every_n_steps"):
+        CMDCallback(record_every=3)
+    with pytest.raises(ValueError, match="max_modes"):
+        CMDCallback(modes=3, max_modes=2)
+    with pytest.raises(ValueError, match="kernel"):
+        CMDCallback(kernel="fast")
+    with pytest.raises(ValueError, match="offload=True"):
+        CMDCallback(kernel="flat", offload=True)
+    with pytest.raises(TypeError, match="offload"):
+        CMDCallback(offload=1)
 
 
 # ------------------------------------------------------------------------------------------ when it records
@@ -330,20 +459,25 @@ def test_torch_optimizer_is_found_inside_a_lightning_optimizer():
 
 
 def test_compiled_submodule_names_lose_orig_mod(tmp_path):
-    cmd = CMDCallback(modes=2, samples=100, warmup=2, record_every_n_steps=2, export_path=tmp_path / "cmd.pt")
-    trainer(max_steps=6, callbacks=[cmd]).fit(Digits(compile_net=True), train_loader())
+    cmd = CMDCallback(modes=2, samples=100, warmup=2, record_every_n_steps=2, export_path=tmp_path / "cmd.ckpt")
+    fit = trainer(max_steps=6, callbacks=[cmd], enable_checkpointing=True, default_root_dir=tmp_path)
+    fit.fit(Digits(compile_net=True), train_loader())
     assert cmd.recorder.layout.names[0] == "net._orig_mod.0.weight"  # the recorder sees the compiled names
     plain = Digits()
     assert list(cmd.cmd_state_dict()) == list(plain.state_dict())
     assert list(cmd.trajectory().state_dict()) == [n for n, _ in plain.named_parameters()]
-    plain.load_state_dict(torch.load(tmp_path / "cmd.pt", weights_only=True), strict=True)
+    plain.load_state_dict(cmd.cmd_state_dict(), strict=True)
+    # the export is a Lightning checkpoint: the module's own keys, as Lightning's checkpoints of it have
+    exported = torch.load(tmp_path / "cmd.ckpt", weights_only=True)["state_dict"]
+    saved = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=True)["state_dict"]
+    assert list(exported) == list(saved) == list(Digits(compile_net=True).state_dict())
 
 
 def test_fit_that_ends_in_the_warm_up_warns_and_writes_no_export(tmp_path):
-    cmd = CMDCallback(**CONFIG, export_path=tmp_path / "cmd.pt")
+    cmd = CMDCallback(**CONFIG, export_path=tmp_path / "cmd.ckpt")
     with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
         trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
-    assert not (tmp_path / "cmd.pt").exists()
+    assert not (tmp_path / "cmd.ckpt").exists()
 
 
 def test_an_epoch_cut_short_by_max_steps_is_recorded_at_its_end():
@@ -418,8 +552,8 @@ def test_ddp_ranks_hold_identical_recorders_and_rank_0_writes_the_export(ddp_run
     s0, s1 = leaves(r0["state"]), leaves(r1["state"])
     assert s0["meta.num_records"] == s1["meta.num_records"] > 0
     assert_same(s0, s1)  # references, history, samples, statistics: every entry
-    assert (out / "export_rank0.pt").exists() and not (out / "export_rank1.pt").exists()
-    exported = torch.load(out / "export_rank0.pt", weights_only=True)
+    assert (out / "export_rank0.ckpt").exists() and not (out / "export_rank1.ckpt").exists()
+    exported = torch.load(out / "export_rank0.ckpt", weights_only=True)["state_dict"]
     for key, value in r0["cmd"].items():
         assert torch.equal(exported[key], value), key
     checkpoint = next((out / "checkpoints").glob("*.ckpt"))

@@ -24,11 +24,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, default_data_collator  # noqa: E402
 
 import cmd_online as cmdo  # noqa: E402
 from _cmd_checks import assert_same_cmd, assert_same_cmd_model  # noqa: E402
-from _hf_setup import Chars, Snapshots, arguments, make_model, matrix  # noqa: E402
+from _hf_setup import Chars, Snapshots, arguments, make_model, make_tokenizer, matrix  # noqa: E402
 from cmd_online.integrations.transformers import CMDCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -80,11 +80,13 @@ class Micro(TrainerCallback):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_run")
-    cmd, snapshots, micro = CMDCallback(**CONFIG, record_every_n_steps=EVERY), Snapshots(), Micro()
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=EVERY, evaluate_cmd=True, log_every=2)
+    snapshots, micro = Snapshots(), Micro()
     trainer = Trainer(model=make_model(), train_dataset=Chars(256), eval_dataset=Chars(64, start=256),
+                      processing_class=make_tokenizer(), data_collator=default_data_collator,  # batches as without
                       callbacks=[cmd, snapshots, micro],
                       args=arguments(out, gradient_accumulation_steps=2, max_steps=STEPS, save_strategy="steps",
-                                     save_steps=8))
+                                     save_steps=8, eval_strategy="steps", eval_steps=8, report_to=["tensorboard"]))
     trainer.train()
     return dict(out=out, cmd=cmd, snapshots=snapshots, micro=micro, trainer=trainer)
 
@@ -128,6 +130,44 @@ def test_cmd_model_folder_loads_with_from_pretrained_and_reproduces_cmd_state_di
     names = run["cmd"].recorder.layout.names
     flat = torch.cat([loaded[n].reshape(-1) for n in names])
     assert_same_cmd(flat, run["cmd"].recorder.trajectory().reconstruct(-1))
+
+
+def test_cmd_model_folder_is_as_complete_as_save_model_writes_and_loads_in_a_pipeline(run, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    run["trainer"].save_model(tmp_path / "trained")
+    written = {p.name for p in (tmp_path / "trained").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_args.bin"} <= written
+    assert {p.name for p in (run["out"] / "cmd_model").iterdir()} == written
+    tokenizer = AutoTokenizer.from_pretrained(run["out"] / "cmd_model")
+    assert tokenizer("def f(x):")["input_ids"] == make_tokenizer()("def f(x):")["input_ids"]
+    generate = pipeline("text-generation", model=str(run["out"] / "cmd_model"), device="cpu")
+    text = generate("def f(x):", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("def f(x):")
+
+
+def test_mode_statistics_and_cmd_metrics_reach_report_to_at_the_global_step(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = next((run["out"] / "runs").iterdir())  # the Trainer's TensorBoardCallback (report_to="tensorboard")
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    record_steps = list(range(EVERY * CONFIG["warmup"], STEPS + 1, EVERY))  # from the warm-up's end
+    assert [e.step for e in events.Scalars("train/cmd/reference/mode_00")] == record_steps
+    references = run["cmd"].recorder.trajectory().references
+    assert [e.value for e in events.Scalars("train/cmd/reference/mode_00")] == pytest.approx(
+        references[0, CONFIG["warmup"] - 1:].tolist())
+    assert [e.step for e in events.Scalars("train/cmd/fit/mean_r2")] == record_steps[2::2]
+    # evaluate_cmd: eval_cmd_* beside eval_* (eval/cmd_loss beside eval/loss), at every evaluation
+    assert [e.step for e in events.Scalars("eval/cmd_loss")] == [e.step for e in events.Scalars("eval/loss")] \
+        == [8, 16, 24]
+    history = [h for h in run["trainer"].state.log_history if "eval_cmd_loss" in h]
+    assert [h["step"] for h in history] == [8, 16, 24]
+    loss = {h["step"]: h["eval_loss"] for h in run["trainer"].state.log_history if "eval_loss" in h}
+    assert history[0]["eval_cmd_loss"] == pytest.approx(loss[8], rel=1e-5)  # the first record of the window
+    assert abs(history[-1]["eval_cmd_loss"] - loss[24]) > 1e-3
+    with run["cmd"].swapped():
+        assert run["trainer"].evaluate(metric_key_prefix="x")["x_loss"] == pytest.approx(history[-1]["eval_cmd_loss"])
 
 
 def test_export_replaces_the_cmd_model_folder_and_leaves_no_temporary_folder(run):
@@ -354,6 +394,53 @@ def test_steps_the_grad_scaler_skips_are_not_counted_with_the_default_fused_adam
     assert all(p.isfinite().all() for p in trainer.model.parameters())  # the skipped steps changed nothing
 
 
+def test_evaluate_cmd_metrics_exist_from_the_warm_up_on_and_can_pick_the_best_model(tmp_path):
+    cmd = CMDCallback(**CONFIG, record_every_n_steps=2, evaluate_cmd=True, export_dir=None)
+    trainer = Trainer(model=make_model(), train_dataset=Chars(128), eval_dataset=Chars(32, start=256), callbacks=[cmd],
+                      args=arguments(tmp_path, max_steps=16, eval_strategy="steps", eval_steps=4, save_strategy="steps",
+                                     save_steps=4, metric_for_best_model="cmd_loss", load_best_model_at_end=True))
+    trainer.train()  # the first evaluation (step 4, record 2 of the warm-up of 4) has eval_cmd_loss too
+    history = [h for h in trainer.state.log_history if "eval_loss" in h]
+    cmd_history = [h for h in trainer.state.log_history if "eval_cmd_loss" in h]
+    assert [h["step"] for h in history] == [h["step"] for h in cmd_history] == [4, 8, 12, 16]
+    assert cmd_history[0]["eval_cmd_loss"] == history[0]["eval_loss"]  # no CMD model yet: the trained weights'
+    assert abs(cmd_history[-1]["eval_cmd_loss"] - history[-1]["eval_loss"]) > 1e-4
+    assert trainer.state.best_metric == min(h["eval_cmd_loss"] for h in cmd_history)
+    assert trainer.evaluate()["eval_cmd_loss"]  # evaluate() returns them
+
+
+OPTIONS = [dict(modes=None, threshold=0.5, max_modes=2), dict(distance="euclidean"), dict(kernel="flat"),
+           dict(offload=True)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
+def test_every_recorder_option_works_through_the_callback(tmp_path, options):
+    config = CONFIG | dict(warmup=3) | options
+    cmd, snapshots = CMDCallback(**config, record_every_n_steps=2, export_dir=None, log_every=1), Snapshots()
+    trainer = Trainer(model=make_model(), train_dataset=Chars(128), callbacks=[cmd, snapshots],
+                      args=arguments(tmp_path, max_steps=12, report_to=["tensorboard"]))
+    trainer.train()
+    rec = cmd.recorder
+    assert rec.num_records == 6 and rec.offload == options.get("offload", False)
+    W = matrix(snapshots.steps[1::2], rec.layout.names)
+    oracle = cmdo.decompose(W, **{k: v for k, v in config.items() if k not in ("offload", "kernel")}, layout=rec.layout)
+    traj = rec.trajectory()
+    assert torch.equal(traj.reference_index, oracle.reference_index) and traj.num_modes <= options.get("max_modes", 3)
+    for at in range(rec.num_records):
+        assert_same_cmd(traj.reconstruct(at), oracle.reconstruct(at))
+    logged = [h["step"] for h in trainer.state.log_history if "cmd/reference/mode_00" in h]
+    assert logged == [6, 8, 10, 12]  # at the records' global steps, offload too
+
+
+def test_recorder_arguments_are_checked_when_the_callback_is_created():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'mode'.*modes, threshold"):
+        CMDCallback(mode=3)
+    with pytest.raises(TypeError, match="record_every_n_steps"):
+        CMDCallback(record_every=3)
+    with pytest.raises(ValueError, match="offload=True"):
+        CMDCallback(kernel="flat", offload=True)
+
+
 def test_training_that_ends_in_the_warm_up_warns_and_writes_no_cmd_model(tmp_path):
     cmd = CMDCallback(**CONFIG, record_every_n_steps=1)
     with pytest.warns(RuntimeWarning, match=r"ended during the warm-up \(2 of 4 records\)"):
@@ -387,7 +474,7 @@ def test_compiled_plain_model_is_exported_as_a_safetensors_state_dict_with_its_o
     cmd = CMDCallback(modes=2, samples=100, warmup=2, record_every_n_steps=2)
     Trainer(model=torch.compile(plain, backend="eager"), train_dataset=Chars(64), callbacks=[cmd],
             args=arguments(tmp_path, max_steps=8, remove_unused_columns=False)).train()  # forward(*args, **kwargs)
-    assert os.listdir(tmp_path / "cmd_model") == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "cmd_model")) == ["model.safetensors", "training_args.bin"]  # as save_model
     exported = load_file(tmp_path / "cmd_model" / "model.safetensors")
     assert exported.keys() == Plain().state_dict().keys() == cmd.trajectory().state_dict().keys()
     for key, value in cmd.cmd_state_dict().items():

@@ -9,18 +9,21 @@ state (in a framework checkpoint or in a file of its own). Nothing here imports 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
-from ..config import CMDConfig, check_bool, check_int
+from ..config import CMDConfig, check_bool, check_choice, check_int
 from ..files import atomic_save, check_format, safe_load
 from ..layout import Layout
+from ..observers import check_observers
 from ..recorder import CMDRecorder
-from ..tensorboard import TensorBoardLogger
+from ..stats import KERNELS
 from ..trajectory import CMDTrajectory
 
 STATE_FORMAT = "cmd_online.integrations.CMDCallback"
@@ -37,40 +40,136 @@ def check_path(name: str, value: Any) -> str | None:
     return os.fspath(value)
 
 
+# The CMDRecorder arguments a callback sets itself, and what to use instead.
+_RESERVED = {"optimizer": "the callback records the trainer's optimizer",
+             "model": "the callback records the trainer's model",
+             "record_every": "use record_every_n_steps",
+             "writer": "the callback logs through the trainer's loggers",
+             "log_every": "it is the callback's own argument"}
+
+
+def recorder_arguments(recorder: dict[str, Any], reserved: dict[str, str] = _RESERVED) -> tuple[CMDConfig, dict[str, Any]]:
+    """The CMDRecorder keyword arguments a callback passes through (as Lightning's ``WeightAveraging`` passes
+    its ``**kwargs`` to ``AveragedModel``), checked now, when the callback is created: the configuration
+    (modes, threshold, max_modes, samples, warmup, freeze_modes_after, seed, distance) as a CMDConfig, and
+    the others (offload, kernel, check_finite, compile_update, callbacks) as given."""
+    accepted = [name for name, p in inspect.signature(CMDRecorder.__init__).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in recorder:
+        if name in reserved:
+            raise TypeError(f"CMDCallback sets the recorder's {name!r} itself: {reserved[name]}")
+        if name not in accepted:
+            raise TypeError(f"CMDCallback got an unexpected keyword argument {name!r}; it passes CMDRecorder's "
+                            f"arguments through: {', '.join(n for n in accepted if n not in reserved)}")
+    fields = set(CMDConfig._names())
+    config = CMDConfig(**{k: v for k, v in recorder.items() if k in fields and k != "record_every"})
+    if config.warmup is None:
+        raise TypeError("warmup must be an int ≥ 2; got NoneType")
+    rest = {k: v for k, v in recorder.items() if k not in fields}
+    for name in ("check_finite", "compile_update", "offload"):
+        if name in rest:
+            rest[name] = check_bool(name, rest[name])
+    kernel = rest.get("kernel")
+    if kernel is not None:
+        check_choice("kernel", kernel, KERNELS)
+        if rest.get("compile_update") and kernel != "compiled":
+            raise ValueError(f"compile_update=True asks for kernel='compiled'; got kernel={kernel!r}")
+        if rest.get("offload") and kernel == "flat":
+            raise ValueError("kernel='flat' keeps the statistics on the parameters' device; offload=True keeps them "
+                             "in host memory (kernel 'blocks' or 'compiled')")
+    if "callbacks" in rest:
+        rest["callbacks"] = check_observers(rest["callbacks"])
+    return config, rest
+
+
 @dataclass(frozen=True)
 class Options:
-    """The recorder's settings and when to record, checked when the callback is created."""
+    """The recorder's arguments and when to record, checked when the callback is created."""
 
     config: CMDConfig  # record_every is the callback's record_every_n_steps (None: once per epoch)
     log_every: int | None = 10
-    check_finite: bool = True
-    compile_update: bool = False
+    recorder: dict = field(default_factory=dict)  # the other CMDRecorder arguments (offload, kernel, …)
 
     @classmethod
-    def of(cls, *, record_every_n_steps: int | None, log_every: int | None, check_finite: bool,
-           compile_update: bool, **recorder: Any) -> "Options":
-        """From a callback's arguments: ``recorder`` holds the CMDConfig ones (modes, samples, warmup, …)."""
+    def of(cls, *, record_every_n_steps: int | None, log_every: int | None, **recorder: Any) -> "Options":
+        """From a callback's arguments: ``recorder`` holds the CMDRecorder ones (modes, samples, warmup, …)."""
         every = check_int("record_every_n_steps", record_every_n_steps, 1, allow_none=True)
-        return cls(CMDConfig(record_every=every, **recorder), check_int("log_every", log_every, 1, allow_none=True),
-                   check_bool("check_finite", check_finite), check_bool("compile_update", compile_update))
+        config, rest = recorder_arguments(recorder)
+        return cls(config.replace(record_every=every), check_int("log_every", log_every, 1, allow_none=True), rest)
 
     @property
     def record_every_n_steps(self) -> int | None:
         return self.config.record_every
 
 
+class StampedRecorder(CMDRecorder):
+    """The callbacks' recorder: a :class:`CMDRecorder` that notes the trainer's step at every record it takes,
+    so that a record's statistics are logged at that step, also when its observers are told later
+    (``offload=True`` tells them at the next call into the recorder).
+
+    ``clock()`` gives the trainer's step the record belongs to: for a record after an optimizer step (the
+    recorder's own step hook runs inside ``step()``, before the trainer counts it) the step being taken.
+    """
+
+    def __init__(self, *args: Any, clock=None, **kwargs: Any):
+        self.clock = clock
+        self._stamps: list[int] = []
+        self._base = (0, 0)
+        super().__init__(*args, **kwargs)
+
+    def start_stamps(self) -> None:
+        """From now on (after a state was loaded), count the records of this run."""
+        self._stamps, self._base = [], (self.num_records, self.skipped_records)
+
+    @property
+    def attempts(self) -> int:
+        """Records this run has tried to take (skipped ones included)."""
+        return len(self._stamps)
+
+    def record(self) -> bool:
+        self._stamps.append(int(self.clock()) if self.clock is not None else len(self._stamps))
+        return super().record()
+
+    def step_of(self, index: int) -> int:
+        """The trainer's step of record ``index``; called by an observer while it is told of that record."""
+        if self.clock is None or not self._stamps:
+            return index
+        if not self.offload:  # told during record(): the last record taken
+            return self._stamps[-1]
+        # told later: while the observers hear of record i the worker applies nothing after it, so the
+        # records and skipped records counted now are those up to i
+        attempt = index - self._base[0] + self.skipped_records - self._base[1]
+        return self._stamps[attempt] if 0 <= attempt < len(self._stamps) else self._stamps[-1]
+
+
 def build_recorder(optimizer: torch.optim.Optimizer, model: torch.nn.Module, options: Options,
-                   writer=None) -> CMDRecorder:
+                   clock=None) -> StampedRecorder:
     """The one place where an integration makes its recorder.
 
     With ``record_every_n_steps`` the recorder counts the optimizer's real steps itself (its step hook
     runs once per optimizer step, not per micro-batch, and skips steps AMP's GradScaler skipped);
-    otherwise the callbacks call ``record()`` once per epoch. The mode statistics go to ``writer``
-    through a :class:`cmd_online.tensorboard.TensorBoardLogger` observer.
+    otherwise the callbacks call ``record()`` once per epoch. The callback adds its loggers with
+    :func:`add_observers` once the recorder's state is loaded.
     """
-    logger = None if writer is None or options.log_every is None else TensorBoardLogger(writer, every=options.log_every)
-    return CMDRecorder(optimizer, model, **options.config, callbacks=[] if logger is None else [logger],
-                       check_finite=options.check_finite, compile_update=options.compile_update)
+    return StampedRecorder(optimizer, model, **dict(options.config), **options.recorder, clock=clock)
+
+
+def add_observers(rec: StampedRecorder, observers: list) -> None:
+    """``observers`` after the user's own ones (``callbacks=``); their steps are the trainer's (held weakly)."""
+    rec.start_stamps()
+    if observers:
+        rec.callbacks = [*rec.callbacks, *observers]
+
+
+def step_function(rec: StampedRecorder):
+    """``step(index)`` for a logger observer of ``rec``: the trainer's step of record ``index``."""
+    ref = weakref.ref(rec)
+
+    def step(index: int) -> int:
+        owner = ref()
+        return index if owner is None else owner.step_of(index)
+
+    return step
 
 
 # ------------------------------------------------------------------------------------------ unwrapping
@@ -198,13 +297,21 @@ class Swap:
             for p, value in zip(params, cmd):
                 p.copy_(value)
 
-    def end(self) -> None:
-        if self._trained is None:
-            return
+    def end(self, keep: bool = False) -> dict[int, torch.Tensor] | None:
+        """The trained weights back; with ``keep``, returns id(parameter) → a copy of the CMD value it held
+        (one parameter at a time: no more memory than the swap itself)."""
+        pairs, self._trained = self._trained, None
+        if pairs is None:
+            return None
+        kept: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            for p, value in self._trained:
+            while pairs:
+                p, value = pairs.pop()
+                if keep:
+                    kept[id(p)] = p.detach().clone()
                 p.copy_(value)
-        self._trained = None
+                del value
+        return kept if keep else None
 
     def trained_values(self) -> dict[int, torch.Tensor]:
         """id(parameter) → its trained value, while swapped."""
