@@ -1,9 +1,9 @@
 """The ``cmd-online`` command: a demo on real data, and tools for trajectory files.
 
     cmd-online demo [--data digits|mnist1d] [--epochs E] [--warmup F] [--modes M] [--samples K] ...
-    cmd-online inspect TRAJECTORY
-    cmd-online export TRAJECTORY [--at N] -o MODEL.pt
-    cmd-online decompose CHECKPOINT... -o TRAJECTORY [--modes M | --threshold t [--max-modes B]] [--samples K] ...
+    cmd-online inspect TRAJECTORY | LIGHTNING.ckpt | TRAINER_CHECKPOINT_FOLDER [--callback KEY]
+    cmd-online export TRAJECTORY | LIGHTNING.ckpt | TRAINER_CHECKPOINT_FOLDER [--at N] -o OUTPUT
+    cmd-online decompose CHECKPOINT... | FOLDER -o TRAJECTORY [--modes M | --threshold t [--max-modes B]] ...
 
 A user mistake (missing file, wrong kind of file, out-of-range option) prints one line,
 ``cmd-online: error: ...``, to stderr and exits with status 2; never a traceback.
@@ -15,8 +15,8 @@ import argparse
 import collections.abc
 import math
 import os
-import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -95,27 +95,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     inspect = commands.add_parser("inspect", help="modes, sizes, fit quality and per-layer make-up of a "
-                                  "trajectory file",
+                                  "trajectory file, or of the CMD state in a training checkpoint",
                                   description="Describe a trajectory file written by CMDRecorder.trajectory()"
-                                  ".save(), 'cmd-online demo' or 'cmd-online decompose'.")
-    inspect.add_argument("trajectory", help="trajectory file")
+                                  ".save(), 'cmd-online demo' or 'cmd-online decompose', or the CMD state a "
+                                  "framework callback stored: in a Lightning checkpoint (.ckpt), in a Hugging Face "
+                                  "Trainer checkpoint-N folder (cmd_recorder.pt), or a CMDRecorder state file.")
+    inspect.add_argument("trajectory", help="trajectory file, Lightning checkpoint, or Trainer checkpoint folder")
+    inspect.add_argument("--callback", default=None, metavar="KEY",
+                         help="the CMD callback's state to read, when a Lightning checkpoint holds several")
     inspect.set_defaults(run=_inspect)
 
     export = commands.add_parser("export", help="write the CMD weights at one record as a normal checkpoint",
-                                 description="Write the CMD weights at record --at as a state_dict file: "
-                                 "model.load_state_dict(torch.load(path)).")
-    export.add_argument("trajectory", help="trajectory file")
+                                 description="Write the CMD weights at record --at. From a trajectory or a "
+                                 "recorder state, and whenever OUTPUT ends in .pt or .pth: a state_dict file, "
+                                 "model.load_state_dict(torch.load(path)). Otherwise, from a Lightning checkpoint: "
+                                 "a Lightning checkpoint of the CMD model (LitModel.load_from_checkpoint); from a "
+                                 "Trainer checkpoint-N folder: a model folder as the Trainer saves models, with "
+                                 "the CMD weights (from_pretrained).")
+    export.add_argument("trajectory", help="trajectory file, Lightning checkpoint, or Trainer checkpoint folder")
     export.add_argument("--at", type=int, default=-1, help="record index; negative counts from the end "
                         "(default -1, the last record)")
-    export.add_argument("-o", "--output", required=True, help="checkpoint file to write")
+    export.add_argument("-o", "--output", required=True, help="checkpoint file (or model folder) to write")
+    export.add_argument("--callback", default=None, metavar="KEY",
+                        help="the CMD callback's state to read, when a Lightning checkpoint holds several")
     export.set_defaults(run=_export)
 
     decompose = commands.add_parser("decompose", help="post-hoc CMD from saved per-epoch checkpoints",
                                     description="Post-hoc CMD (paper, Algorithm 2) from checkpoints saved "
-                                    "once per record, in order. A folder stands for the .pt/.pth files in it, "
-                                    "in natural order (epoch_2 before epoch_10). A file holds a state_dict, or "
-                                    "a dict with one under 'state_dict' or 'model'.")
-    decompose.add_argument("checkpoints", nargs="+", help="checkpoint files (state_dicts), or one folder")
+                                    "once per record, in order. One folder stands for the run's checkpoints: a "
+                                    "Hugging Face Trainer output folder for its checkpoint-N folders (by N), else "
+                                    "the checkpoint files in it (.pt, .pth, .ckpt, .bin, .safetensors) in natural "
+                                    "order (epoch_2 before epoch_10), leaving out links to files already taken and "
+                                    "aliases such as last.ckpt or best.pt beside numbered files; the files used "
+                                    "and left out are listed. A file holds a state_dict, or a dict with one under "
+                                    "'state_dict' (Lightning) or 'model'; a checkpoint-N folder holds "
+                                    "model.safetensors or pytorch_model.bin.")
+    decompose.add_argument("checkpoints", nargs="+", help="checkpoint files or checkpoint-N folders, or one folder "
+                           "of them")
     decompose.add_argument("-o", "--output", required=True, help="trajectory file to write")
     mode_choice = decompose.add_mutually_exclusive_group()
     mode_choice.add_argument("--modes", type=_int_at_least(1), default=None, help="number of modes "
@@ -166,17 +182,51 @@ def _load_trajectory(path: str):
     return CMDTrajectory.load(path)
 
 
+def _sources(path: str, key: str | None = None) -> list[tuple[str, object]]:
+    """(label, trajectory) of what ``path`` holds: a trajectory file, or the CMD state(s) a framework callback
+    stored (a Lightning checkpoint, a Trainer checkpoint folder, a callback or recorder state file)."""
+    from . import saved
+
+    folder = Path(path).is_dir()
+    if not folder:
+        try:
+            return [(path, _load_trajectory(path))]
+        except ValueError as e:
+            if "not a cmd_online.CMDTrajectory file" not in str(e):
+                raise
+            refused = e
+    states = saved.cmd_states(path) if not folder or (Path(path) / saved.CALLBACK_FILE).is_file() else {}
+    if not states:
+        if folder:
+            raise ValueError(f"{path!r} is a directory without {saved.CALLBACK_FILE} (a Trainer checkpoint folder "
+                             "written with cmd_online's CMDCallback), not a CMD trajectory file")
+        raise refused
+    if key is not None:
+        if key not in states:
+            raise ValueError(f"{path!r} holds no CMD state under {key!r}; it holds {', '.join(map(repr, states))}")
+        states = {key: states[key]}
+    return [(f"{path} [{name}]" if len(states) > 1 or key else path, saved.trajectory_of_state(state))
+            for name, state in states.items()]
+
+
 def _inspect(args) -> None:
+    sources = _sources(args.trajectory, args.callback)
+    for i, (label, traj) in enumerate(sources):
+        if i:
+            print()
+        _describe(label, traj, Path(args.trajectory).stat().st_size if len(sources) == 1 and i == 0 and
+                  not Path(args.trajectory).is_dir() else None)
+
+
+def _describe(label: str, traj, file_bytes: int | None) -> None:
     import torch
 
     from .units import human_bytes
 
-    traj = _load_trajectory(args.trajectory)
     layout = traj.layout
     N, T, M = traj.num_weights, traj.num_records, traj.num_modes
-    file_bytes = Path(args.trajectory).stat().st_size
     history = N * T * 4
-    print(f"trajectory   {args.trajectory}")
+    print(f"trajectory   {label}")
     print(f"weights      {N:,} in {len(layout.names)} tensors")
     print(f"records      {T} (a, b fitted over records {traj.window_start}..{T - 1})")
     print(f"modes        {M}")
@@ -184,8 +234,9 @@ def _inspect(args) -> None:
     if traj.set_aside is not None:
         aside = torch.nonzero(traj.set_aside).flatten().tolist()
         print(f"set aside    {len(aside)} of {M} references{_set_aside_detail(aside, sizes)}")
-    print(f"file size    {human_bytes(file_bytes)}; the full history N×T×4 bytes would be "
-          f"{human_bytes(history)} ({history / file_bytes:.1f}× larger)")
+    if file_bytes is not None:
+        print(f"file size    {human_bytes(file_bytes)}; the full history N×T×4 bytes would be "
+              f"{human_bytes(history)} ({history / file_bytes:.1f}× larger)")
     print()
     r2 = traj.mode_r2.tolist() if traj.mode_r2 is not None else [None] * M
     if traj.mode_r2 is not None:
@@ -233,39 +284,85 @@ def _set_aside_detail(aside: list[int], sizes: list[int]) -> str:
 
 
 def _export(args) -> None:
+    from . import saved
     from .files import atomic_save
 
-    traj = _load_trajectory(args.trajectory)
+    sources = _sources(args.trajectory, args.callback)
+    if len(sources) > 1:
+        raise ValueError(f"{args.trajectory!r} holds several CMD states ({', '.join(label for label, _ in sources)}); "
+                         "choose one with --callback KEY")
+    label, traj = sources[0]
     state = {name: tensor.clone() for name, tensor in traj.state_dict(args.at).items()}
-    atomic_save(state, args.output)
     record = args.at % traj.num_records
-    print(f"wrote {args.output}: CMD weights at record {record} of {traj.num_records} "
-          f"({len(state)} tensors, {traj.num_weights:,} weights); load with "
-          f"model.load_state_dict(torch.load({str(args.output)!r}))")
+    what = f"CMD weights at record {record} of {traj.num_records} ({len(state)} tensors, {traj.num_weights:,} weights)"
+    source, output = Path(args.trajectory), str(args.output)
+    plain = output.endswith((".pt", ".pth"))  # a state_dict file, whatever the source
+    if source.is_dir() and not plain:
+        _export_model_folder(source, state, output)
+        print(f"wrote {output}: a model folder as the Trainer saves it, with the {what}; load with "
+              f"AutoModel.from_pretrained({output!r}) or the model's own class")
+        return
+    checkpoint = None if source.is_dir() or plain else saved.lightning_checkpoint(source)
+    if checkpoint is not None:
+        atomic_save(saved.with_weights(checkpoint, state), output)
+        print(f"wrote {output}: a Lightning checkpoint with the {what}; load with "
+              f"LitModel.load_from_checkpoint({output!r})")
+        return
+    atomic_save(state, output)
+    print(f"wrote {output}: {what}; load with model.load_state_dict(torch.load({output!r}))")
 
 
-def _natural_key(path: Path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+def _export_model_folder(source: Path, state: dict, output: str) -> None:
+    """The checkpoint folder's model files (config, tokenizer, …; no optimizer or trainer state) with the CMD
+    weights in model.safetensors, written beside ``output`` and renamed into place."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from . import saved
+    from .files import replace_folder
+
+    weights = saved.read_model_folder(source)
+    weights = saved.replace_entries(weights, state)
+
+    def fill(folder: str) -> None:
+        for item in source.iterdir():
+            if item.is_file() and saved.is_model_file(item.name):
+                shutil.copy2(item, Path(folder) / item.name)
+        seen, out = set(), {}
+        for name, value in weights.items():  # safetensors refuses shared storage
+            value = value.detach().contiguous()
+            if value.numel() and value.untyped_storage().data_ptr() in seen:
+                value = value.clone()
+            seen.add(value.untyped_storage().data_ptr())
+            out[name] = value
+        save_file(out, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+    replace_folder(output, fill)
 
 
-def _checkpoint_paths(items: Sequence[str]) -> list[Path]:
-    if len(items) == 1 and Path(items[0]).is_dir():
+def _checkpoint_paths(items: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The checkpoints to decompose, in record order, and those a folder holds that are left out (with why)."""
+    from . import saved
+
+    if len(items) == 1 and Path(items[0]).is_dir() and not saved.is_model_folder(items[0]):
         folder = Path(items[0])
-        paths = sorted((p for p in folder.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()),
-                       key=_natural_key)
+        paths, skipped = saved.run_checkpoints(folder)
         if len(paths) < 2:
-            raise ValueError(f"folder {str(folder)!r} holds {len(paths)} .pt/.pth file(s); "
-                             f"decompose needs at least 2 checkpoints")
-        return paths
+            raise ValueError(f"folder {str(folder)!r} holds {len(paths)} checkpoint(s) (files "
+                             f"{', '.join(saved.CHECKPOINT_SUFFIXES)}, or checkpoint-N folders); decompose needs "
+                             "at least 2 checkpoints")
+        return paths, skipped
     paths = [Path(item) for item in items]
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
-        if path.is_dir():
-            raise ValueError(f"{str(path)!r} is a folder; give either one folder or checkpoint files")
+        if path.is_dir() and not saved.is_model_folder(path):
+            raise ValueError(f"{str(path)!r} is a folder without model weights; give either one folder or checkpoint "
+                             "files (or checkpoint-N folders)")
     if len(paths) < 2:
         raise ValueError(f"decompose needs at least 2 checkpoints, one per record; got {len(paths)}")
-    return paths
+    return paths, []
 
 
 class _Checkpoints(collections.abc.Sequence):
@@ -290,7 +387,12 @@ def _decompose(args) -> None:
     # Options are checked before any file is read (those that need N or T are checked by decompose).
     CMDConfig(modes=args.modes, threshold=args.threshold, samples=args.samples, seed=args.seed, warmup=args.warmup,
               distance=args.distance, max_modes=args.max_modes)
-    paths = _checkpoint_paths(args.checkpoints)
+    paths, skipped = _checkpoint_paths(args.checkpoints)
+    if len(args.checkpoints) == 1:  # a folder: say which of its entries are the records
+        print(textwrap.fill(f"records: {len(paths)} checkpoints, in this order: {', '.join(p.name for p in paths)}",
+                            width=100, subsequent_indent="  "))
+        for path, why in skipped:
+            print(f"left out: {path.name} ({why})")
     traj = decompose_checkpoints(_Checkpoints(paths), modes=args.modes, threshold=args.threshold,
                                  samples=args.samples, seed=args.seed, warmup=args.warmup, distance=args.distance,
                                  max_modes=args.max_modes)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import pickle
 import re
 import secrets
+import shutil
 import stat
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -147,6 +150,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return path
 
 
+def replace_folder(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
+    """Fill a new folder beside ``path`` and rename it into place: ``path`` never holds a partly written model."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        fill(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the usual permissions
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(path)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temporary file, fsync, rename)."""
     return atomic_write(path, lambda f: torch.save(obj, f))
@@ -196,25 +223,109 @@ def _refusal_reason(error: pickle.UnpicklingError) -> str:
     return first if first and "weights_only" not in first else "it holds more than tensors and plain values"
 
 
+# ------------------------------------------------------------------------------------------ framework files
+# What the framework callbacks (cmd_online.integrations) and the Hugging Face Trainer write; cmd_online.saved reads
+# the rest of it.
+CALLBACK_FORMAT = "cmd_online.integrations.CMDCallback"  # integrations._common.STATE_FORMAT
+TRAINED = "trained_weights"  # the trained weights in a Lightning callback state
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a model's weights as the Trainer and ``save_pretrained`` write them."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def read_model_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict in a model folder: ``model.safetensors`` (or its shards), else ``pytorch_model.bin``
+    (or its shards, read with ``weights_only=True``)."""
+    path = Path(path)
+    for name in WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(file.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{str(file)!r} is not a readable weight index: {e}") from None
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_read_weights(path / shard))
+            return state
+        return _read_weights(file)
+    raise ValueError(f"{str(path)!r} is a folder without model weights (none of {', '.join(WEIGHT_FILES)})")
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        return read_safetensors(file)
+    state = safe_load(file, "checkpoint")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{str(file)!r} does not hold a state_dict")
+    return dict(state)
+
+
+def read_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (the ``safetensors`` package, which the Trainer installs)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {str(file)!r}")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # pragma: no cover - installed with transformers
+        raise ValueError(f"reading {str(file)!r} needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged file
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file: {e}") from None
+
+
+def trained_weights(checkpoint: Mapping) -> dict[str, torch.Tensor] | None:
+    """The trained weights a Lightning checkpoint carries in its CMD callbacks' state (when its
+    ``state_dict`` holds the CMD weights that were validated), else None."""
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, Mapping):
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for state in states.values():
+        if isinstance(state, Mapping) and state.get("format") == CALLBACK_FORMAT and isinstance(state.get(TRAINED), Mapping):
+            out.update(state[TRAINED])
+    return out or None
+
+
 def read_checkpoint(item: Any, what: str = "checkpoint") -> Mapping:
     """A model's state_dict from a checkpoint: a mapping itself, or a file holding one.
 
     A file may hold the state_dict itself or nest it under ``"state_dict"`` or ``"model"`` (as
-    training checkpoints often do); a dict given directly is taken as the state_dict. Files written
-    by this library (trajectories, recorder states) are refused: they are not checkpoints.
+    training checkpoints often do); a dict given directly is taken as the state_dict. A folder of model
+    weights as the Hugging Face Trainer writes them (``checkpoint-N``: ``model.safetensors``, its shards,
+    or ``pytorch_model.bin``) and a ``.safetensors`` file are read too. A Lightning checkpoint whose
+    ``state_dict`` holds the CMD weights that were validated gives the trained weights its CMD callback
+    state carries. Files written by this library (trajectories, recorder states) are refused: they are
+    not checkpoints.
 
     Args:
         item (mapping, str or path): the state_dict, or the path of a file holding one.
         what (str): how to name the item in an error, e.g. ``"checkpoints[3]"`` (default "checkpoint").
     """
     if isinstance(item, (str, os.PathLike)):
-        path, item = item, safe_load(item, "checkpoint")
+        path = Path(item)
+        if path.is_dir() and is_model_folder(path):  # a Trainer checkpoint-N folder, a save_pretrained folder
+            return read_model_folder(path)
+        if path.suffix == ".safetensors":
+            return read_safetensors(path)
+        item = safe_load(path, "checkpoint")
         if isinstance(item, Mapping) and isinstance(item.get("format"), str) and item["format"].startswith("cmd_online."):
             raise ValueError(f"{str(path)!r} is a {item['format']} file, not a checkpoint (a model's state_dict)")
+        trained = trained_weights(item) if isinstance(item, Mapping) else None
         for key in ("state_dict", "model"):
             if isinstance(item, Mapping) and isinstance(item.get(key), Mapping):
                 item = item[key]
                 break
+        if trained:  # a Lightning checkpoint holding the validated CMD weights: the trained ones are the record
+            item = {**item, **trained}
         if not isinstance(item, Mapping) or not any(isinstance(v, torch.Tensor) for v in item.values()):
             raise ValueError(f"{str(path)!r} is not a checkpoint: expected a state_dict (names → tensors), "
                              f"or a dict holding one under 'state_dict' or 'model'")

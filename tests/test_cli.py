@@ -244,6 +244,56 @@ def test_decompose_reads_state_dicts_nested_in_training_checkpoints(demo, tmp_pa
     assert torch.equal(a.references, b.references) and torch.equal(a.a, b.a) and torch.equal(a.b, b.b)
 
 
+def test_decompose_of_a_folder_leaves_out_links_and_aliases_and_lists_what_it_used(demo, tmp_path, capsys):
+    out, _ = demo
+    plain = sorted((out / "checkpoints").glob("epoch_*.pt"))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for path in plain:
+        shutil.copy(path, folder / path.name)
+    (folder / "latest.pt").symlink_to(folder / plain[-1].name)  # a link to a record already in the set
+    shutil.copy(plain[2], folder / "best.pt")  # an alias beside numbered files: a copy, not a record
+    (folder / "last.pt").symlink_to(plain[-1].resolve())  # a link outside the set, unnumbered
+    capsys.readouterr()
+    assert main(["decompose", str(folder), "-o", str(tmp_path / "folder.traj"), "--modes", "2", "--samples", "100"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"records: {len(plain)} checkpoints, in this order: {', '.join(p.name for p in plain)}" in said
+    assert f"left out: latest.pt (a link to {plain[-1].name}, already taken)" in said
+    assert "left out: best.pt (an alias beside numbered checkpoints (no record of its own))" in said
+    assert "left out: last.pt (an alias" in said
+    assert main(["decompose", *map(str, plain), "-o", str(tmp_path / "files.traj"), "--modes", "2", "--samples", "100"]) == 0
+    a, b = CMDTrajectory.load(tmp_path / "folder.traj"), CMDTrajectory.load(tmp_path / "files.traj")
+    assert a.num_records == len(plain) and torch.equal(a.references, b.references) and torch.equal(a.a, b.a)
+
+
+def test_model_folders_of_every_kind_the_trainer_writes_are_read_as_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    import cmd_online as cmdo
+
+    torch.manual_seed(0)
+    states = [{"b.weight": torch.randn(4, 3), "a.bias": torch.randn(4)} for _ in range(4)]
+    for t, state in enumerate(states):
+        folder = tmp_path / "run" / f"checkpoint-{(t + 1) * 5}"  # checkpoint-5 … checkpoint-20: by number
+        folder.mkdir(parents=True)
+        if t % 3 == 0:
+            save_file(state, str(folder / "model.safetensors"))
+        elif t % 3 == 1:
+            torch.save(state, folder / "pytorch_model.bin")
+        else:  # sharded, as save_pretrained writes big models
+            save_file({"a.bias": state["a.bias"]}, str(folder / "model-00001-of-00002.safetensors"))
+            save_file({"b.weight": state["b.weight"]}, str(folder / "model-00002-of-00002.safetensors"))
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                "a.bias": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "run" / "checkpoint-7").mkdir()  # no weights in it: left out, and said
+    folders = [tmp_path / "run" / f"checkpoint-{n}" for n in (5, 10, 15, 20)]
+    got = cmdo.decompose_checkpoints(folders, modes=2, samples=10)
+    want = cmdo.decompose_checkpoints([dict(sorted(s.items())) for s in states], modes=2, samples=10)  # as stored
+    assert torch.equal(got.a, want.a) and torch.equal(got.references, want.references)
+    assert main(["decompose", str(tmp_path / "run"), "-o", str(tmp_path / "t.pt"), "--modes", "2", "--samples", "10"]) == 0
+    assert torch.equal(CMDTrajectory.load(tmp_path / "t.pt").a, want.a)
+
+
 def test_progress_falls_back_to_plain_rows_without_tqdm(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     lines = []
@@ -289,7 +339,7 @@ def _one_line_error(capsys, code: int, *words: str) -> str:
     (["decompose", "{out}/checkpoints", "-o", "{tmp}/t.pt", "--modes", "3", "--threshold", "0.5"],
      ["not allowed with"]),
     (["decompose", "{out}/checkpoints", "-o", "{tmp}/t.pt", "--warmup", "9"], ["warmup"]),
-    (["decompose", "{tmp}", "-o", "{tmp}/t.pt"], ["holds 0 .pt/.pth file(s)"]),
+    (["decompose", "{tmp}", "-o", "{tmp}/t.pt"], ["holds 0 checkpoint(s)", "checkpoint-N folders"]),
     (["decompose", "{out}/checkpoints", "-o", "{tmp}/t.pt", "--seed", "-3"], ["--seed", "≥ 0", "-3"]),
     (["decompose", "{tmp}/notes.txt", "{tmp}/notes.txt", "-o", "{tmp}/t.pt", "--seed", "-3"], ["--seed"]),  # before reading
     (["demo", "--seed", "-3"], ["--seed", "≥ 0", "-3"]),

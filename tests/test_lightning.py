@@ -187,6 +187,34 @@ def test_mode_statistics_go_to_every_logger_at_the_global_step(run):
         [float(r["cmd/fit/mean_r2"]) for r in rows if r.get("cmd/fit/mean_r2")])
 
 
+def test_the_command_line_reads_lightning_checkpoints_and_the_cmd_state_in_them(run, tmp_path, capsys):
+    from cmd_online.cli import main
+
+    folder, rec = run["folder"] / "ckpt", run["cmd"].recorder
+    # a folder of .ckpt files, in epoch order; their state_dicts hold the validated CMD weights, the records are
+    # the trained ones from the callback state
+    assert main(["decompose", str(folder), "-o", str(tmp_path / "t.pt"), "--modes", "3", "--samples", "300",
+                 "--warmup", str(F)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"records: {EPOCHS} checkpoints, in this order: {', '.join(f'epoch={e}.ckpt' for e in range(EPOCHS))}" in said
+    traj = cmdo.CMDTrajectory.load(tmp_path / "t.pt")
+    oracle = cmdo.decompose(run["W"], modes=3, samples=300, warmup=F, layout=rec.layout)
+    assert torch.equal(traj.reference_index, oracle.reference_index)
+    for at in range(EPOCHS):
+        assert_same_cmd(traj.reconstruct(at), oracle.reconstruct(at))
+    # inspect and export read the recorder state in the checkpoint's callbacks
+    assert main(["inspect", str(folder / f"epoch={EPOCHS - 1}.ckpt")]) == 0
+    said = capsys.readouterr().out
+    assert f"records      {EPOCHS} (a, b fitted over records {F - 1}..{EPOCHS - 1})" in said and "net.0.weight" in said
+    assert main(["export", str(folder / f"epoch={EPOCHS - 1}.ckpt"), "-o", str(tmp_path / "cmd.ckpt")]) == 0
+    assert "LitModel.load_from_checkpoint" in capsys.readouterr().out
+    model = Digits.load_from_checkpoint(tmp_path / "cmd.ckpt")
+    assert_same_cmd(flat(model), rec.trajectory().reconstruct(-1))
+    assert main(["export", str(folder / f"epoch={EPOCHS - 1}.ckpt"), "--at", "5", "-o", str(tmp_path / "at5.pt")]) == 0
+    at5 = torch.load(tmp_path / "at5.pt", weights_only=True)
+    assert_same_cmd(torch.cat([at5[n].reshape(-1) for n in rec.layout.names]), rec.trajectory().reconstruct(5))
+
+
 @pytest.mark.parametrize("name", ["ckpt/epoch=5.ckpt", "mid_validation_epoch5.ckpt"])
 def test_fit_resumed_from_a_checkpoint_continues_the_same_recording(run, tmp_path, name):
     checkpoint = run["folder"] / name

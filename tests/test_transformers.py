@@ -192,6 +192,31 @@ def test_evaluate_inside_swapped_evaluates_the_cmd_model_and_gives_the_weights_b
     assert abs(cmd_loss - trained) > 1e-3
 
 
+def test_the_command_line_reads_a_trainer_output_folder_and_the_cmd_state_of_a_checkpoint(run, tmp_path, capsys):
+    from cmd_online.cli import main
+
+    out = run["out"]
+    # the Trainer's output folder stands for its checkpoint-N folders, in step order (8 before 16 and 24)
+    assert main(["decompose", str(out), "-o", str(tmp_path / "t.pt"), "--modes", "3", "--samples", "300"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "records: 3 checkpoints, in this order: checkpoint-8, checkpoint-16, checkpoint-24" in said
+    traj = cmdo.CMDTrajectory.load(tmp_path / "t.pt")
+    W = matrix(run["snapshots"].steps[7::8], traj.layout.names)  # model.safetensors: the parameters, by name
+    oracle = cmdo.decompose(W, modes=3, samples=300, layout=traj.layout)
+    for at in range(3):
+        assert_same_cmd(traj.reconstruct(at), oracle.reconstruct(at))
+    # inspect and export read the cmd_recorder.pt of a checkpoint folder; the export is a model folder
+    assert main(["inspect", str(out / "checkpoint-24")]) == 0
+    assert f"records      {STEPS // EVERY} " in capsys.readouterr().out
+    assert main(["export", str(out / "checkpoint-24"), "-o", str(tmp_path / "cmd")]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    assert not {"optimizer.pt", "trainer_state.json", "cmd_recorder.pt"} & {p.name for p in (tmp_path / "cmd").iterdir()}
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "cmd").state_dict()
+    for key, value in run["cmd"].cmd_state_dict().items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=1e-6)
+    assert torch.equal(loaded["lm_head.weight"], loaded["transformer.wte.weight"])  # still tied
+
+
 class StopAt(TrainerCallback):
     """Stops training after the step ``step`` (its checkpoint is written first): an interrupted run."""
 

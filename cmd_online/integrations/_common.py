@@ -61,7 +61,7 @@ def recorder_arguments(recorder: dict[str, Any], reserved: dict[str, str] = _RES
         if name not in accepted:
             raise TypeError(f"CMDCallback got an unexpected keyword argument {name!r}; it passes CMDRecorder's "
                             f"arguments through: {', '.join(n for n in accepted if n not in reserved)}")
-    fields = set(CMDConfig._names())
+    fields = set(CMDConfig().to_dict())
     config = CMDConfig(**{k: v for k, v in recorder.items() if k in fields and k != "record_every"})
     if config.warmup is None:
         raise TypeError("warmup must be an int ≥ 2; got NoneType")

@@ -424,7 +424,7 @@ def _batch_size(batch: Any) -> int:
 def _is_metric(value: Any) -> bool:
     """A torchmetrics ``Metric`` (told by its methods: torchmetrics is not imported)."""
     return all(callable(getattr(value, name, None)) for name in ("update", "compute", "reset")) \
-        and hasattr(value, "_update_count")
+        and isinstance(getattr(value, "update_count", None), int)
 
 
 class _LoggedMetrics:
@@ -506,12 +506,12 @@ class _ModuleState:
 
     def __init__(self, pl_module):
         self.module = pl_module
-        self.metrics = [(m, int(m._update_count)) for m in pl_module.modules() if _is_metric(m)]
+        self.metrics = [(m, m.update_count) for m in pl_module.modules() if _is_metric(m)]
         self.lists = {name: (value, len(value)) for name, value in vars(pl_module).items() if isinstance(value, list)}
 
     def restore(self) -> None:
         for metric, count in self.metrics:
-            if int(metric._update_count) != count:
+            if metric.update_count != count:
                 if count:
                     _common.warn(f"the metric {type(metric).__name__} held updates before the validation of the CMD "
                                  "weights, which reset it; reset your metrics at the end of every validation epoch")

@@ -9,8 +9,6 @@ import contextlib
 import inspect
 import math
 import os
-import shutil
-import tempfile
 import weakref
 from typing import Any, Iterator
 
@@ -24,7 +22,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
 
 from ..config import check_bool
 from ..distributed import is_writer
-from ..files import atomic_save, atomic_write
+from ..files import atomic_save, atomic_write, replace_folder
 from ..recorder import CMDRecorder
 from ..tensorboard import MetricsLogger, TensorBoardLogger
 from . import _common
@@ -337,7 +335,7 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             if args is not None:
                 atomic_save(args, os.path.join(tmp, TRAINING_ARGS_NAME))
 
-        _replace_folder(path, fill)
+        replace_folder(path, fill)
 
 
 _SPEED = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
@@ -347,26 +345,3 @@ def _clock(state, inside_step: bool):
     """The global step a record belongs to: a record made by the recorder's step hook runs inside the
     optimizer step, before the Trainer counts it."""
     return lambda: state.global_step + int(inside_step)
-
-
-def _replace_folder(path: str, fill) -> None:
-    """Fill a new folder beside ``path`` and rename it into place: ``path`` never holds a partly written model."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    try:
-        fill(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the usual permissions
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=parent)
-            os.replace(path, os.path.join(old, "previous"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
