@@ -12,8 +12,8 @@ An observer reads the recorder through its public, read-only API: ``phase``, ``n
 ``num_modes``, ``layout``, ``config``, ``clustering``, ``reference_index``, ``references``,
 ``reference_slots``, ``moments``, ``fit_blocks()``, ``nbytes()`` and the queries. It must not
 change what it reads. An exception raised by an observer is turned into a ``RuntimeWarning``:
-observing never stops training. ``cmd_online.tensorboard.TensorBoardLogger`` is an observer; the
-framework callbacks in ``cmd_online.integrations`` use the same protocol.
+observing never stops training. ``cmd_online.tensorboard.TensorBoardLogger`` and ``MetricsLogger``
+are observers; the framework callbacks in ``cmd_online.integrations`` log through them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""TensorBoard logging of a CMDRecorder: mode statistics, histograms and figures.
+"""Logging of a CMDRecorder: mode statistics, histograms and figures, to TensorBoard or any metrics logger.
 
 :class:`TensorBoardLogger` is an observer (``cmd_online.observers``): pass it in
 ``CMDRecorder(..., callbacks=[TensorBoardLogger(writer, every=10)])``, or give the recorder
-``writer=`` and ``log_every=``, which builds one. It reads the recorder through its public,
-read-only API only. Everything goes under one tag tree, ``cmd/``, in the writer's own run directory:
+``writer=`` and ``log_every=``, which builds one. :class:`MetricsLogger` hands the same scalars to any
+``log(metrics, step)`` callable (``wandb.log``, ``mlflow.log_metrics``, a Lightning logger's
+``log_metrics``). Both take ``step=``, the x-axis value of each record (default its index). They
+read the recorder through its public, read-only API only. Everything goes under one tag tree,
+``cmd/``, in the writer's own run directory:
 
     cmd/reference/mode_XX      value of mode XX's reference weight, every record
     cmd/memory/bytes           bytes held by the recorder, every record

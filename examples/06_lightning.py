@@ -5,7 +5,9 @@
 Trains a small MLP on scikit-learn's bundled digits (no download) with a Lightning Trainer. The
 callback builds the recorder on the LightningModule's optimizer when fit starts, records once per
 epoch, validates on the CMD weights once they exist (the trained weights come back after each
-validation), keeps its state in Lightning's checkpoints and writes the CMD state_dict when fit ends.
+validation; the checkpoints then hold the validated weights, the trained ones in the callback's state),
+logs the mode statistics to the trainer's logger at the global step, and writes the CMD model as a
+Lightning checkpoint when fit ends (``Classifier.load_from_checkpoint``).
 Prints the test accuracy of the trained network and of its CMD model. ``--devices 2`` trains with
 ``strategy="ddp"`` on two CPU processes (Lightning starts the second by running this script again).
 """
@@ -72,7 +74,7 @@ def main():
     out = Path(args.out)
 
     callback = CMDCallback(modes=5, samples=500, warmup=args.warmup, swap_for_validation=True,
-                           export_path=out / "cmd_model.pt")  # the one line
+                           export_path=out / "cmd_model.ckpt")  # the one line
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
                          strategy="ddp" if args.devices > 1 else "auto", callbacks=[callback],
                          default_root_dir=out, enable_progress_bar=False, enable_model_summary=False,
@@ -86,15 +88,14 @@ def main():
     trained = accuracy(model, test)
     with callback.swapped():  # CMD weights inside, the trained ones come back on exit
         cmd = accuracy(model, test)
-    exported = Classifier()
-    exported.load_state_dict(torch.load(out / "cmd_model.pt", weights_only=True))
-    checkpoint = max(out.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    exported = Classifier.load_from_checkpoint(out / "cmd_model.ckpt")  # a Lightning checkpoint of the CMD model
+    checkpoint = max(out.rglob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
     saved = torch.load(checkpoint, weights_only=True)["callbacks"]["CMDCallback"]["recorder"]
     print(f"recorded {rec.num_records} epochs into {rec.num_modes} modes ({rec.layout.numel} weights)")
     print(f"last validation accuracy (on the CMD weights): {trainer.callback_metrics['val_acc'].item():.4f}")
     print(f"trained test accuracy: {trained:.4f}")
     print(f"CMD test accuracy:     {cmd:.4f}")
-    print(f"exported CMD model:    {accuracy(exported, test):.4f} ({out / 'cmd_model.pt'})")
+    print(f"exported CMD model:    {accuracy(exported, test):.4f} ({out / 'cmd_model.ckpt'})")
     print(f"checkpoint {checkpoint.name} holds the recorder with {read_meta(saved)['num_records']} records")
 
 

@@ -70,7 +70,8 @@ def main():
     config = GPT2Config(vocab_size=len(alphabet) + 1, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=4,
                         bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)
-    callback = CMDCallback(modes=5, samples=1000, warmup=args.warmup, record_every_n_steps=args.every)  # the one line
+    callback = CMDCallback(modes=5, samples=1000, warmup=args.warmup, record_every_n_steps=args.every,
+                           evaluate_cmd=True)  # the one line; evaluate() gives eval_cmd_* beside eval_*
     trainer = Trainer(model=model, train_dataset=train, eval_dataset=test, callbacks=[callback],
                       args=TrainingArguments(output_dir=args.out, num_train_epochs=args.epochs,
                                              per_device_train_batch_size=16, gradient_accumulation_steps=2,
@@ -81,16 +82,16 @@ def main():
         return
     rec = callback.recorder
     trained = accuracy(model, test)
-    with callback.swapped():  # CMD weights inside: the Trainer evaluates the CMD model
-        cmd_loss = trainer.evaluate(metric_key_prefix="cmd_eval")["cmd_eval_loss"]
+    metrics = trainer.evaluate()  # the trained weights' eval_loss and the CMD weights' eval_cmd_loss
+    with callback.swapped():  # CMD weights inside, the trained ones back on exit
         cmd = accuracy(model, test)
     loaded = GPT2LMHeadModel.from_pretrained(Path(args.out) / "cmd_model")
     checkpoints = sorted(Path(args.out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     saved = torch.load(checkpoints[-1] / "cmd_recorder.pt", weights_only=True)
     print(f"{trainer.state.global_step} optimizer steps, {rec.num_records} records, {rec.num_modes} modes "
           f"({rec.layout.numel} weights)")
-    print(f"trained model: eval loss {trainer.evaluate()['eval_loss']:.4f}, next-character accuracy {trained:.4f}")
-    print(f"CMD model:     eval loss {cmd_loss:.4f}, next-character accuracy {cmd:.4f}")
+    print(f"trained model: eval loss {metrics['eval_loss']:.4f}, next-character accuracy {trained:.4f}")
+    print(f"CMD model:     eval loss {metrics['eval_cmd_loss']:.4f}, next-character accuracy {cmd:.4f}")
     print(f"loaded with from_pretrained from {Path(args.out) / 'cmd_model'}: accuracy {accuracy(loaded, test):.4f}")
     print(f"{checkpoints[-1].name} holds the recorder with {read_meta(saved['recorder'])['num_records']} records")
 

@@ -111,7 +111,7 @@ def test_lightning_example_prints_trained_and_cmd_accuracy_and_writes_the_cmd_mo
     assert trained > 0.85 and abs(cmd - trained) < 0.05
     assert number(r"exported CMD model:\s+([\d.]+)", out) == cmd
     assert "holds the recorder with 6 records" in out
-    assert (tmp_path / "cmd_model.pt").exists()
+    assert (tmp_path / "cmd_model.ckpt").exists()
 
 
 def test_hf_trainer_example_prints_trained_and_cmd_accuracy_and_saves_a_pretrained_cmd_model(run_example, tmp_path):

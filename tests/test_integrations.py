@@ -64,3 +64,32 @@ def test_the_weights_fingerprint_tells_the_same_weights_also_with_nan_and_inf():
     other[5, 2] += 1e-3
     assert not _common.same_weights(_common.weights_fingerprint([w]), _common.weights_fingerprint([other]))
     assert not _common.same_weights(_common.weights_fingerprint([w]), _common.weights_fingerprint([bad]))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_callbacks_recorder_logs_each_record_at_its_own_step_also_late_and_after_a_skipped_one(offload):
+    from cmd_online.tensorboard import MetricsLogger
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    step, logged = [0], []
+    rec = _common.StampedRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=20, warmup=3,
+                                  offload=offload, clock=lambda: step[0])
+    _common.add_observers(rec, [MetricsLogger(lambda metrics, at: logged.append((at, "cmd/memory/bytes" in metrics)),
+                                              every=100, step=_common.step_function(rec))])
+    with pytest.warns(RuntimeWarning, match="record 4 skipped"):
+        for t in range(1, 9):
+            step[0] = 10 * t  # the trainer's step when the record is taken; with offload it is told later
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+                if t == 5:  # a record of non-finite weights: skipped
+                    kept = model.weight[0, 0].item()
+                    model.weight[0, 0] = float("nan")
+                    rec.record()
+                    model.weight[0, 0] = kept
+                    continue
+            rec.record()
+        rec.close()
+    assert [at for at, per_record in logged if per_record] == [30, 40, 60, 70, 80]  # not 50: skipped
+    assert rec.num_records == 7 and rec.attempts == 8

@@ -290,6 +290,53 @@ def test_evaluate_cmd_logs_the_cmd_weights_metrics_beside_the_trained_ones(tmp_p
     assert by_cmd.best_model_score == pytest.approx(min(g["cmd/val_loss"] for g in got), rel=1e-6)
 
 
+def test_evaluate_cmd_leaves_the_iterator_of_a_loader_with_persistent_workers_alone():
+    x, y = val_loader().dataset.tensors
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, num_workers=1,
+                                         persistent_workers=True)
+    model = WithMetric()
+    with pytest.warns(RuntimeWarning, match="appended to self.outputs"):
+        trainer(max_epochs=4, callbacks=[CMDCallback(**CONFIG | dict(warmup=3), evaluate_cmd=True)]).fit(
+            model, train_loader(), loader)
+    assert model.outputs_per_epoch == [len(y)] * 4  # Lightning's own pass saw every batch, after the CMD pass too
+
+
+class ImageLogger(pl.loggers.Logger):
+    """A logger with log_image, as W&B's: what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics, self.images = [], []
+
+    @property
+    def name(self):
+        return "images"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, metrics))
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images.append((key, step, images[0].shape))
+
+
+def test_a_logger_that_takes_images_gets_the_figures_too():
+    logger = ImageLogger()
+    trainer(max_epochs=4, callbacks=[CMDCallback(**CONFIG | dict(warmup=3), log_every=1)], logger=logger).fit(
+        Digits(), train_loader())
+    assert {key for key, *_ in logger.images} == {"cmd/figures/correlation", "cmd/figures/references",
+                                                 "cmd/figures/mode_by_layer"}
+    assert {step for _, step, _ in logger.images if step != 96} == {72}  # the warm-up's end; interval maps later
+    steps = [step for step, metrics in logger.metrics if "cmd/reference/mode_00" in metrics]
+    assert steps == [72, 96]
+
+
 def test_swap_for_validation_and_evaluate_cmd_are_refused_together():
     with pytest.raises(ValueError, match="swap_for_validation.*evaluate_cmd.*choose one"):
         CMDCallback(swap_for_validation=True, evaluate_cmd=True)

@@ -137,3 +137,38 @@ def test_the_writer_and_its_interval_can_be_changed_between_records(tmp_path, mo
     logged = scalars(tmp_path)
     assert [step for step, _ in logged["cmd/reference/mode_00"]] == [4, 5, 6, 7]
     assert [step for step, _ in logged["cmd/fit/mean_r2"]] == [4, 5, 6, 7]  # every record from the third on
+
+
+def test_metrics_logger_hands_the_tensorboard_scalars_to_any_log_callable(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb, "FIGURES", "native")
+    calls, images = [], []
+    writer = SummaryWriter(str(tmp_path))
+    step = lambda index: 100 * (index + 1)  # noqa: E731 - e.g. the loop's global step at record `index`
+    train(8, callbacks=[tb.TensorBoardLogger(writer, every=2, step=step),
+                        tb.MetricsLogger(lambda metrics, at: calls.append((at, metrics)), every=2, step=step,
+                                         image=lambda tag, array, at: images.append((tag, array.shape, array.dtype, at)))])
+    writer.close()
+    logged = scalars(tmp_path)
+    by_tag = {}
+    for at, metrics in calls:
+        assert all(isinstance(v, float) for v in metrics.values())
+        for tag, value in metrics.items():
+            by_tag.setdefault(tag, []).append((at, value))
+    assert by_tag.keys() == logged.keys() and "cmd/fit/mean_r2" in by_tag  # the same scalars …
+    for tag in logged:  # … at the same steps (TensorBoard keeps float32)
+        assert [s for s, _ in by_tag[tag]] == [s for s, _ in logged[tag]]
+        assert [v for _, v in by_tag[tag]] == pytest.approx([v for _, v in logged[tag]], rel=1e-6)
+    assert [s for s, _ in logged["cmd/reference/mode_00"]] == [100 * (i + 1) for i in range(WARMUP - 1, 8)]
+    assert {tag for tag, *_ in images} == {"cmd/figures/correlation", "cmd/figures/references",
+                                          "cmd/figures/mode_by_layer"}
+    assert all(len(shape) == 3 and shape[2] == 3 and dtype == "uint8" for _, shape, dtype, _ in images)  # H × W × RGB
+    assert images[0][3] == 100 * WARMUP  # the warm-up figures at the step of the record that ended it
+
+
+def test_metrics_logger_checks_its_arguments():
+    with pytest.raises(TypeError, match="log must be a callable"):
+        tb.MetricsLogger("wandb")
+    with pytest.raises(TypeError, match="image must be a callable"):
+        tb.MetricsLogger(print, image=3)
+    with pytest.raises(TypeError, match="step must be a callable"):
+        tb.TensorBoardLogger(type("Writer", (), {"add_scalar": lambda *args: None})(), step=5)

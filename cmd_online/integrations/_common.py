@@ -1,9 +1,10 @@
 """What the Lightning and the Hugging Face callbacks share, written once.
 
-Argument checks, the one function that builds the recorder, finding the torch optimizer inside a
-framework's wrapper, the names the user sees (no ``_orig_mod.``), when to record (once per epoch, or
-every k optimizer steps that really happen), swapping the CMD weights in and out, and the callback's
-state (in a framework checkpoint or in a file of its own). Nothing here imports a framework.
+Argument checks (the recorder's own arguments pass through), the one function that builds the
+recorder and the trainer's step of each of its records (for logging), finding the torch optimizer
+inside a framework's wrapper, the names the user sees (no ``_orig_mod.``), when to record (once per
+epoch, or every k optimizer steps that really happen), swapping the CMD weights in and out, and the
+callback's state (in a framework checkpoint or in a file of its own). Nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -113,21 +114,25 @@ class StampedRecorder(CMDRecorder):
 
     def __init__(self, *args: Any, clock=None, **kwargs: Any):
         self.clock = clock
-        self._stamps: list[int] = []
+        self._stamps: list[int] = []  # the steps of the attempts from the _dropped-th on (those not yet told)
+        self._dropped = 0
         self._base = (0, 0)
         super().__init__(*args, **kwargs)
 
     def start_stamps(self) -> None:
         """From now on (after a state was loaded), count the records of this run."""
-        self._stamps, self._base = [], (self.num_records, self.skipped_records)
+        self._stamps, self._dropped, self._base = [], 0, (self.num_records, self.skipped_records)
 
     @property
     def attempts(self) -> int:
         """Records this run has tried to take (skipped ones included)."""
-        return len(self._stamps)
+        return self._dropped + len(self._stamps)
 
     def record(self) -> bool:
-        self._stamps.append(int(self.clock()) if self.clock is not None else len(self._stamps))
+        self._stamps.append(int(self.clock()) if self.clock is not None else self.attempts)
+        if not self.offload and len(self._stamps) > 1:  # told at once: only the last one is asked for
+            self._dropped += len(self._stamps) - 1
+            del self._stamps[:-1]
         return super().record()
 
     def step_of(self, index: int) -> int:
@@ -138,8 +143,13 @@ class StampedRecorder(CMDRecorder):
             return self._stamps[-1]
         # told later: while the observers hear of record i the worker applies nothing after it, so the
         # records and skipped records counted now are those up to i
-        attempt = index - self._base[0] + self.skipped_records - self._base[1]
-        return self._stamps[attempt] if 0 <= attempt < len(self._stamps) else self._stamps[-1]
+        attempt = index - self._base[0] + self.skipped_records - self._base[1] - self._dropped
+        if not 0 <= attempt < len(self._stamps):
+            return self._stamps[-1]
+        step = self._stamps[attempt]
+        self._dropped += attempt  # the attempts before it are told: their steps are not asked for again
+        del self._stamps[:attempt]
+        return step
 
 
 def build_recorder(optimizer: torch.optim.Optimizer, model: torch.nn.Module, options: Options,
