@@ -173,17 +173,15 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
             "new recording from this point")
 
     def _find_trainer(self):
-        """The Trainer that calls this callback. Callbacks are not handed their Trainer: it is the caller, a few
-        frames up, whose callback handler holds this callback (weakly kept)."""
-        trainer = None if self._trainer is None else self._trainer()
-        if trainer is not None:
-            return trainer
+        """The Trainer that calls this callback (kept weakly for the calls that come from elsewhere). Callbacks are
+        not handed their Trainer: it is the caller of the event, a few frames up, whose callback handler holds
+        this callback (a callback given to a second Trainer follows it)."""
         frame = inspect.currentframe()
         try:
             for _ in range(16):
                 frame = frame.f_back if frame is not None else None
                 if frame is None:
-                    return None
+                    break
                 candidate = frame.f_locals.get("self")
                 handler = getattr(candidate, "callback_handler", None)
                 if handler is not None and any(cb is self for cb in getattr(handler, "callbacks", ())) \
@@ -192,7 +190,7 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
                     return candidate
         finally:
             del frame
-        return None
+        return None if self._trainer is None else self._trainer()
 
     def _observers(self, args, trainer, rec) -> list:
         every = self.options.log_every
