@@ -186,8 +186,8 @@ def test_evaluate_inside_swapped_evaluates_the_cmd_model_and_gives_the_weights_b
     with cmd.swapped():
         cmd_loss = trainer.evaluate(metric_key_prefix="cmd_eval")["cmd_eval_loss"]
     assert trainer.evaluate()["eval_loss"] == trained
-    exported = Trainer(model=GPT2LMHeadModel.from_pretrained(run["out"] / "cmd_model"), args=trainer.args,
-                       eval_dataset=Chars(64, start=256))
+    exported = Trainer(model=GPT2LMHeadModel.from_pretrained(run["out"] / "cmd_model"),
+                       args=arguments(run["out"] / "exported"), eval_dataset=Chars(64, start=256))
     assert cmd_loss == pytest.approx(exported.evaluate()["eval_loss"], rel=1e-6)
     assert abs(cmd_loss - trained) > 1e-3
 
