@@ -23,7 +23,7 @@ from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_pa
 from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
 from .files import atomic_save, pack, unpack
-from .layout import GatherPlan, Layout
+from .layout import RECORDABLE_DTYPES, GatherPlan, Layout
 from .observers import check_observers, notify, tensorboard_logger
 from .offload import Job, Offload
 from .references import ReferenceSlots, ReferenceTable
@@ -201,12 +201,24 @@ class CMDRecorder:
             if first.setdefault(id(p), i) != i:
                 raise ValueError(f"optimizer parameter {i} is the same tensor as parameter {first[id(p)]}: each "
                                  f"parameter must appear once in the optimizer's param_groups")
+        names = {} if model is None else {id(p): n for n, p in model.named_parameters()}
         for i, p in enumerate(params):
+            what = f"parameter {names[id(p)]!r} (optimizer parameter {i})" if id(p) in names \
+                else f"optimizer parameter {i}"
+            if isinstance(p, torch.nn.parameter.UninitializedParameter):
+                raise ValueError(f"{what} is an uninitialized parameter of a lazy module (LazyLinear, …): run a "
+                                 f"forward pass first, then build the optimizer and the recorder")
             if not p.is_floating_point():
-                raise TypeError(f"optimizer parameter {i} has dtype {p.dtype}; CMD records floating-point parameters")
+                raise TypeError(f"{what} has dtype {p.dtype}; CMD records floating-point parameters")
+            if p.dtype not in RECORDABLE_DTYPES:  # float8 and smaller: no arithmetic to record them with
+                raise TypeError(f"{what} has dtype {p.dtype}; CMD records float64, float32, float16 and bfloat16 "
+                                f"parameters (float8 training keeps master weights in one of these: record those)")
             if p.layout != torch.strided:
-                raise TypeError(f"optimizer parameter {i} has layout {p.layout}; CMD records dense (strided) "
-                                f"parameters")
+                raise TypeError(f"{what} has layout {p.layout}; CMD records dense (strided) parameters")
+            if p.is_meta:
+                raise ValueError(f"{what} is on the meta device, so it holds no values to record: build the "
+                                 f"recorder once the parameters are materialised (model.to_empty(device=...) and "
+                                 f"initialised, or loaded)")
         if model is not None:
             owned = {id(p) for p in model.parameters()}
             foreign = [i for i, p in enumerate(params) if id(p) not in owned]
@@ -863,22 +875,30 @@ class CMDRecorder:
                              self._shards.like_param)
 
     @_serialised
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore from :meth:`state_dict` (this version, or 1 and 2 of earlier cmd_online). Every field is
-        checked first: a state of another configuration, other parameter shapes, other samples, or one
-        damaged, is refused with a ValueError and changes nothing."""
-        self._sync()
-        self._load_state_dict(state)
+        checked first: a state of another configuration, other parameters, other samples, or one damaged
+        (its checksum), is refused with a ValueError that says what differs, and changes nothing.
 
-    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        The parameters must be as many, of the same shapes, in the same order, as when the state was
+        recorded, and (``strict``, default) of the same names up to wrappers: ``torch.compile``'s
+        ``_orig_mod.``, FSDP1's and activation checkpointing's components anywhere, and one leading prefix
+        on each side (DDP's ``module.``, a LightningModule's attribute); a recorder built without
+        ``model=`` matches any names. ``strict=False`` matches the parameters by position only (for the
+        same parameters renamed)."""
+        self._sync()
+        self._load_state_dict(state, check_bool("strict", strict))
+
+    def _load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         fresh = False
         if isinstance(state, dict) and "meta" in state:  # version 3
             state = from_per_parameter(unpack(state["meta"]), state.get("stats"),
                                        [self._shards.rows(i) for i in range(len(self.layout.names))],
-                                       self._shards.from_state, config=self.config, layout=self.layout)
+                                       self._shards.from_state, config=self.config, layout=self.layout, strict=strict)
             fresh = True  # its flat statistics are new tensors: taken, not copied again
         checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
-                              sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes))
+                              sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes),
+                              strict=strict)
         # everything checked: now change the recorder
         self._history = checked.history.to(self.device, self._coefficient_dtype).clone()
         self._steps = checked.steps
