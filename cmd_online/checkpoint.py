@@ -11,7 +11,9 @@ freshly built recorder's ``state_dict()`` is the template DCP loads any checkpoi
 configuration into::
 
     {"meta":  bytes: torch.save of the replicated part (config, layout, counters, samples, warm-up
-              history, references, the reference moments), read back with weights_only=True,
+              history, references, the reference moments, and past the warm-up of an unsharded run
+              the "checksum" of the statistics), read back with weights_only=True after its zip
+              members' CRC-32s are checked,
      "stats": {"shift"/"mean"/"sumsq"/"modes": {parameter name: a tensor shaped like the parameter},
                "rows": {parameter name: the row indices this process holds, a vector},
                "comoment": {"mode_m": {parameter name: P's row m}, m < the mode bound}}}
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from .config import CMDConfig
-from .files import unpack
+from .files import ChecksumError, unpack, verify_checksum
 from .layout import WRAPPER_COMPONENTS, Layout, core_name, name_differences
 
 FORMAT = "cmd_online.CMDRecorder"
@@ -320,8 +322,30 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
                          f"load_state_dict")
     out["comoment"] = [flat("comoment", row) for row in rows_needed]
     out.update({key: meta.get(key) for key in ("count", "ref_shift", "ref_mean", "ref_sumsq")})
+    parts = stats_checked(stats, names, M, compact)
+    if "checksum" in meta and not any(type(t).__name__ == "DTensor" for _, t in parts):
+        try:
+            verify_checksum(meta["checksum"], parts, "the statistics")
+        except ChecksumError as e:
+            raise ValueError(f"{e}: the state is damaged (corrupted in the file it was read from?), or it was saved "
+                             f"after a later record changed the recorder's tensors (state_dict() holds references: "
+                             f"save it at once); nothing was loaded") from None
     state["stats"] = out
     return state
+
+
+def stats_checked(stats: dict, names, M: int, compact: bool) -> list[tuple[str, Any]]:
+    """What the checksum of a version-3 state covers: every per-parameter tensor a resume reads (the row
+    markers, shift, mean, sums of squares, the modes once frozen, and P's rows of the M modes), keyed by
+    the recorded names."""
+    out = []
+    for name in names:
+        out.append((f"rows.{name}", stats["rows"][name]))
+        out.extend((f"{kind}.{name}", stats[kind][name]) for kind in ("shift", "mean", "sumsq", "modes")
+                   if kind != "modes" or compact)
+        out.extend((f"comoment.mode_{m}.{name}", stats["comoment"][f"mode_{m}"][name])
+                   for m in range(1 if compact else M))
+    return out
 
 
 def _stats_names(stats: dict, saved: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:

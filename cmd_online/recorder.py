@@ -19,17 +19,17 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter
+from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter, stats_checked
 from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
-from .files import atomic_save, pack, unpack
+from .files import atomic_save, checksum, pack, unpack
 from .layout import RECORDABLE_DTYPES, GatherPlan, Layout
 from .observers import check_observers, notify, tensorboard_logger
 from .offload import Job, Offload
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
 from .stats import KERNELS, AffineFit, StreamingMoments, mode_dtype, pin_references
-from .trajectory import CMDTrajectory, normalize_at, reconstruct
+from .trajectory import CMDTrajectory, normalize_at, parts_checked, reconstruct
 
 
 
@@ -779,7 +779,10 @@ class CMDRecorder:
         shapes = [tuple(s) for s in self._local_shapes]
         place = lambda xs: {name: self._shards.like_param(i, x.view(shape))  # noqa: E731
                             for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
-        return {"meta": pack(meta), "a": place(a), "b": place(b), "modes": place(modes)}
+        state = {"a": place(a), "b": place(b), "modes": place(modes)}
+        if not self._shards.sharded:  # whole tensors: a checksum that holds wherever they are loaded
+            meta["checksum"] = checksum(parts_checked(state, self.layout.names))
+        return {"meta": pack(meta), **state}
 
     @_serialised
     def r2(self) -> list[torch.Tensor]:
@@ -838,7 +841,10 @@ class CMDRecorder:
         ends the statistics are zeros, allocated for the call.
         """
         self._sync()
-        return {"meta": pack(self._meta()), "stats": self._per_parameter_stats()}
+        stats, meta = self._per_parameter_stats(), self._meta()
+        if self._stats is not None and not self._shards.sharded:  # whole tensors: a checksum that holds anywhere
+            meta["checksum"] = checksum(stats_checked(stats, self.layout.names, self.num_modes, self._stats.compact))
+        return {"meta": pack(meta), "stats": stats}
 
     def _mode_bound(self) -> int:
         """Rows of P in a state: the configured bound, else the modes found (0 during the warm-up)."""

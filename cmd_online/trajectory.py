@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .files import atomic_save, check_format, safe_load, unpack
+from .files import atomic_save, check_format, checksum, safe_load, unpack, verify_checksum
 from .layout import Layout
 
 FORMAT = "cmd_online.CMDTrajectory"
@@ -233,6 +233,7 @@ class CMDTrajectory:
         for name in _OPTIONAL:
             if getattr(self, name) is not None:
                 payload[name] = getattr(self, name).detach().cpu()
+        payload["checksum"] = checksum(_checked(payload))
         atomic_save(payload, path)
 
     @classmethod
@@ -240,9 +241,13 @@ class CMDTrajectory:
         """Read a file written by :meth:`save`; refuses other files with a ValueError that says why.
 
         Every field is checked as the constructor checks its argument, and must be a tensor (an int for
-        ``window_start``, a dict of lists for ``layout``); an optional field is checked when present.
+        ``window_start``, a dict of lists for ``layout``); an optional field is checked when present. Then
+        the file's checksum (of every field): a damaged file is refused, naming it; a file
+        of an earlier cmd_online, without one, by its zip members' CRC-32s.
         """
-        obj = check_format(safe_load(path, "CMD trajectory", map_location), path, FORMAT, (VERSION,))
+        has_checksum = lambda obj: isinstance(obj, dict) and "checksum" in obj  # noqa: E731
+        obj = check_format(safe_load(path, "CMD trajectory", map_location, own_checksum=has_checksum), path, FORMAT,
+                           (VERSION,))
         try:
             missing = [name for name in _REQUIRED if name not in obj]
             if missing:
@@ -252,7 +257,10 @@ class CMDTrajectory:
                 if name not in ("window_start", "layout") and not isinstance(value, torch.Tensor):
                     raise TypeError(f"{name} must be a tensor; got {type(value).__name__}")
             fields["layout"] = _layout_from_file(fields["layout"])
-            return cls(**fields)
+            trajectory = cls(**fields)
+            if "checksum" in obj:
+                verify_checksum(obj["checksum"], _checked(obj), "its fields")
+            return trajectory
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"{str(path)!r} is a damaged CMD trajectory file: {e}") from None
 
@@ -271,6 +279,8 @@ class CMDTrajectory:
         missing = [key for key in ("references", "reference_index", "window_start") if key not in meta]
         if missing:
             raise ValueError(f"state['meta'] is missing {', '.join(map(repr, missing))}")
+        if "checksum" in meta:  # written unsharded: the parts are the ones it was computed over
+            verify_checksum(meta["checksum"], parts_checked(state, layout.names), "state's a, b and modes")
         optional = {key: meta.get(key) for key in _OPTIONAL}
         return cls(meta["references"], meta["reference_index"], flat["a"], flat["b"], flat["modes"],
                    meta["window_start"], layout, **optional)
@@ -278,6 +288,16 @@ class CMDTrajectory:
     def __repr__(self) -> str:
         return (f"CMDTrajectory(weights={self.num_weights}, modes={self.num_modes}, "
                 f"records={self.num_records}, window_start={self.window_start})")
+
+
+def parts_checked(state: dict, names) -> list[tuple[str, object]]:
+    """What the checksum of a ``trajectory_state_dict`` covers: a, b and the modes of every parameter."""
+    return [(f"{kind}.{name}", state[kind][name]) for kind in ("a", "b", "modes") for name in names]
+
+
+def _checked(fields: dict) -> list[tuple[str, object]]:
+    """What a trajectory file's checksum covers: every field, present or not (None), in a fixed order."""
+    return [(name, fields.get(name)) for name in ("format", "version", *_REQUIRED, *_OPTIONAL)]
 
 
 def _layout_from_file(entry) -> Layout:
