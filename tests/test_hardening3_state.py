@@ -236,3 +236,171 @@ def test_13_fewer_modes_than_asked_warn_with_the_number_found():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cluster(copies, modes=3).num_modes == 3  # as many as asked: no warning
+
+
+# ------------------------------------------------------------------------------------------ 14
+def tracked_recorder(**kw):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = recorder(opt, model, **{"modes": 3, **kw})
+    walk(list(model.parameters()), 6, rec)
+    return model, rec
+
+
+def fresh(model, **kw):
+    return recorder(torch.optim.SGD(model.parameters(), lr=0.1), model, **{"modes": 3, **kw})
+
+
+def flipped_bits(data: bytes, count: int, seed: int = 0):
+    """``data`` with one bit flipped, at ``count`` positions spread over the whole file (seeded)."""
+    rng = np.random.default_rng(seed)
+    for bit in rng.choice(len(data) * 8, size=count, replace=False):
+        out = bytearray(data)
+        out[bit // 8] ^= 1 << (bit % 8)
+        yield bytes(out)
+
+
+@pytest.mark.parametrize("freeze", [None, 2])
+def test_14_a_flipped_bit_in_a_saved_recorder_state_is_refused_or_harmless(freeze):
+    """torch.save(rec.state_dict()) as the how-to writes it, one bit flipped, torch.load and load_state_dict:
+    never different values (before the checksum: 149 of 400 flips loaded different values)."""
+    import io
+
+    from _states import assert_same, leaves
+    model, rec = tracked_recorder(freeze_modes_after=freeze)
+    buffer = io.BytesIO()
+    torch.save(rec.state_dict(), buffer)
+    expected = leaves(rec.state_dict())
+    counts = {"refused": 0, "identical": 0}
+    for data in flipped_bits(buffer.getvalue(), 300):
+        target = fresh(model, freeze_modes_after=freeze)
+        try:
+            target.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+        except Exception:  # noqa: BLE001 - torch.load's own errors, or the recorder's ValueError
+            counts["refused"] += 1
+            assert target.num_records == 0
+            continue
+        finally:
+            target.close()
+        assert_same(leaves(target.state_dict()), expected)
+        counts["identical"] += 1
+    assert counts["refused"] > 150 and counts["identical"] > 10, counts
+
+
+def test_14_a_damaged_statistic_is_refused_with_a_clear_error_and_changes_nothing():
+    model, rec = tracked_recorder()
+    state = rec.state_dict()
+    name = next(iter(state["stats"]["mean"]))
+    damaged = {**state, "stats": {**state["stats"], "mean": {**state["stats"]["mean"]}}}
+    value = damaged["stats"]["mean"][name].clone()
+    value.view(torch.int32).view(-1)[3] ^= 1 << 4  # one bit of one value
+    damaged["stats"]["mean"][name] = value
+    target = fresh(model)
+    with pytest.raises(ValueError, match=r"the statistics do not match their checksum .*: the state is damaged"):
+        target.load_state_dict(damaged)
+    assert target.num_records == 0
+    target.load_state_dict(state)  # the undamaged state loads
+    assert target.num_records == 6
+
+
+def test_14_a_state_saved_after_a_later_record_is_refused():
+    """state_dict() holds references: a state kept past the next record no longer matches its checksum."""
+    model, rec = tracked_recorder()
+    state = rec.state_dict()
+    walk(list(model.parameters()), 1, rec, start=6)
+    with pytest.raises(ValueError, match=r"saved after a later record changed the recorder's tensors"):
+        fresh(model).load_state_dict(state)
+
+
+def test_14_a_flipped_bit_in_the_packed_meta_is_refused():
+    from cmd_online.files import pack, unpack
+    model, rec = tracked_recorder()
+    state = rec.state_dict()
+    meta = state["meta"]
+    history = unpack(meta)["history"]
+    pos = meta.find(history[0].numpy().tobytes()[:8])
+    assert pos > 0
+    bad = bytearray(meta)
+    bad[pos + 2] ^= 0x10
+    with pytest.raises(ValueError, match=r"state\['meta'\] is not readable .*CRC"):
+        fresh(model).load_state_dict({**state, "meta": bytes(bad)})
+    # torch.serialization.set_crc32_options(False) does not take the CRC-32s away from the packed meta
+    torch.serialization.set_crc32_options(False)
+    try:
+        blob = pack({"x": torch.arange(5.0)})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    import io
+    import zipfile
+    assert all(info.CRC for info in zipfile.ZipFile(io.BytesIO(blob)).infolist() if info.file_size)
+
+
+def test_14_a_state_without_a_checksum_still_loads():
+    from _states import edit_meta
+    model, rec = tracked_recorder()
+    old = edit_meta(rec.state_dict(), lambda meta: meta.pop("checksum"))
+    target = fresh(model)
+    target.load_state_dict(old)
+    same_trajectory(target.trajectory(), rec.trajectory())
+
+
+def small_trajectory(N=600, T=8):
+    g = torch.Generator().manual_seed(0)
+    return cmdo.CMDTrajectory(torch.randn(3, T, generator=g), torch.tensor([5, 100, 400]),
+                              torch.randn(N, generator=g), torch.randn(N, generator=g),
+                              torch.randint(0, 3, (N,), generator=g, dtype=torch.int32), 2,
+                              mode_r2=torch.rand(3, generator=g), set_aside=torch.tensor([False, True, False]))
+
+
+@pytest.mark.parametrize("crc32", [True, False])
+def test_14_a_flipped_bit_in_a_trajectory_file_is_refused_or_harmless(tmp_path, crc32):
+    """Also for a file written with torch's zip CRC-32s off, which nothing could check before."""
+    original = small_trajectory()
+    path = tmp_path / "traj.cmd"
+    torch.serialization.set_crc32_options(crc32)
+    try:
+        original.save(path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    counts = {"refused": 0, "identical": 0}
+    bad = tmp_path / "bad.cmd"
+    for data in flipped_bits(path.read_bytes(), 300, seed=1):
+        bad.write_bytes(data)
+        try:
+            loaded = cmdo.CMDTrajectory.load(bad)
+        except ValueError as e:
+            assert str(bad) in str(e)
+            counts["refused"] += 1
+            continue
+        same_trajectory(loaded, original)
+        for name in ("mode_r2", "set_aside"):
+            assert torch.equal(getattr(loaded, name), getattr(original, name))
+        assert loaded.window_start == original.window_start and loaded.layout == original.layout
+        counts["identical"] += 1
+    assert counts["refused"] > 100, counts
+
+
+def test_14_a_damaged_trajectory_value_names_the_file(tmp_path):
+    original = small_trajectory()
+    path = tmp_path / "traj.cmd"
+    original.save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["b"][7] = payload["b"][7].nextafter(torch.tensor(10.0))  # one ulp: every field check passes
+    torch.save(payload, path)  # fresh zip CRC-32s: only the file's own checksum can tell
+    with pytest.raises(ValueError, match=rf"'{path}' is a damaged CMD trajectory file: its fields do not match "
+                                         r"their checksum .*corrupted"):
+        cmdo.CMDTrajectory.load(path)
+    del payload["checksum"]  # a file of an earlier cmd_online: loads
+    torch.save(payload, path)
+    assert torch.equal(cmdo.CMDTrajectory.load(path).b, payload["b"])
+
+
+def test_14_trajectory_state_dict_carries_a_checksum_of_a_b_and_the_modes():
+    _, rec = tracked_recorder()
+    state = rec.trajectory_state_dict()
+    same_trajectory(cmdo.CMDTrajectory.from_state_dict(state), rec.trajectory())
+    name = next(iter(state["a"]))
+    state["a"][name] = state["a"][name].clone()
+    state["a"][name].view(-1)[0] += 1e-3
+    with pytest.raises(ValueError, match=r"state's a, b and modes do not match their checksum"):
+        cmdo.CMDTrajectory.from_state_dict(state)

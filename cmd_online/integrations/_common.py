@@ -269,7 +269,10 @@ def restore_state(rec: CMDRecorder, schedule: Schedule, state: Any, where: str) 
     if state.get("record_every_n_steps") != schedule.every_n_steps:
         raise ValueError(f"{where} was recorded with record_every_n_steps={state.get('record_every_n_steps')!r}, "
                          f"but this callback has record_every_n_steps={schedule.every_n_steps!r}; use the same")
-    rec.load_state_dict(state["recorder"])
+    try:
+        rec.load_state_dict(state["recorder"])
+    except ValueError as e:  # a damaged or mismatched recorder state: say which file holds it
+        raise ValueError(f"{where}: {e}") from None
     schedule.epochs.last_epoch = int(state["recorded_epoch"])
 
 
