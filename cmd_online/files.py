@@ -321,7 +321,7 @@ def unpack(blob: Any, field: str = "meta") -> dict:
 # ------------------------------------------------------------------------------------------ checksums
 CHECKSUM = "crc32-1MiB"  # the algorithm: CRC-32 of each 1 MiB piece, then CRC-32 of those (little-endian)
 _PIECE = 1 << 20
-_PARALLEL = 8 << 20  # bytes of a tensor from which its pieces are checked on several threads
+_PARALLEL = 4 << 20  # bytes from which the pieces are checked on several threads
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -354,20 +354,33 @@ def checksum(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
 
     Returns ``{"algorithm": CHECKSUM, "value": int}``, stored with the values and checked on load by
     :func:`verify_checksum`. CRC-32 detects every single-bit error and every burst of up to 32 bits in a
-    piece; the pieces of large tensors are checked on several threads. Tensors must be plain (not DTensors).
+    piece. The pieces are checked on several threads (zlib releases the GIL): CPU tensors in place,
+    others copied to the host one at a time. Tensors must be plain (not DTensors).
     """
-    crcs = []
+    pieces: list = []  # bytes, or views of CPU tensors; a list of CRCs for a tensor done on its own
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if size >= _PARALLEL and (os.cpu_count() or 1) > 1:
+            crcs.extend(_pool().map(zlib.crc32, pieces))
+        else:
+            crcs.extend(map(zlib.crc32, pieces))
+        pieces.clear()
+        size = 0
+
+    crcs: list[int] = []
     for label, value in items:
         if isinstance(value, torch.Tensor):
-            crcs.append(zlib.crc32(f"{label}|{value.dtype}|{tuple(value.shape)}".encode()))
+            pieces.append(f"{label}|{value.dtype}|{tuple(value.shape)}".encode())
             data = _bytes_of(value)
-            pieces = [data[i:i + _PIECE] for i in range(0, data.size, _PIECE)]
-            if data.size >= _PARALLEL and (os.cpu_count() or 1) > 1:
-                crcs.extend(_pool().map(zlib.crc32, pieces))
-            else:
-                crcs.extend(zlib.crc32(piece) for piece in pieces)
+            pieces.extend(data[i:i + _PIECE] for i in range(0, data.size, _PIECE))
+            size += data.size
+            if value.device.type != "cpu":  # a host copy: checked now, then freed
+                flush()
         else:
-            crcs.append(zlib.crc32(f"{label}|{value!r}".encode()))
+            pieces.append(f"{label}|{value!r}".encode())
+    flush()
     return {"algorithm": CHECKSUM, "value": zlib.crc32(np.asarray(crcs, dtype="<u4").tobytes())}
 
 
