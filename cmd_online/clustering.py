@@ -71,7 +71,7 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
             distance every pair inside a mode then has |corr| ≥ 1 − threshold − 10⁻⁹, the paper's
             hypothesis with ε = threshold.
         distance (str): ``"correlation"``: 1 − |C_ij| (default); ``"euclidean"``: the Euclidean
-            distance between rows i and j of |C|, as the paper authors' code computes it.
+            distance between rows i and j of |C|, the distance of the paper authors' code.
         max_modes (int): with ``threshold``, a cut that gives more modes is coarsened to this many
             (criterion ``maxclust``) (default None: no bound).
     """

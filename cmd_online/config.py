@@ -105,8 +105,8 @@ class CMDConfig(Mapping):
             fixes the shapes of the state a freshly built recorder loads through
             torch.distributed.checkpoint (default None: no bound). With ``modes`` it must be None.
         distance (str): clustering distance between two sampled weights: ``"correlation"``, 1 − |C_ij|
-            (default), or ``"euclidean"``, the Euclidean distance between rows i and j of |C|, as the
-            paper authors' code does.
+            (default), or ``"euclidean"``, the Euclidean distance between rows i and j of |C|, the
+            distance of the paper authors' code (docs/concepts.md: what it reproduces of their code).
     """
 
     modes: int | None = None

@@ -319,8 +319,13 @@ def unpack(blob: Any, field: str = "meta") -> dict:
 
 
 # ------------------------------------------------------------------------------------------ checksums
-CHECKSUM = "crc32-1MiB"  # the algorithm: CRC-32 of each 1 MiB piece, then CRC-32 of those (little-endian)
+# The algorithm: each 1 MiB piece of a tensor's bytes is folded by XOR into 16 KiB (its 64-bit words, in
+# rows of 2048, XORed together), whose CRC-32 (with the piece's tail) is the piece's; the checksum is the
+# CRC-32 of the pieces' CRC-32s. A flipped bit flips one bit of its piece's fold, which CRC-32 always
+# detects; the fold runs at memory speed, about 7 times as fast as CRC-32 over all the bytes.
+CHECKSUM = "xor16KiB-crc32-1MiB"
 _PIECE = 1 << 20
+_FOLD = 1 << 14  # bytes of a piece's fold: 2048 words
 _PARALLEL = 4 << 20  # bytes from which the pieces are checked on several threads
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -331,7 +336,7 @@ class ChecksumError(ValueError):
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for the CRC-32s of large tensors (zlib releases the GIL while it computes one)."""
+    """Threads for the pieces of large tensors (numpy and zlib release the GIL while they compute)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
@@ -349,13 +354,22 @@ def _bytes_of(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
 
+def _piece_crc(piece) -> int:
+    """CRC-32 of one piece (bytes, or a uint8 array of at most 1 MiB): its fold, then its tail."""
+    if isinstance(piece, bytes) or len(piece) < 2 * _FOLD:
+        return zlib.crc32(piece)
+    full = len(piece) // _FOLD * _FOLD
+    fold = np.bitwise_xor.reduce(piece[:full].view(np.uint64).reshape(-1, _FOLD // 8), axis=0)
+    return zlib.crc32(piece[full:], zlib.crc32(fold.astype("<u8", copy=False)))
+
+
 def checksum(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """A checksum of labelled values: tensors (dtype, shape and bytes) and plain values (their ``repr``).
 
     Returns ``{"algorithm": CHECKSUM, "value": int}``, stored with the values and checked on load by
-    :func:`verify_checksum`. CRC-32 detects every single-bit error and every burst of up to 32 bits in a
-    piece. The pieces are checked on several threads (zlib releases the GIL): CPU tensors in place,
-    others copied to the host one at a time. Tensors must be plain (not DTensors).
+    :func:`verify_checksum`. It detects every single flipped bit (:data:`CHECKSUM`). The pieces are
+    checked on several threads (numpy and zlib release the GIL): CPU tensors in place, others copied
+    to the host one at a time. Tensors must be plain (not DTensors).
     """
     pieces: list = []  # bytes, or views of CPU tensors; a list of CRCs for a tensor done on its own
     size = 0
@@ -363,9 +377,9 @@ def checksum(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     def flush() -> None:
         nonlocal size
         if size >= _PARALLEL and (os.cpu_count() or 1) > 1:
-            crcs.extend(_pool().map(zlib.crc32, pieces))
+            crcs.extend(_pool().map(_piece_crc, pieces))
         else:
-            crcs.extend(map(zlib.crc32, pieces))
+            crcs.extend(map(_piece_crc, pieces))
         pieces.clear()
         size = 0
 

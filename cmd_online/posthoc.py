@@ -155,7 +155,7 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
             recorder does with ``warmup=F``.
         layout (Layout): names, shapes and dtypes of the tensors the rows come from.
         distance (str): the clustering distance, ``"correlation"`` (1 − |C|, default) or ``"euclidean"``
-            (between rows of |C|, as the paper authors' code does).
+            (between rows of |C|, the distance of the paper authors' code; docs/concepts.md).
         max_modes (int): with ``threshold``, at most this many modes (a cut that gives more is coarsened
             to ``max_modes``), as the recorder's ``max_modes`` (default None).
     """

@@ -89,7 +89,7 @@ class CMDRecorder:
         freeze_modes_after (int): after this many records of tracking, fix each weight's mode and keep
             only its own co-moment (compact memory); None (default) keeps the full form.
         distance (str): the clustering distance: ``"correlation"``, 1 − |C_ij| (default), or
-            ``"euclidean"`` between rows of |C|, as the paper authors' code does.
+            ``"euclidean"`` between rows of |C|, the distance of the paper authors' code (docs/concepts.md).
         writer (SummaryWriter): shortcut for ``callbacks=[TensorBoardLogger(writer, every=log_every)]``
             (default None; see docs/tensorboard.md).
         log_every (int): the shortcut logger's interval for mode statistics, in records (default 10).
