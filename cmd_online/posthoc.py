@@ -12,7 +12,7 @@ import torch
 from .clustering import cluster
 from .config import CMDConfig, check_int
 from .files import read_checkpoint
-from .layout import Layout
+from .layout import Layout, core_name
 from .sampling import sample_indices
 from .stats import AffineFit, affine_fit, mode_means, pin_references, resolved_references
 from .trajectory import CMDTrajectory, _tensor
@@ -185,6 +185,16 @@ def _floating_entries(sd: Mapping) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
+def _renamed_like(entries: dict, first: dict) -> dict:
+    """``entries`` under ``first``'s names where the two sets differ only by wrappers' components
+    (``_orig_mod``, FSDP1's, activation checkpointing's: :func:`cmd_online.layout.core_name`), one to one;
+    ``entries`` unchanged otherwise."""
+    ours, theirs = {core_name(k): k for k in entries}, {core_name(k): k for k in first}
+    if len(ours) != len(entries) or len(theirs) != len(first) or ours.keys() != theirs.keys():
+        return entries
+    return {theirs[core]: entries[key] for core, key in ours.items()}
+
+
 def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
     """Post-hoc CMD from per-record checkpoints (state_dicts, or paths to files of them).
 
@@ -192,7 +202,8 @@ def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
     N × T trajectory; the result's ``state_dict(at)`` has the checkpoints' names, shapes and dtypes.
     Paths are read with ``torch.load(weights_only=True)`` (:func:`cmd_online.files.read_checkpoint`);
     a file may nest the state_dict under ``"state_dict"`` or ``"model"``. Every checkpoint must have
-    the same floating-point entries (in any order) with the same shapes. Keyword arguments are those of :func:`decompose` (``layer_sizes`` defaults to
+    the same floating-point entries (in any order) with the same shapes; names that differ only by
+    wrappers' components (``_orig_mod.`` of a model compiled for some records) are matched. Keyword arguments are those of :func:`decompose` (``layer_sizes`` defaults to
     the entries' sizes).
     """
     if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
@@ -206,6 +217,8 @@ def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
     W = torch.empty(layout.numel, len(checkpoints), dtype=torch.float32)
     for t, item in enumerate(checkpoints):
         entries = first if t == 0 else _floating_entries(read_checkpoint(item, f"checkpoints[{t}]"))
+        if entries.keys() != first.keys():  # saved through torch.compile (_orig_mod.) in some records only?
+            entries = _renamed_like(entries, first)
         if entries.keys() != first.keys():  # the same entries, in any order: taken in checkpoints[0]'s
             raise ValueError(f"checkpoints[{t}] has different entries from checkpoints[0] "
                              f"(missing: {sorted(set(layout.names) - set(entries))[:5]}, "

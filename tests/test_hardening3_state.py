@@ -404,3 +404,19 @@ def test_14_trajectory_state_dict_carries_a_checksum_of_a_b_and_the_modes():
     state["a"][name].view(-1)[0] += 1e-3
     with pytest.raises(ValueError, match=r"state's a, b and modes do not match their checksum"):
         cmdo.CMDTrajectory.from_state_dict(state)
+
+
+def test_4_decompose_checkpoints_matches_names_through_torch_compile(tmp_path):
+    """Checkpoints of one run, the later ones saved from torch.compile(model) (``_orig_mod.`` keys)."""
+    g = torch.Generator().manual_seed(0)
+    checkpoints = []
+    for t in range(5):
+        sd = {"0.weight": torch.randn(5, 6, generator=g), "0.bias": torch.randn(5, generator=g)}
+        checkpoints.append(sd if t < 2 else {f"_orig_mod.{k}": v for k, v in sd.items()})
+    traj = cmdo.decompose_checkpoints(checkpoints, modes=2, samples=20)
+    plain = cmdo.decompose_checkpoints([{k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+                                        for sd in checkpoints], modes=2, samples=20)
+    assert traj.layout.names == ("0.weight", "0.bias")
+    same_trajectory(traj, plain)
+    with pytest.raises(ValueError, match="different entries"):  # other names are still refused
+        cmdo.decompose_checkpoints([checkpoints[0], {"x": checkpoints[1]["0.weight"]}], modes=2, samples=20)
