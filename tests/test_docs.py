@@ -51,10 +51,33 @@ def _load_script(name: str):
 
 
 # --------------------------------------------------------------------------------------- README
-def test_readme_quick_start_is_the_two_ci_commands():
+def test_readme_quick_start_is_the_demo_and_exactly_the_ci_test_command():
     blocks = FENCE.findall(_section(README.read_text(encoding="utf-8"), "Quick start"))
-    assert blocks[0] == ("bash", "pip install torch==2.13.0 -e '.[demo]' && cmd-online demo\n"
-                                 "pip install torch==2.13.0 -e '.[test]' && python -m pytest -q\n")
+    demo, suite = blocks[0][1].splitlines()
+    assert blocks[0][0] == "bash" and demo.endswith("&& cmd-online demo")
+    ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [suite]  # .ci/run runs exactly the README's test command, nothing more
+    for command in (demo, suite):  # both install the pinned versions known to pass
+        assert "torch==2.13.0" in command and "-c constraints/test.txt" in command
+
+
+def _pins() -> dict[str, str]:
+    text = (ROOT / "constraints" / "test.txt").read_text(encoding="utf-8")
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)$", text, re.M)}
+
+
+def test_constraints_pin_every_test_dependency_and_the_docs_name_those_versions():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    pins = _pins()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for requirement in extras["dependencies"] + extras["optional-dependencies"]["test"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+        assert name in pins, f"{name} is not pinned in constraints/test.txt"
+    page = (ROOT / "docs" / "integrations.md").read_text(encoding="utf-8")
+    named = re.search(r"run with Lightning (\S+), transformers (\S+) and accelerate (\S+) on", page.replace("\n", " "))
+    assert named, "docs/integrations.md no longer names the tested versions"
+    assert named.groups() == (pins["lightning"], pins["transformers"], pins["accelerate"])
 
 
 def test_readme_usage_example_runs_and_its_files_load(tmp_path, monkeypatch):

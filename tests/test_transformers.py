@@ -314,18 +314,44 @@ def test_a_second_train_continues_the_recording_of_the_first(tmp_path):
     assert torch.equal(references[:, :2], straight.recorder.trajectory().references[:, :2])
 
 
+OVERFLOW = (1, 4, 5, 10)  # the optimizer steps (0-based) whose gradients are made non-finite
+
+
+class ScaledTrainer(Trainer):
+    """The Trainer with the GradScaler accelerate makes for fp16 on a GPU (accelerate makes none on a CPU).
+
+    The scaler is given to the Accelerator as soon as the Trainer creates it, before anything is prepared, so
+    the optimizer is prepared with it (``AcceleratedOptimizer(scaler=...)``) and ``accelerator.backward`` scales
+    the loss with it, as on a GPU; this route works alike with accelerate 1.15 and 1.16. The loss of the
+    optimizer steps in OVERFLOW is made infinite: their gradients are non-finite, as in an fp16 overflow,
+    and the scaler skips exactly those steps."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 6)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * math.inf if self.state.global_step in OVERFLOW else loss
+
+
 def test_steps_the_grad_scaler_skips_are_not_counted_with_the_default_fused_adamw(tmp_path):
     cmd = CMDCallback(modes=3, samples=200, warmup=2, record_every_n_steps=3, export_dir=None)
-    trainer = Trainer(model=make_model(), train_dataset=Chars(256), callbacks=[cmd],
-                      args=arguments(tmp_path, gradient_accumulation_steps=2, max_steps=STEPS, max_grad_norm=0))
-    # accelerate makes a GradScaler for fp16 on GPUs only; the same scaler here, with a huge initial scale
-    # so that the first steps overflow: the scaler skips them and halves its scale each time
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 70)
+    trainer = ScaledTrainer(model=make_model(), train_dataset=Chars(256), callbacks=[cmd],
+                            args=arguments(tmp_path, gradient_accumulation_steps=2, max_steps=STEPS, max_grad_norm=0))
+    calls = []  # every call of the torch optimizer's step(), and whether the scaler had found inf/NaN
+    trainer.create_optimizer()
+    torch_adamw = trainer.optimizer
+    torch_adamw.register_step_post_hook(lambda opt, *a: calls.append(bool(getattr(opt, "found_inf", 0))))
     trainer.train()
-    assert trainer.optimizer.optimizer.defaults["fused"]  # GradScaler calls its step() even for a skipped step
-    skipped = round(math.log2(2.0 ** 70 / trainer.accelerator.scaler.get_scale()))  # no growth in 2000 steps
-    assert 0 < skipped < STEPS and trainer.state.global_step == STEPS
-    assert cmd.recorder.num_records == (STEPS - skipped) // 3
+    scaler = trainer.accelerator.scaler
+    assert trainer.optimizer.scaler is scaler and trainer.optimizer.optimizer is torch_adamw
+    assert torch_adamw.defaults["fused"]  # GradScaler calls its step() even for a step it skips, with found_inf set
+    assert len(calls) == STEPS and sum(calls) == len(OVERFLOW) == round(math.log2(2.0 ** 10 / scaler.get_scale()))
+    assert trainer.state.global_step == STEPS  # the Trainer counts the skipped steps; the callback does not
+    assert read_meta(cmd.recorder.state_dict())["steps"] == STEPS - len(OVERFLOW)
+    assert cmd.recorder.num_records == (STEPS - len(OVERFLOW)) // 3
+    assert all(p.isfinite().all() for p in trainer.model.parameters())  # the skipped steps changed nothing
 
 
 def test_training_that_ends_in_the_warm_up_warns_and_writes_no_cmd_model(tmp_path):
