@@ -327,7 +327,7 @@ CHECKSUM = "xor16KiB-crc32-1MiB"
 _PIECE = 1 << 20
 _FOLD = 1 << 14  # bytes of a piece's fold: 2048 words
 _PARALLEL = 4 << 20  # bytes from which the pieces are checked on several threads
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
 _POOL_LOCK = threading.Lock()
 
 
@@ -339,10 +339,10 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     """Threads for the pieces of large tensors (numpy and zlib release the GIL while they compute)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                                          thread_name_prefix="cmd_online-checksum")
-        return _POOL
+        if _POOL is None or _POOL[0] != os.getpid():  # a forked child has none of its parent's threads
+            _POOL = os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                                       thread_name_prefix="cmd_online-checksum")
+        return _POOL[1]
 
 
 def _bytes_of(t: torch.Tensor) -> np.ndarray:

@@ -420,3 +420,17 @@ def test_4_decompose_checkpoints_matches_names_through_torch_compile(tmp_path):
     same_trajectory(traj, plain)
     with pytest.raises(ValueError, match="different entries"):  # other names are still refused
         cmdo.decompose_checkpoints([checkpoints[0], {"x": checkpoints[1]["0.weight"]}], modes=2, samples=20)
+
+
+def test_14_a_forked_child_computes_checksums_of_large_tensors():
+    """The checksum's thread pool is the process's own: a child forked after the parent used it (as a
+    DataLoader worker or a forked writer is) does not wait on the parent's threads."""
+    import multiprocessing
+
+    from cmd_online.files import checksum
+    big = torch.arange(3_000_000, dtype=torch.float32)  # 12 MB: checked on the pool
+    expected = checksum([("big", big)])
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(checksum, ([("big", big)],))
+        assert result.get(timeout=60) == expected
