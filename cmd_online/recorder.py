@@ -770,7 +770,8 @@ class CMDRecorder:
         ``{"meta": bytes, "a", "b", "modes": {parameter name: a tensor shaped like the parameter}}``,
         placed like the parameters (DTensors under FSDP2): ``dcp.save({"trajectory": ...})`` writes each
         rank's part; :func:`cmd_online.checkpoint.load_trajectory` reads it back as a
-        :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed).
+        :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed). Outside
+        FSDP2 ``meta`` holds a checksum of a, b and the modes, which ``CMDTrajectory.from_state_dict`` checks.
         """
         self._require_tracking("trajectory_state_dict")
         a, b, modes, totals = self._flat_fit()
@@ -838,7 +839,8 @@ class CMDRecorder:
 
         As a module's ``state_dict`` does, it holds references to the recorder's tensors, not copies:
         save it (``torch.save``, ``dcp.save``) before the next record changes them. Before the warm-up
-        ends the statistics are zeros, allocated for the call.
+        ends the statistics are zeros, allocated for the call. Past it, outside FSDP2, ``meta`` holds a
+        checksum of the statistics (``cmd_online.files.checksum``) that :meth:`load_state_dict` checks.
         """
         self._sync()
         stats, meta = self._per_parameter_stats(), self._meta()
