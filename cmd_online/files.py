@@ -10,6 +10,7 @@ because ``torch.load`` checks none: a flipped bit would load as a different numb
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import io
 import os
@@ -23,7 +24,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -286,21 +287,20 @@ def pack(obj: dict) -> bytes:
 _CRC32_LOCK = threading.Lock()
 
 
-class _crc32_on:
-    """torch.save with CRC-32s, whatever the global setting (torch ≥ 2.4 has one; earlier ones always write them)."""
-
-    def __enter__(self):
-        get = getattr(torch.serialization, "get_crc32_options", None)
-        self.before = None
-        if get is not None and not get():
-            _CRC32_LOCK.acquire()
-            self.before = False
-            torch.serialization.set_crc32_options(True)
-
-    def __exit__(self, *exc):
-        if self.before is not None:
-            torch.serialization.set_crc32_options(self.before)
-            _CRC32_LOCK.release()
+@contextlib.contextmanager
+def _crc32_on() -> Iterator[None]:
+    """torch.save with CRC-32s inside the block, whatever the global setting (torch builds without the
+    setting always write them)."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None or get():
+        yield
+        return
+    with _CRC32_LOCK:
+        torch.serialization.set_crc32_options(True)
+        try:
+            yield
+        finally:
+            torch.serialization.set_crc32_options(False)
 
 
 def unpack(blob: Any, field: str = "meta") -> dict:
@@ -360,7 +360,7 @@ def _piece_crc(piece) -> int:
         return zlib.crc32(piece)
     full = len(piece) // _FOLD * _FOLD
     fold = np.bitwise_xor.reduce(piece[:full].view(np.uint64).reshape(-1, _FOLD // 8), axis=0)
-    return zlib.crc32(piece[full:], zlib.crc32(fold.astype("<u8", copy=False)))
+    return zlib.crc32(piece[full:], zlib.crc32(fold))  # the XOR of the words' bytes, whatever their byte order
 
 
 def checksum(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:

@@ -260,6 +260,7 @@ def flipped_bits(data: bytes, count: int, seed: int = 0):
         yield bytes(out)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.load of a flipped pickle opcode
 @pytest.mark.parametrize("freeze", [None, 2])
 def test_14_a_flipped_bit_in_a_saved_recorder_state_is_refused_or_harmless(freeze):
     """torch.save(rec.state_dict()) as the how-to writes it, one bit flipped, torch.load and load_state_dict:
