@@ -159,8 +159,8 @@ def name_differences(saved: Sequence[str], now: Sequence[str]) -> list[int]:
         return [i for i, a, b in pairs if a[len(p):] != b[len(q):]]
 
     # a wrapper's prefix leads every name of its side; take the one that explains the most names
-    candidates = {((), ())} | {pq for _, a, b in pairs if (pq := _prefixes(a, b)) is not None
-                                and leads_all(pq[0], 1) and leads_all(pq[1], 2)}
+    found = {pq for _, a, b in pairs if (pq := _prefixes(a, b)) is not None}
+    candidates = {((), ())} | {pq for pq in found if leads_all(pq[0], 1) and leads_all(pq[1], 2)}
     return min((differing(*pq) for pq in candidates), key=len)
 
 
