@@ -9,6 +9,7 @@ state (in a framework checkpoint or in a file of its own). Nothing here imports 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from ..config import CMDConfig, check_bool, check_int
 from ..files import atomic_save, check_format, safe_load
 from ..layout import Layout
+from ..progress import LOG
 from ..recorder import CMDRecorder
 from ..tensorboard import TensorBoardLogger
 from ..trajectory import CMDTrajectory
@@ -121,8 +123,9 @@ def clean_trajectory(traj: CMDTrajectory) -> CMDTrajectory:
     names = tuple(clean_name(n) for n in layout.names)
     if names == layout.names:
         return traj
-    return CMDTrajectory(traj.references, traj.reference_index, traj.a, traj.b, traj.modes, traj.window_start,
-                         Layout(names, layout.shapes, layout.dtypes), traj.mode_r2)
+    cleaned = copy.copy(traj)  # every field kept (set_aside, the clustered samples, metrics): only the names change
+    cleaned.layout = Layout(names, layout.shapes, layout.dtypes)
+    return cleaned
 
 
 def export_state_dict(rec: CMDRecorder, at: int = -1) -> dict[str, torch.Tensor]:
@@ -191,6 +194,10 @@ class Swap:
     def begin(self, rec: CMDRecorder, at: int = -1) -> None:
         if self.active:
             raise RuntimeError("the CMD weights are already swapped in")
+        if at == -1 and not rec.ready:  # the warm-up: no CMD weights yet, the trained ones stay (warned once)
+            warn("swapped() during the warm-up keeps the trained weights (no CMD weights yet; recorder.ready says when)")
+            self._trained = []
+            return
         params = rec.params
         cmd = rec.cmd_parameters(at)
         self._trained = [(p, p.detach().clone()) for p in params]
@@ -250,6 +257,7 @@ def export_at_end(rec: CMDRecorder, target: str, may_write: bool, write) -> None
     elif may_write:
         try:
             write()
+            LOG.info("CMDCallback: wrote the CMD model of record %d to %s", rec.num_records - 1, target)
         except OSError as e:
             warn(f"could not write the CMD model to {target}: {e}")
 

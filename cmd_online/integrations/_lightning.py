@@ -174,7 +174,7 @@ class LightningCMDHooks(_common.CMDAccess):
 
     # ------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if (self.swap_for_validation and self.recorder is not None and self.recorder.phase == "tracking"
+        if (self.swap_for_validation and self.recorder is not None and self.recorder.ready
                 and not self._swap.active):
             self._swap.begin(self.recorder)
 
