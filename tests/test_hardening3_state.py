@@ -435,3 +435,23 @@ def test_14_a_forked_child_computes_checksums_of_large_tensors():
     with context.Pool(1) as pool:
         result = pool.apply_async(checksum, ([("big", big)],))
         assert result.get(timeout=60) == expected
+
+
+@pytest.mark.parametrize("field", ["metrics", "sample_history"])
+def test_14_the_report_fields_of_a_trajectory_file_are_under_its_checksum(tmp_path, field):
+    base = small_trajectory()
+    T, K = base.num_records, 4
+    g = torch.Generator().manual_seed(3)
+    original = cmdo.CMDTrajectory(base.references, base.reference_index, base.a, base.b, base.modes,
+                                  base.window_start, mode_r2=base.mode_r2, set_aside=base.set_aside,
+                                  sample_index=torch.arange(K), sample_history=torch.randn(K, 3, generator=g),
+                                  sample_modes=torch.zeros(K, dtype=torch.long),
+                                  metrics={"acc": torch.rand(T, generator=g), "loss": torch.rand(T, generator=g)})
+    path = tmp_path / "traj.cmd"
+    original.save(path)
+    payload = torch.load(path, weights_only=True)
+    values = payload[field]["acc"] if field == "metrics" else payload[field]
+    values.view(-1)[1] = values.view(-1)[1].nextafter(torch.tensor(10.0))  # one ulp: every field check passes
+    torch.save(payload, path)  # fresh zip CRC-32s: only the file's own checksum can tell
+    with pytest.raises(ValueError, match=rf"'{path}' is a damaged CMD trajectory file"):
+        cmdo.CMDTrajectory.load(path)
