@@ -11,7 +11,9 @@ freshly built recorder's ``state_dict()`` is the template DCP loads any checkpoi
 configuration into::
 
     {"meta":  bytes: torch.save of the replicated part (config, layout, counters, samples, warm-up
-              history, references, the reference moments), read back with weights_only=True,
+              history, references, the reference moments, and past the warm-up of an unsharded run
+              the "checksum" of the statistics), read back with weights_only=True after its zip
+              members' CRC-32s are checked,
      "stats": {"shift"/"mean"/"sumsq"/"modes": {parameter name: a tensor shaped like the parameter},
                "rows": {parameter name: the row indices this process holds, a vector},
                "comoment": {"mode_m": {parameter name: P's row m}, m < the mode bound}}}
@@ -31,8 +33,8 @@ from typing import Any
 import torch
 
 from .config import CMDConfig
-from .files import unpack
-from .layout import Layout
+from .files import ChecksumError, unpack, verify_checksum
+from .layout import WRAPPER_COMPONENTS, Layout, core_name, name_differences
 
 FORMAT = "cmd_online.CMDRecorder"
 VERSION = 3
@@ -81,9 +83,9 @@ def _tensor(value: Any, field: str, shape: tuple[int, ...], kind: str = "float",
     return value
 
 
-def check_header(state: Any, *, config: CMDConfig, layout: Layout) -> int:
-    """The format, version, entries, configuration and parameter shapes of a state (or of a version-3
-    state's ``meta``); returns the version."""
+def check_header(state: Any, *, config: CMDConfig, layout: Layout, strict: bool = True) -> int:
+    """The format, version, entries, configuration and parameters (:func:`check_parameters`) of a state (or
+    of a version-3 state's ``meta``); returns the version."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError("state is not a CMDRecorder state_dict")
     version = state.get("version")
@@ -97,23 +99,59 @@ def check_header(state: Any, *, config: CMDConfig, layout: Layout) -> int:
         if saved[key] != value:
             raise ValueError(f"state was recorded with {key}={saved[key]!r}, but this recorder has {key}={value!r}; "
                              f"build the recorder with the same configuration")
-    if Layout.from_dict(state["layout"]).shapes != layout.shapes:
-        raise ValueError("state was recorded for parameters of other shapes than this optimizer's")
+    check_parameters(Layout.from_dict(state["layout"]), layout, strict)
     return version
 
 
+def _listed(items: list[str], limit: int = 3) -> str:
+    return "; ".join(items[:limit]) + (f"; … ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_parameters(saved: Layout, now: Layout, strict: bool = True) -> None:
+    """That a state recorded for the parameters ``saved`` fits a recorder of the parameters ``now``: as many
+    tensors, of the same shapes in the same order, and (if ``strict``) the same names up to wrappers
+    (:func:`cmd_online.layout.name_differences`). The ValueError says what differs."""
+    if len(saved.shapes) != len(now.shapes):
+        n, more = min(len(saved.shapes), len(now.shapes)), len(now.shapes) > len(saved.shapes)
+        extra = (now if more else saved).names[n:]
+        listed = ", ".join(map(repr, extra[:3])) + (" …" if len(extra) > 3 else "")
+        raise ValueError(
+            f"state was recorded for {len(saved.shapes)} parameter tensors, but this recorder has {len(now.shapes)} "
+            f"({'it also has' if more else 'the state also has'} {listed}): a recorder records the parameters its "
+            f"optimizer holds when the recorder is built (param groups added later with add_param_group are not "
+            f"recorded); build the recorder where the recorded run built it ("
+            f"{'before' if more else 'after'} add_param_group)")
+    shapes = [f"{name!r} is {tuple(a)} in the state, {tuple(b)} now" for name, a, b in zip(now.names, saved.shapes,
+                                                                                           now.shapes) if a != b]
+    if shapes:
+        raise ValueError(f"state was recorded for parameters of other shapes than this optimizer's: {_listed(shapes)}")
+    if strict:
+        differ = name_differences(saved.names, now.names)
+        if differ:
+            swapped = sorted(core_name(saved.names[i]) for i in differ) == sorted(core_name(now.names[i]) for i in differ)
+            raise ValueError(
+                f"state was recorded for parameters of other names{' (the same ones in another order)' if swapped else ''}"
+                f": {_listed([f'parameter {i} is {saved.names[i]!r} in the state, {now.names[i]!r} now' for i in differ])}"
+                f" (names are compared without the components {', '.join(sorted(WRAPPER_COMPONENTS))} and one "
+                f"leading prefix on each side, such as DDP's 'module.'); give the optimizer the recorded parameters in "
+                f"the recorded order, or, if these are the same parameters renamed, load with "
+                f"load_state_dict(state, strict=False), which matches them by position")
+
+
 def check_state(state: Any, *, config: CMDConfig, layout: Layout, shards: dict, sample_index: torch.Tensor,
-                local_size: int) -> CheckedState:
+                local_size: int, strict: bool = True) -> CheckedState:
     """Validate a ``CMDRecorder.state_dict()`` against the recorder that loads it.
 
     Args:
         state: the state (any object: everything is checked).
         config, layout, shards, sample_index: the loading recorder's; the state must match them.
         local_size (int): the number of weights this process holds (its statistics' length).
+        strict (bool): the parameters' names must agree up to wrappers (default True); False matches them
+            by position only.
 
     Raises ValueError naming the first field that fails.
     """
-    version = check_header(state, config=config, layout=layout)
+    version = check_header(state, config=config, layout=layout, strict=strict)
     if version < VERSION and state["shards"] != shards:  # version 3 tells the rows of each statistic
         raise ValueError(f"state was recorded with sharding {state['shards']}, but this recorder has {shards}")
     K, F = config.samples, config.warmup
@@ -234,7 +272,7 @@ def per_parameter(names: list[str], shapes: list[tuple[int, ...]], fields: dict[
 
 
 def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], local, *, config: CMDConfig,
-                       layout: Layout) -> dict:
+                       layout: Layout, strict: bool = True) -> dict:
     """A version-3 state as the version-2 form :func:`check_state` validates (flat statistics).
 
     Args:
@@ -244,18 +282,21 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
         local (callable): ``local(i, value, shape, field)``, this process's part of a per-weight tensor
             of parameter i (a DTensor's local part, or the held rows of a whole plain tensor).
         config, layout: the loading recorder's.
+        strict (bool): as for :func:`check_state`.
 
-    The ``rows`` markers must name exactly the rows this process holds: a shard saved by another rank
+    The per-parameter tensors are found under the names the state was recorded with (its layout), so a
+    state loads into a recorder whose names differ by wrappers (``_orig_mod.``, ``module.``, …). The ``rows`` markers must name exactly the rows this process holds: a shard saved by another rank
     (a per-rank ``torch.save``) is refused.
     """
     if not isinstance(stats, dict):
         raise _fail("stats", f"must be a dict of per-parameter tensors; got {type(stats).__name__}")
-    check_header(meta, config=config, layout=layout)
+    check_header(meta, config=config, layout=layout, strict=strict)
     state = {key: meta[key] for key in KEYS if key in meta and key != "stats"}
     state.update(format=FORMAT, version=VERSION, stats=None, shards=meta.get("shards"))
     if meta.get("reference_index") is None:
         return state
-    names, shapes = list(layout.names), [tuple(s) for s in layout.shapes]
+    names = _stats_names(stats, Layout.from_dict(meta["layout"]).names, layout.names)
+    shapes = [tuple(s) for s in layout.shapes]
     for i, (name, shape) in enumerate(zip(names, shapes)):
         start, stop = rows[i]
         marker = _local(stats, ("rows", name), i, shape[:1] if shape else (1,), local)
@@ -281,16 +322,49 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
                          f"load_state_dict")
     out["comoment"] = [flat("comoment", row) for row in rows_needed]
     out.update({key: meta.get(key) for key in ("count", "ref_shift", "ref_mean", "ref_sumsq")})
+    parts = stats_checked(stats, names, M, compact)
+    if "checksum" in meta and not any(type(t).__name__ == "DTensor" for _, t in parts):
+        try:
+            verify_checksum(meta["checksum"], parts, "the statistics")
+        except ChecksumError as e:
+            raise ValueError(f"{e}: the state is damaged (corrupted in the file it was read from?), or it was saved "
+                             f"after a later record changed the recorder's tensors (state_dict() holds references: "
+                             f"save it at once); nothing was loaded") from None
     state["stats"] = out
     return state
+
+
+def stats_checked(stats: dict, names, M: int, compact: bool) -> list[tuple[str, Any]]:
+    """What the checksum of a version-3 state covers: every per-parameter tensor a resume reads (the row
+    markers, shift, mean, sums of squares, the modes once frozen, and P's rows of the M modes), keyed by
+    the recorded names."""
+    out = []
+    for name in names:
+        out.append((f"rows.{name}", stats["rows"][name]))
+        out.extend((f"{kind}.{name}", stats[kind][name]) for kind in ("shift", "mean", "sumsq", "modes")
+                   if kind != "modes" or compact)
+        out.extend((f"comoment.mode_{m}.{name}", stats["comoment"][f"mode_{m}"][name])
+                   for m in range(1 if compact else M))
+    return out
+
+
+def _stats_names(stats: dict, saved: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:
+    """The names the per-parameter statistics are stored under: the recorded ones (``torch.save``), or this
+    recorder's where the state is its own template filled in place (``torch.distributed.checkpoint``)."""
+    held = stats.get("rows")
+    if isinstance(held, dict) and not all(name in held for name in saved) and all(name in held for name in now):
+        return now
+    return saved
 
 
 def _local(stats: dict, path: tuple[str, ...], i: int, shape: tuple[int, ...], local) -> torch.Tensor:
     field = "stats." + ".".join(path)
     group = stats
-    for key in path:
+    for depth, key in enumerate(path):
         if not isinstance(group, dict) or key not in group:
-            raise _fail(field, "is missing (a state saved with a smaller mode bound, or damaged)")
+            why = ("a state saved with a smaller mode bound, or damaged" if path[0] == "comoment" and depth == 1
+                   else "damaged or edited: the state's layout names this parameter")
+            raise _fail(field, f"is missing ({why})")
         group = group[key]
     try:
         return local(i, group, shape, field)

@@ -1,7 +1,8 @@
 """The ``cmd-online`` command: a demo on real data, and tools for trajectory files.
 
     cmd-online demo [--data digits|mnist1d] [--epochs E] [--warmup F] [--modes M] [--samples K] ...
-    cmd-online inspect TRAJECTORY | LIGHTNING.ckpt | TRAINER_CHECKPOINT_FOLDER [--callback KEY]
+    cmd-online inspect TRAJECTORY | LIGHTNING.ckpt | TRAINER_CHECKPOINT_FOLDER [--callback KEY] [--json]
+    cmd-online report TRAJECTORY -o DIR
     cmd-online export TRAJECTORY | LIGHTNING.ckpt | TRAINER_CHECKPOINT_FOLDER [--at N] -o OUTPUT
     cmd-online decompose CHECKPOINT... | FOLDER -o TRAJECTORY [--modes M | --threshold t [--max-modes B]] ...
 
@@ -103,7 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("trajectory", help="trajectory file, Lightning checkpoint, or Trainer checkpoint folder")
     inspect.add_argument("--callback", default=None, metavar="KEY",
                          help="the CMD callback's state to read, when a Lightning checkpoint holds several")
+    inspect.add_argument("--json", action="store_true", help="print everything as one JSON object instead of text")
     inspect.set_defaults(run=_inspect)
+
+    report = commands.add_parser("report", help="a web page with the figures of a trajectory file (needs "
+                                 "matplotlib)",
+                                 description="Draw the figures of a trajectory file — reference trajectories, "
+                                 "mode sizes and per-layer make-up, fit quality, the clustered correlation of "
+                                 "the samples, per-record metrics — into DIR with an index.html that shows and "
+                                 "explains them. Needs matplotlib: pip install 'cmd-online[plots]'.")
+    report.add_argument("trajectory", help="trajectory file")
+    report.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (index.html, *.png, "
+                        "summary.json)")
+    report.add_argument("--title", default=None, help="the page's title (default: from the file name)")
+    report.set_defaults(run=_report)
 
     export = commands.add_parser("export", help="write the CMD weights at one record as a normal checkpoint",
                                  description="Write the CMD weights at record --at. From a trajectory or a "
@@ -172,6 +186,7 @@ def _demo(args) -> None:
     for name, path in result.files.items():
         print(f"  {name:<14}{path}")
     print(f"next: cmd-online inspect {result.files['trajectory']}")
+    print(f"      cmd-online report {result.files['trajectory']} -o {Path(args.out) / 'report'}")
     if "tensorboard" in result.files:
         print(f"      tensorboard --logdir {result.files['tensorboard']}")
 
@@ -182,15 +197,16 @@ def _load_trajectory(path: str):
     return CMDTrajectory.load(path)
 
 
-def _sources(path: str, key: str | None = None) -> list[tuple[str, object]]:
-    """(label, trajectory) of what ``path`` holds: a trajectory file, or the CMD state(s) a framework callback
-    stored (a Lightning checkpoint, a Trainer checkpoint folder, a callback or recorder state file)."""
+def _sources(path: str, key: str | None = None) -> list[tuple[str, object, str | None]]:
+    """(label, trajectory, its file or None) of what ``path`` holds: a trajectory file, or the CMD state(s) a
+    framework callback stored (a Lightning checkpoint, a Trainer checkpoint folder, a callback or recorder state
+    file)."""
     from . import saved
 
     folder = Path(path).is_dir()
     if not folder:
         try:
-            return [(path, _load_trajectory(path))]
+            return [(path, _load_trajectory(path), path)]
         except ValueError as e:
             if "not a cmd_online.CMDTrajectory file" not in str(e):
                 raise
@@ -205,82 +221,76 @@ def _sources(path: str, key: str | None = None) -> list[tuple[str, object]]:
         if key not in states:
             raise ValueError(f"{path!r} holds no CMD state under {key!r}; it holds {', '.join(map(repr, states))}")
         states = {key: states[key]}
-    return [(f"{path} [{name}]" if len(states) > 1 or key else path, saved.trajectory_of_state(state))
+    return [(f"{path} [{name}]" if len(states) > 1 or key else path, saved.trajectory_of_state(state), None)
             for name, state in states.items()]
 
 
 def _inspect(args) -> None:
+    from .report import summary, to_json
+
     sources = _sources(args.trajectory, args.callback)
-    for i, (label, traj) in enumerate(sources):
+    found = [(label, summary(traj, path)) for label, traj, path in sources]
+    if args.json:
+        print(to_json(found[0][1] if len(found) == 1 else {label: data for label, data in found}))
+        return
+    for i, (label, data) in enumerate(found):
         if i:
             print()
-        _describe(label, traj, Path(args.trajectory).stat().st_size if len(sources) == 1 and i == 0 and
-                  not Path(args.trajectory).is_dir() else None)
+        _describe(label, data)
 
 
-def _describe(label: str, traj, file_bytes: int | None) -> None:
-    import torch
-
+def _describe(label: str, data: dict) -> None:
     from .units import human_bytes
 
-    layout = traj.layout
-    N, T, M = traj.num_weights, traj.num_records, traj.num_modes
-    history = N * T * 4
+    N, T, M = data["weights"], data["records"], data["modes"]
     print(f"trajectory   {label}")
-    print(f"weights      {N:,} in {len(layout.names)} tensors")
-    print(f"records      {T} (a, b fitted over records {traj.window_start}..{T - 1})")
+    print(f"weights      {N:,} in {data['tensors']} tensors")
+    print(f"records      {T} (a, b fitted over records {data['window_start']}..{T - 1})")
     print(f"modes        {M}")
-    sizes = traj.mode_sizes().tolist()
-    if traj.set_aside is not None:
-        aside = torch.nonzero(traj.set_aside).flatten().tolist()
-        print(f"set aside    {len(aside)} of {M} references{_set_aside_detail(aside, sizes)}")
-    if file_bytes is not None:
-        print(f"file size    {human_bytes(file_bytes)}; the full history N×T×4 bytes would be "
-              f"{human_bytes(history)} ({history / file_bytes:.1f}× larger)")
+    if data["set_aside"] is not None:
+        note = f" ({data['set_aside_note']})" if data["set_aside_note"] else ""
+        print(f"set aside    {len(data['set_aside'])} of {M} references{note}")
+    if data["samples"] is not None:
+        print(f"samples      {data['samples']:,} weights clustered over {data['clustered_records']} records")
+    if data["file_bytes"] is not None:  # a trajectory file (not a state inside a training checkpoint)
+        print(f"file size    {human_bytes(data['file_bytes'])}; the full history N×T×4 bytes would be "
+              f"{human_bytes(data['history_bytes'])} ({data['compression']:.1f}× larger)")
+    for name, metric in data["metrics"].items():
+        last = "-" if metric["last"] is None else f"{metric['last']:.4g}"
+        print(f"metric       {name}: {metric['records']} record(s), last {last}")
     print()
-    r2 = traj.mode_r2.tolist() if traj.mode_r2 is not None else [None] * M
-    if traj.mode_r2 is not None:
-        overall = sum(n * r for n, r in zip(sizes, r2)) / N
-        print(f"mean R²      {overall:.4f} over all weights (1 = every weight an exact affine copy of its reference)")
+    if data["mean_r2"] is not None:
+        print(f"mean R²      {data['mean_r2']:.4f} over all weights (1 = every weight an exact affine copy of its "
+              f"reference)")
         print()
-    tensor, offset = layout.locate(traj.reference_index)
     print(f"{'mode':>4}  {'weights':>9}  {'share':>6}  {'mean R²':>7}  reference weight")
-    for m in range(M):
-        t, o = int(tensor[m]), int(offset[m])
-        where = ",".join(str(int(i)) for i in torch.unravel_index(torch.tensor(o), layout.shapes[t])) \
-            if layout.shapes[t] else ""
-        fit = "-" if r2[m] is None else f"{r2[m]:.4f}"
-        print(f"{m:>4}  {sizes[m]:>9,}  {100 * sizes[m] / N:>5.1f}%  {fit:>7}  {layout.names[t]}[{where}]")
+    for row in data["mode_table"]:
+        fit = "-" if row["mean_r2"] is None else f"{row['mean_r2']:.4f}"
+        print(f"{row['mode']:>4}  {row['weights']:>9,}  {100 * row['share']:>5.1f}%  {fit:>7}  {row['reference']}")
     print()
     shown = min(M, 8)
     header = "".join(f"{'m' + str(m):>7}" for m in range(shown)) + ("   rest" if M > shown else "")
-    width = max(len("tensor"), *(len(n) for n in layout.names))
+    width = max(len("tensor"), *(len(row["name"]) for row in data["tensor_table"]))
     print("weights of each tensor by mode (% of the tensor):")
     print(f"{'tensor':<{width}}  {'size':>9}{header}")
-    modes = traj.modes.long()
-    for name, start, size in zip(layout.names, layout.offsets, layout.sizes):
-        counts = torch.bincount(modes[start:start + size], minlength=M).tolist()
+    for row in data["tensor_table"]:
+        size, counts = row["size"], row["weights_by_mode"]
         cells = "".join(f"{100 * c / size:>6.1f}%" if size else f"{'-':>7}" for c in counts[:shown])
         if M > shown:
             cells += f"{100 * sum(counts[shown:]) / size:>6.1f}%" if size else f"{'-':>7}"
-        print(f"{name:<{width}}  {size:>9,}{cells}")
+        print(f"{row['name']:<{width}}  {size:>9,}{cells}")
 
 
-def _set_aside_detail(aside: list[int], sizes: list[int]) -> str:
-    """What ``inspect`` says of the set-aside references: a mode of its reference alone has no weight
-    assigned; one with more weights holds them because no reference moves (they are constants, a = 0)."""
-    if not aside:
-        return ""
-    alone = [m for m in aside if sizes[m] <= 1]
-    held = [m for m in aside if sizes[m] > 1]
-    parts = []
-    if alone:
-        parts.append(f"mode{'s' if len(alone) > 1 else ''} {', '.join(map(str, alone))}: the reference moved only "
-                     f"by rounding in the window; no weight is assigned to it")
-    if held:
-        parts.append(f"mode{'s' if len(held) > 1 else ''} {', '.join(map(str, held))}: no reference moves above "
-                     f"rounding in the window, so its weights stay there as constants (a = 0)")
-    return f" ({'; '.join(parts)})"
+def _report(args) -> None:
+    from .figures import INSTALL_HINT
+    from .report import write_report
+
+    try:
+        index = write_report(args.trajectory, args.output, title=args.title)
+    except ImportError as e:
+        raise UsageError(str(e) if INSTALL_HINT in str(e) else
+                         f"cmd-online report could not import {e.name or 'a module'} ({e}): {INSTALL_HINT}") from None
+    print(f"wrote {index}: open it in a browser")
 
 
 def _export(args) -> None:
@@ -289,9 +299,9 @@ def _export(args) -> None:
 
     sources = _sources(args.trajectory, args.callback)
     if len(sources) > 1:
-        raise ValueError(f"{args.trajectory!r} holds several CMD states ({', '.join(label for label, _ in sources)}); "
+        raise ValueError(f"{args.trajectory!r} holds several CMD states ({', '.join(s[0] for s in sources)}); "
                          "choose one with --callback KEY")
-    label, traj = sources[0]
+    label, traj, _ = sources[0]
     state = {name: tensor.clone() for name, tensor in traj.state_dict(args.at).items()}
     record = args.at % traj.num_records
     what = f"CMD weights at record {record} of {traj.num_records} ({len(state)} tensors, {traj.num_weights:,} weights)"

@@ -7,6 +7,7 @@ mode: r_m = argmax_{j ∈ C_m} Σ_{i ∈ C_m} |C_ij|.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +40,14 @@ class Clustering:
         return len(self.reference)
 
 
-# Merge heights closer than ROUNDOFF · eps(history dtype) · √k (relative to the largest height, k
-# samples) are one height: the history's rounding moves a correlation by about eps, a Euclidean
-# distance between rows of |C| by about eps·√k, and it must never decide a cut.
+# Merge heights below ROUNDOFF · eps(history dtype) · √k (relative to max(1, the largest height), k
+# samples) are the history's round-off: its rounding moves a correlation by about eps, a Euclidean
+# distance between rows of |C| by about eps·√k, and it must never split a mode. A cut that falls among
+# them takes them all.
 ROUNDOFF = 8.0
-# A threshold is the user's bound, not a height of the tree: above it only the round-off of the
-# float64 distance computation itself is allowed, this fraction of max(1, the largest height).
+# Above that level a merge height is a distance of the data: two heights are distinct when they differ
+# by more than the round-off of the float64 distance computation, this fraction of max(1, the largest
+# height). A threshold is the user's bound, not a height of the tree: above it only this is allowed.
 THRESHOLD_ROUNDOFF = 1e-9
 
 
@@ -52,11 +55,14 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
             distance: str = "correlation", max_modes: int | None = None) -> Clustering:
     """Cluster K trajectories (rows of ``history``, K × T) into modes by correlation.
 
-    Complete linkage on the distance between samples, then a cut. With ``modes``, merge heights that
-    differ by the history's round-off only (:data:`ROUNDOFF`) fall on the same side of the cut, so
-    round-off never splits a mode: in particular two records (every |corr| = 1) always give one mode,
-    and exact affine copies of one another always share a mode. With ``threshold`` the cut is at the
-    threshold plus :data:`THRESHOLD_ROUNDOFF` (10⁻⁹) only.
+    Complete linkage on the distance between samples, then a cut. With ``modes``, M modes come out
+    wherever the tree has M − 1 merges above the history's round-off (:data:`ROUNDOFF`) whose heights
+    differ from the next lower one by more than the float64 round-off of the distances
+    (:data:`THRESHOLD_ROUNDOFF`, 10⁻⁹), as scipy's ``maxclust`` gives them; merges of round-off height
+    fall on one side of the cut, so round-off never splits a mode: two records (every |corr| = 1)
+    always give one mode, and exact affine copies of one another always share a mode. Fewer modes than
+    asked come out with a ``RuntimeWarning`` that gives their number. With ``threshold`` the cut is at
+    the threshold plus :data:`THRESHOLD_ROUNDOFF` only.
 
     Args:
         history (tensor or array): K × T trajectories of the sampled weights.
@@ -65,7 +71,7 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
             distance every pair inside a mode then has |corr| ≥ 1 − threshold − 10⁻⁹, the paper's
             hypothesis with ε = threshold.
         distance (str): ``"correlation"``: 1 − |C_ij| (default); ``"euclidean"``: the Euclidean
-            distance between rows i and j of |C|, as the paper authors' code computes it.
+            distance between rows i and j of |C|, the distance of the paper authors' code.
         max_modes (int): with ``threshold``, a cut that gives more modes is coarsened to this many
             (criterion ``maxclust``) (default None: no bound).
     """
@@ -82,6 +88,7 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
     if len(varying) == 0:
         # Nothing moves: one mode whose reference is the first sample; every fit is then a = 0, b = mean.
         labels[:] = 0
+        _warn_fewer(modes, 1, "none of the sampled trajectories moves")
         return Clustering(labels, np.array([0]), np.ones((1, 1)), np.array([0]))
     abs_corr = np.abs(np.corrcoef(h[varying])) if len(varying) > 1 else np.ones((1, 1))
     abs_corr = np.nan_to_num(np.clip(abs_corr, 0.0, 1.0), nan=0.0)
@@ -95,6 +102,8 @@ def cluster(history: torch.Tensor | np.ndarray, modes: int | None = None, thresh
     relabel[ids[order]] = np.arange(len(ids))
     sub_labels = relabel[raw]
     labels[varying] = sub_labels
+    _warn_fewer(modes, len(ids), f"only {len(varying)} sampled trajectories move" if len(varying) < (modes or 0)
+                else f"the sampled trajectories form only {len(ids)} group{'s' * (len(ids) != 1)} apart from round-off")
     reference = np.empty(len(ids), dtype=np.int64)
     for m in range(len(ids)):
         members = np.flatnonzero(sub_labels == m)
@@ -117,13 +126,23 @@ def _cut(tree: np.ndarray, modes: int | None, threshold: float | None, roundoff:
     """Flat clusters of a linkage: at most ``modes`` of them, or merged up to ``threshold`` (and then
     at most ``max_modes``).
 
-    The cut is made at a height, and every merge within ``roundoff`` (relative) above it is taken too;
-    above a threshold only :data:`THRESHOLD_ROUNDOFF` is.
+    The cut is made at a height, and every merge within :data:`THRESHOLD_ROUNDOFF` (relative) above it
+    is taken too; a cut among the merges of round-off height (below ``roundoff``, relative) takes all of
+    them.
     """
     heights = tree[:, 2]
+    scale = max(1.0, float(heights.max()))
     # the lowest height that leaves at most `bound` clusters: K − bound merges (heights ascend)
     lowest = lambda bound: heights[len(heights) - bound] if bound <= len(heights) else 0.0  # noqa: E731
-    height, margin = (lowest(modes), roundoff) if threshold is None else (threshold, THRESHOLD_ROUNDOFF)
+    height = threshold if threshold is not None else lowest(modes)
     if threshold is not None and max_modes is not None and lowest(max_modes) > threshold:
-        height, margin = lowest(max_modes), roundoff
-    return fcluster(tree, t=height + margin * max(1.0, float(heights.max())), criterion="distance")
+        height = lowest(max_modes)
+    if height < roundoff * scale and (threshold is None or height != threshold):
+        height = roundoff * scale
+    return fcluster(tree, t=height + THRESHOLD_ROUNDOFF * scale, criterion="distance")
+
+
+def _warn_fewer(modes: int | None, found: int, why: str) -> None:
+    if modes is not None and found < modes:
+        warnings.warn(f"clustering: modes={modes} asked, {found} found: {why} (docs/caveats.md, fewer modes than "
+                      f"asked)", RuntimeWarning, stacklevel=3)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 DISTANCES = ("correlation", "euclidean")
+DEFAULT_SAMPLES = 1000  # samples K by default; on a model of fewer weights it becomes N (CMDConfig.for_weights)
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None,
@@ -105,8 +106,8 @@ class CMDConfig(Mapping):
             fixes the shapes of the state a freshly built recorder loads through
             torch.distributed.checkpoint (default None: no bound). With ``modes`` it must be None.
         distance (str): clustering distance between two sampled weights: ``"correlation"``, 1 − |C_ij|
-            (default), or ``"euclidean"``, the Euclidean distance between rows i and j of |C|, as the
-            paper authors' code does.
+            (default), or ``"euclidean"``, the Euclidean distance between rows i and j of |C|, the
+            distance of the paper authors' code (docs/concepts.md: what it reproduces of their code).
     """
 
     modes: int | None = None
@@ -195,3 +196,23 @@ class CMDConfig(Mapping):
             changes["threshold"] = None
             changes.setdefault("max_modes", None)
         return dataclasses.replace(self, **changes)
+
+    def for_weights(self, N: int, who: str) -> "CMDConfig":
+        """This configuration for N weights. ``samples`` at its default, 1000, on a model of fewer weights
+        is clamped to N with a UserWarning (all N weights are clustered), also when the value was passed on
+        explicitly (the framework callbacks and the command line do); any other ``samples`` larger than N
+        is a ValueError (a clustering costs K² memory: a typo must not be taken as asked), and so is
+        ``modes`` or ``max_modes`` larger than N."""
+        if self.samples <= N:
+            return self
+        if self.samples != DEFAULT_SAMPLES:
+            raise ValueError(f"samples ({self.samples}) must be ≤ the number of weights N = {N}")
+        for name in ("modes", "max_modes"):
+            value = getattr(self, name)
+            if value is not None and value > N:
+                raise ValueError(f"{name} ({value}) must be ≤ the number of weights N = {N}")
+        import warnings
+
+        warnings.warn(f"{who}: samples={self.samples} (the default) is more than the N = {N} weights; clustering "
+                      f"all of them (samples={N})", UserWarning, stacklevel=3)
+        return dataclasses.replace(self, samples=N)

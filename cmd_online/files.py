@@ -1,12 +1,16 @@
-"""Atomic writes and safe reads of the library's files.
+"""Atomic writes, safe reads and checksums of the library's files and states.
 
 Every file is written to a temporary file in the target's folder, flushed to disk and renamed over
 the target, so a crash mid-write leaves the previous file intact. Reading uses
 ``torch.load(weights_only=True)``, which refuses pickles that would construct arbitrary objects.
+Trajectory files and recorder states carry a :func:`checksum` of their contents, checked on load,
+because ``torch.load`` checks none: a flipped bit would load as a different number.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import errno
 import io
 import json
@@ -17,12 +21,15 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import warnings
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
+import numpy as np
 import torch
 
 
@@ -184,18 +191,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a ValueError that says why."""
+def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu",
+              own_checksum: Callable[[Any], bool] | None = None) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a ValueError that says why.
+
+    The zip members' CRC-32s are checked first, unless ``own_checksum`` is given: it is then called on
+    the loaded object and returns True where the object carries its own :func:`checksum` (which the
+    caller checks, with the object's other checks), False for one without (a file of an earlier
+    version), whose CRC-32s are then checked.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} file not found: {str(path)!r}")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory, not a {what} file")
     try:
-        _verify_checksums(path)
+        if own_checksum is None:
+            _verify_checksums(path)
         with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: not news to the user
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        if own_checksum is not None and not own_checksum(obj):
+            _verify_checksums(path)
+        return obj
     except pickle.UnpicklingError as e:
         raise ValueError(f"{str(path)!r} is not a {what} file, or holds objects that are refused "
                          f"for safety (weights_only load): {_refusal_reason(e)}") from None
@@ -338,9 +356,13 @@ def read_checkpoint(item: Any, what: str = "checkpoint") -> Mapping:
 
 def _verify_checksums(path: Path) -> None:
     """Read every member of a zip file through its CRC-32: torch.load does not, so a flipped byte loads silently."""
-    if not zipfile.is_zipfile(path):
+    _verify_zip_members(path)
+
+
+def _verify_zip_members(file) -> None:
+    if not zipfile.is_zipfile(file):
         return
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(file) as archive:
         for info in archive.infolist():
             if info.CRC == 0:  # written with torch.serialization.set_crc32_options(False): nothing to check
                 continue
@@ -363,10 +385,33 @@ def check_format(obj: Any, path: str | os.PathLike, kind: str, versions: tuple[i
 
 
 def pack(obj: dict) -> bytes:
-    """A dict of plain tensors and numbers as bytes (``torch.save``): the replicated part of a state."""
+    """A dict of plain tensors and numbers as bytes (``torch.save``): the replicated part of a state.
+
+    Written with the zip members' CRC-32s (even where ``torch.serialization.set_crc32_options(False)``
+    turned them off), which :func:`unpack` checks."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    with _crc32_on():
+        torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+_CRC32_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _crc32_on() -> Iterator[None]:
+    """torch.save with CRC-32s inside the block, whatever the global setting (torch builds without the
+    setting always write them)."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None or get():
+        yield
+        return
+    with _CRC32_LOCK:
+        torch.serialization.set_crc32_options(True)
+        try:
+            yield
+        finally:
+            torch.serialization.set_crc32_options(False)
 
 
 def unpack(blob: Any, field: str = "meta") -> dict:
@@ -374,6 +419,7 @@ def unpack(blob: Any, field: str = "meta") -> dict:
     if not isinstance(blob, (bytes, bytearray)):
         raise ValueError(f"state[{field!r}] must be bytes (a version-3 state); got {type(blob).__name__}")
     try:
+        _verify_zip_members(io.BytesIO(blob))
         obj = torch.load(io.BytesIO(blob), weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is a damaged state
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -381,3 +427,94 @@ def unpack(blob: Any, field: str = "meta") -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"state[{field!r}] must hold a dict; got {type(obj).__name__}")
     return obj
+
+
+# ------------------------------------------------------------------------------------------ checksums
+# The algorithm: each 1 MiB piece of a tensor's bytes is folded by XOR into 16 KiB (its 64-bit words, in
+# rows of 2048, XORed together), whose CRC-32 (with the piece's tail) is the piece's; the checksum is the
+# CRC-32 of the pieces' CRC-32s. A flipped bit flips one bit of its piece's fold, which CRC-32 always
+# detects; the fold reads each byte once at memory speed, and CRC-32 runs over 1/64 of the bytes.
+CHECKSUM = "xor16KiB-crc32-1MiB"
+_PIECE = 1 << 20
+_FOLD = 1 << 14  # bytes of a piece's fold: 2048 words
+_PARALLEL = 4 << 20  # bytes from which the pieces are checked on several threads
+_POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
+_POOL_LOCK = threading.Lock()
+
+
+class ChecksumError(ValueError):
+    """Contents that do not match the checksum stored with them."""
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for the pieces of large tensors (numpy and zlib release the GIL while they compute)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():  # a forked child has none of its parent's threads
+            _POOL = os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                                       thread_name_prefix="cmd_online-checksum")
+        return _POOL[1]
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a flat uint8 array (a view where the tensor is a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+
+
+def _piece_crc(piece) -> int:
+    """CRC-32 of one piece (bytes, or a uint8 array of at most 1 MiB): its fold, then its tail."""
+    if isinstance(piece, bytes) or len(piece) < 2 * _FOLD:
+        return zlib.crc32(piece)
+    full = len(piece) // _FOLD * _FOLD
+    fold = np.bitwise_xor.reduce(piece[:full].view(np.uint64).reshape(-1, _FOLD // 8), axis=0)
+    return zlib.crc32(piece[full:], zlib.crc32(fold))  # the XOR of the words' bytes, whatever their byte order
+
+
+def checksum(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A checksum of labelled values: tensors (dtype, shape and bytes) and plain values (their ``repr``).
+
+    Returns ``{"algorithm": CHECKSUM, "value": int}``, stored with the values and checked on load by
+    :func:`verify_checksum`. It detects every single flipped bit (:data:`CHECKSUM`). The pieces are
+    checked on several threads (numpy and zlib release the GIL): CPU tensors in place, others copied
+    to the host one at a time. Tensors must be plain (not DTensors).
+    """
+    pieces: list = []  # bytes, or views of CPU tensors; a list of CRCs for a tensor done on its own
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if size >= _PARALLEL and (os.cpu_count() or 1) > 1:
+            crcs.extend(_pool().map(_piece_crc, pieces))
+        else:
+            crcs.extend(map(_piece_crc, pieces))
+        pieces.clear()
+        size = 0
+
+    crcs: list[int] = []
+    for label, value in items:
+        if isinstance(value, torch.Tensor):
+            pieces.append(f"{label}|{value.dtype}|{tuple(value.shape)}".encode())
+            data = _bytes_of(value)
+            pieces.extend(data[i:i + _PIECE] for i in range(0, data.size, _PIECE))
+            size += data.size
+            if value.device.type != "cpu":  # a host copy: checked now, then freed
+                flush()
+        else:
+            pieces.append(f"{label}|{value!r}".encode())
+    flush()
+    return {"algorithm": CHECKSUM, "value": zlib.crc32(np.asarray(crcs, dtype="<u4").tobytes())}
+
+
+def verify_checksum(stored: Any, items: Iterable[tuple[str, Any]], what: str) -> None:
+    """Raise :class:`ChecksumError` unless ``items`` match the ``stored`` :func:`checksum` (``what`` names the
+    contents in the message). A checksum of an unknown algorithm is refused too."""
+    if not isinstance(stored, dict) or stored.get("algorithm") != CHECKSUM or type(stored.get("value")) is not int:
+        raise ChecksumError(f"{what}: its checksum entry is not one this cmd_online reads ({stored!r})")
+    found = checksum(items)["value"]
+    if found != stored["value"]:
+        raise ChecksumError(f"{what} do not match their checksum (stored {stored['value']:#010x}, "
+                            f"computed {found:#010x}): corrupted or edited")

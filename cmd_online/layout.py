@@ -6,7 +6,9 @@ name, shape and dtype so that a flat vector can be turned back into named, shape
 
 from __future__ import annotations
 
+import collections
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -17,6 +19,9 @@ _DTYPES = {
     str(dt).removeprefix("torch."): dt
     for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 }
+
+
+RECORDABLE_DTYPES = tuple(_DTYPES.values())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -110,6 +115,53 @@ class Layout:
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed layout entry: {e}") from None
+
+
+# Components that wrappers put inside parameter names, at any depth: torch.compile (``_orig_mod``, of the
+# model or of a submodule), FSDP1 (``_fsdp_wrapped_module``) and activation checkpointing
+# (``_checkpoint_wrapped_module``). Outer wrappers (DDP's and DataParallel's ``module.``, a
+# LightningModule's attribute, PEFT's ``base_model.model.``, Fabric's ``_forward_module.``) add one leading
+# prefix to every name: :func:`name_differences` allows one such prefix on each side.
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+# The name of a parameter recorded without ``model=``: its place in the optimizer, which any name matches.
+_GENERIC = re.compile(r"param_groups\.\d+\.params\.\d+")
+
+
+def core_name(name: str) -> tuple[str, ...]:
+    """A parameter name's components without the wrappers' (:data:`WRAPPER_COMPONENTS`)."""
+    return tuple(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+def _prefixes(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The leading components that ``a`` and ``b`` have before their longest common ending, if that ending
+    holds at least the parameter's own name; None otherwise."""
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return (a[:len(a) - n], b[:len(b) - n]) if n else None
+
+
+def name_differences(saved: Sequence[str], now: Sequence[str]) -> list[int]:
+    """The positions at which two lists of parameter names (of equal length, in optimizer order) name
+    different parameters, up to wrappers: components of :data:`WRAPPER_COMPONENTS` anywhere, and one
+    leading prefix on each side common to every name (``module.`` of DDP, ``model.`` of a
+    LightningModule, …). A name of a recorder built without ``model=`` (``param_groups.0.params.1``)
+    matches any name. Empty when the lists name the same parameters."""
+    pairs = [(i, core_name(a), core_name(b)) for i, (a, b) in enumerate(zip(saved, now))
+             if not (_GENERIC.fullmatch(a) or _GENERIC.fullmatch(b))]
+    if all(a == b for _, a, b in pairs):
+        return []
+
+    def leads_all(prefix: tuple[str, ...], side: int) -> bool:
+        return all(pair[side][:len(prefix)] == prefix for pair in pairs)
+
+    def differing(p: tuple[str, ...], q: tuple[str, ...]) -> list[int]:
+        return [i for i, a, b in pairs if a[len(p):] != b[len(q):]]
+
+    # a wrapper's prefix leads every name of its side; take the one that explains the most names
+    found = {pq for _, a, b in pairs if (pq := _prefixes(a, b)) is not None}
+    candidates = {((), ())} | {pq for pq in found if leads_all(pq[0], 1) and leads_all(pq[1], 2)}
+    return min((differing(*pq) for pq in candidates), key=len)
 
 
 class GatherPlan:

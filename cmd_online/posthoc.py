@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import Sequence
 
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 
 from .clustering import cluster
-from .config import CMDConfig, check_int
+from .config import CMDConfig, check_bool, check_int
 from .files import read_checkpoint
-from .layout import Layout
+from .layout import Layout, core_name
+from .progress import LOG, bar
 from .sampling import sample_indices
 from .stats import AffineFit, affine_fit, mode_means, pin_references, resolved_references
 from .trajectory import CMDTrajectory, _tensor
@@ -78,6 +80,12 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     A set-aside reference (it moves only by rounding in the window) gets R² = 0, as every weight that
     does not move; it still reproduces itself (a = 1, b = 0).
     """
+    return _fit_affine(W, reference_index, window_start, layout)
+
+
+def _fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None = None, progress: bool | None = False,
+                samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> CMDTrajectory:
+    """:func:`fit_affine`, with a progress bar over the chunks and the clustered samples to keep."""
     W = _as_matrix(W)
     N, T = W.shape
     ref = _reference_index(reference_index, N)
@@ -100,7 +108,8 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     Q = torch.where((R.amax(dim=1) > R.amin(dim=1)) & resolved, Q, torch.zeros_like(Q))
     rows = max(1, _CHUNK_ELEMENTS // T)
     fits = []
-    for start in range(0, N, rows):
+    chunks = range(0, N, rows)
+    for start in bar(chunks, desc="fitting a, b", unit="chunk", enabled=progress if len(chunks) > 1 else False):
         chunk = W[start:start + rows, window_start:].double()
         moving = chunk.amax(dim=1) > chunk.amin(dim=1)
         mean = torch.where(moving, chunk.mean(dim=1), chunk[:, 0])  # a constant is its own mean, exactly
@@ -113,9 +122,10 @@ def fit_affine(W, reference_index, window_start: int = 0, layout: Layout | None 
     set_aside = Q == 0
     pin_references(fit, ref.tolist(), range(M), (~set_aside).tolist())
     dtype = _result_dtype(W)
+    sample_index, sample_history, sample_modes = samples if samples is not None else (None, None, None)
     return CMDTrajectory(references.to(dtype), ref, fit.a.to(dtype), fit.b.to(dtype), fit.modes, window_start,
                          layout if layout is not None else Layout.flat(N, W.dtype), mode_means(fit.modes, fit.r2, M),
-                         set_aside.cpu())
+                         set_aside.cpu(), sample_index, sample_history, sample_modes)
 
 
 def _check_layout_arg(layout, N: int) -> None:
@@ -139,14 +149,15 @@ def _layer_sizes(layer_sizes, N: int) -> list[int]:
 def decompose(W, modes: int | None = None, threshold: float | None = None, samples: int = 1000, seed: int = 0,
               layer_sizes: Sequence[int] | None = None, warmup: int | None = None,
               layout: Layout | None = None, distance: str = "correlation",
-              max_modes: int | None = None) -> CMDTrajectory:
+              max_modes: int | None = None, progress: bool | None = None) -> CMDTrajectory:
     """Post-hoc CMD of a full trajectory (paper, Algorithms 1 and 2).
 
     Args:
         W (tensor or array): N × T matrix, one row per weight, one column per record.
         modes (int): number of modes M, cut with ``maxclust`` (default 10 when ``threshold`` is None).
         threshold (float): or the in-mode distance t ∈ (0, 1]: every pair in a mode has |corr| ≥ 1 − t.
-        samples (int): K, number of sampled weights that are clustered (default 1000); modes ≤ K ≤ N.
+        samples (int): K, number of sampled weights that are clustered (default 1000); modes ≤ K. More
+            than N weights: all N are clustered, with a UserWarning.
         seed (int): seed of the sampling (default 0).
         layer_sizes (sequence of int): sizes of the layers for the layer-balanced sampling of appendix
             8.2 (default: from ``layout``, else one layer).
@@ -155,16 +166,21 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
             recorder does with ``warmup=F``.
         layout (Layout): names, shapes and dtypes of the tensors the rows come from.
         distance (str): the clustering distance, ``"correlation"`` (1 − |C|, default) or ``"euclidean"``
-            (between rows of |C|, as the paper authors' code does).
+            (between rows of |C|, the distance of the paper authors' code; docs/concepts.md).
         max_modes (int): with ``threshold``, at most this many modes (a cut that gives more is coarsened
             to ``max_modes``), as the recorder's ``max_modes`` (default None).
+        progress (bool): a progress bar over the fit's chunks: None (default) on a terminal only, True
+            whenever tqdm is installed, False never (``cmd_online.progress.bar``).
+
+    The result keeps the clustered samples (``sample_index``, ``sample_history``, ``sample_modes``).
     """
     config = CMDConfig(modes=modes, threshold=threshold, samples=samples, seed=seed, warmup=warmup,
                        distance=distance, max_modes=max_modes)
+    if progress is not None:
+        check_bool("progress", progress)
     W = _as_matrix(W)
     N, T = W.shape
-    if config.samples > N:
-        raise ValueError(f"samples must be in [1, N = {N}] (N = number of weights); got {config.samples}")
+    config = config.for_weights(N, "decompose")  # samples > N: all N, with a warning
     if layout is not None:
         _check_layout_arg(layout, N)
     layer_sizes = _layer_sizes(layer_sizes, N) if layer_sizes is not None else \
@@ -178,23 +194,41 @@ def decompose(W, modes: int | None = None, threshold: float | None = None, sampl
     history = W[sample.to(W.device), :clustered]
     found = cluster(history, config.modes, config.threshold, config.distance, config.max_modes)
     reference_index = sample[torch.from_numpy(found.reference)]
-    return fit_affine(W, reference_index, window_start, layout)
+    samples = (sample, history.detach().cpu().clone(), torch.from_numpy(found.labels))
+    return _fit_affine(W, reference_index, window_start, layout, progress, samples)
 
 
 def _floating_entries(sd: Mapping) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
-def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
+def _renamed_like(entries: dict, first: dict) -> dict:
+    """``entries`` under ``first``'s names where the two sets differ only by wrappers' components
+    (``_orig_mod``, FSDP1's, activation checkpointing's: :func:`cmd_online.layout.core_name`), one to one;
+    ``entries`` unchanged otherwise."""
+    ours, theirs = {core_name(k): k for k in entries}, {core_name(k): k for k in first}
+    if len(ours) != len(entries) or len(theirs) != len(first) or ours.keys() != theirs.keys():
+        return entries
+    return {theirs[core]: entries[key] for core, key in ours.items()}
+
+
+def decompose_checkpoints(checkpoints: Sequence, progress: bool | None = None, **kwargs) -> CMDTrajectory:
     """Post-hoc CMD from per-record checkpoints (state_dicts, or paths to files of them).
 
     The floating-point entries of each state_dict are flattened in order into one column of the
     N × T trajectory; the result's ``state_dict(at)`` has the checkpoints' names, shapes and dtypes.
     Paths are read with ``torch.load(weights_only=True)`` (:func:`cmd_online.files.read_checkpoint`);
     a file may nest the state_dict under ``"state_dict"`` or ``"model"``. Every checkpoint must have
-    the same floating-point entries (in any order) with the same shapes. Keyword arguments are those of :func:`decompose` (``layer_sizes`` defaults to
-    the entries' sizes).
+    the same floating-point entries (in any order) with the same shapes; names that differ only by
+    wrappers' components (``_orig_mod.`` of a model compiled for some records) are matched. Keyword
+    arguments are those of :func:`decompose` (``layer_sizes`` defaults to the entries' sizes).
+
+    ``progress``: a progress bar over the checkpoints and the fit: None (default) on a terminal only,
+    True whenever tqdm is installed, False never. The time spent reading is logged (``cmd_online``
+    logger, INFO).
     """
+    if progress is not None:
+        check_bool("progress", progress)
     if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
         raise TypeError("checkpoints must be a list of state_dicts or file paths, one per record")
     if len(checkpoints) < 2:
@@ -204,8 +238,11 @@ def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
         raise ValueError("checkpoints[0] has no floating-point tensors")
     layout = Layout.of_tensors(list(first.values()), first.keys())
     W = torch.empty(layout.numel, len(checkpoints), dtype=torch.float32)
-    for t, item in enumerate(checkpoints):
+    start = time.perf_counter()
+    for t, item in enumerate(bar(checkpoints, desc="reading checkpoints", unit="file", enabled=progress)):
         entries = first if t == 0 else _floating_entries(read_checkpoint(item, f"checkpoints[{t}]"))
+        if entries.keys() != first.keys():  # saved through torch.compile (_orig_mod.) in some records only?
+            entries = _renamed_like(entries, first)
         if entries.keys() != first.keys():  # the same entries, in any order: taken in checkpoints[0]'s
             raise ValueError(f"checkpoints[{t}] has different entries from checkpoints[0] "
                              f"(missing: {sorted(set(layout.names) - set(entries))[:5]}, "
@@ -215,4 +252,6 @@ def decompose_checkpoints(checkpoints: Sequence, **kwargs) -> CMDTrajectory:
                 raise ValueError(f"checkpoints[{t}][{name!r}] has shape {tuple(entries[name].shape)}, "
                                  f"but checkpoints[0] has {shape}")
             W[offset:offset + size, t] = entries[name].detach().reshape(-1).float().cpu()
-    return decompose(W, layout=layout, **kwargs)
+    LOG.info("decompose_checkpoints: read %d checkpoints of %d weights in %.1f s", len(checkpoints), layout.numel,
+             time.perf_counter() - start)
+    return decompose(W, layout=layout, progress=progress, **kwargs)

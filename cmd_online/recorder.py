@@ -12,24 +12,27 @@ import contextlib
 import functools
 import math
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Iterator, NamedTuple
 
+import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter
+from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter, stats_checked
 from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
-from .files import atomic_save, pack, unpack
-from .layout import GatherPlan, Layout
+from .files import atomic_save, checksum, pack, unpack
+from .layout import RECORDABLE_DTYPES, GatherPlan, Layout
 from .observers import check_observers, notify, tensorboard_logger
 from .offload import Job, Offload
+from .progress import LOG
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
 from .stats import KERNELS, AffineFit, StreamingMoments, mode_dtype, pin_references
-from .trajectory import CMDTrajectory, normalize_at, reconstruct
+from .trajectory import CMDTrajectory, normalize_at, parts_checked, reconstruct
 
 
 
@@ -60,6 +63,18 @@ def _serialised(method):
     return serialised
 
 
+def _metrics_of_state(table: Any) -> dict[str, dict[int, float]]:
+    """The metrics of a state (name → vector, NaN where none) back as name → {record: value}; checked."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.dim() == 1
+                                              and v.is_floating_point() for k, v in table.items()):
+        raise ValueError("state['meta']['metrics'] must map metric names to float vectors; this is not a "
+                         "CMDRecorder state_dict of this recorder (damaged or edited?)")
+    return {name: {i: float(v) for i, v in enumerate(values.tolist()) if not math.isnan(v)}
+            for name, values in table.items()}
+
+
 def _copy_back(params: list[torch.Tensor], saved: list[torch.Tensor], model: torch.nn.Module | None = None) -> None:
     with torch.no_grad():
         for p, value in zip(params, saved):
@@ -83,13 +98,14 @@ class CMDRecorder:
             Every recorded parameter must be one of its parameters. Only a weak reference is kept.
         modes (int): number of modes M (default 10 when ``threshold`` is None).
         threshold (float): or the in-mode distance t ∈ (0, 1]; M then follows from the data.
-        samples (int): K, weights whose warm-up history is clustered; modes ≤ K ≤ N (default 1000).
+        samples (int): K, weights whose warm-up history is clustered; modes ≤ K ≤ N (default 1000; the
+            default on a model of fewer weights becomes N, with a UserWarning; any other K > N is refused).
         warmup (int): F ≥ 2, number of warm-up records (default 20).
         record_every (int): record after every k-th optimizer step; None (default): call :meth:`record`.
         freeze_modes_after (int): after this many records of tracking, fix each weight's mode and keep
             only its own co-moment (compact memory); None (default) keeps the full form.
         distance (str): the clustering distance: ``"correlation"``, 1 − |C_ij| (default), or
-            ``"euclidean"`` between rows of |C|, as the paper authors' code does.
+            ``"euclidean"`` between rows of |C|, the distance of the paper authors' code (docs/concepts.md).
         writer (SummaryWriter): shortcut for ``callbacks=[TensorBoardLogger(writer, every=log_every)]``
             (default None; see docs/tensorboard.md).
         log_every (int): the shortcut logger's interval for mode statistics, in records (default 10).
@@ -148,8 +164,7 @@ class CMDRecorder:
         self._local_shapes = [w.shape for w in local]  # queries need no live parameters
         self._model = None if model is None else weakref.ref(model)
         self.layout = Layout.of_tensors(params, self._names(optimizer, params, model))
-        if self.config.samples > self.layout.numel:
-            raise ValueError(f"samples ({self.config.samples}) must be ≤ the number of weights N = {self.layout.numel}")
+        self.config = self.config.for_weights(self.layout.numel, "CMDRecorder")  # samples > N: all N, with a warning
 
         self.sample_index = sample_indices(self.layout.sizes, self.config.samples, self.config.seed)
         self._sample_plan = self._shards.gather_plan(self.layout, self.sample_index, self._param_device)
@@ -161,6 +176,10 @@ class CMDRecorder:
         self._skips_reported = 0
         self._steps = 0
         self._warned_new_params = False
+        self._auto = False  # the step hook is recording now
+        self._after_auto = False  # the last thing that happened was an automatic record (no optimizer step since)
+        self._warned_duplicate = self._warned_fallback = False
+        self._metrics: dict[str, dict[int, float]] = {}  # add_metrics: name → {record: value}
         self.clustering: Clustering | None = None
         self.reference_index: torch.Tensor | None = None
         self._ref_plan: GatherPlan | None = None
@@ -201,12 +220,24 @@ class CMDRecorder:
             if first.setdefault(id(p), i) != i:
                 raise ValueError(f"optimizer parameter {i} is the same tensor as parameter {first[id(p)]}: each "
                                  f"parameter must appear once in the optimizer's param_groups")
+        names = {} if model is None else {id(p): n for n, p in model.named_parameters()}
         for i, p in enumerate(params):
+            what = f"parameter {names[id(p)]!r} (optimizer parameter {i})" if id(p) in names \
+                else f"optimizer parameter {i}"
+            if isinstance(p, torch.nn.parameter.UninitializedParameter):
+                raise ValueError(f"{what} is an uninitialized parameter of a lazy module (LazyLinear, …): run a "
+                                 f"forward pass first, then build the optimizer and the recorder")
             if not p.is_floating_point():
-                raise TypeError(f"optimizer parameter {i} has dtype {p.dtype}; CMD records floating-point parameters")
+                raise TypeError(f"{what} has dtype {p.dtype}; CMD records floating-point parameters")
+            if p.dtype not in RECORDABLE_DTYPES:  # float8 and smaller: no arithmetic to record them with
+                raise TypeError(f"{what} has dtype {p.dtype}; CMD records float64, float32, float16 and bfloat16 "
+                                f"parameters (float8 training keeps master weights in one of these: record those)")
             if p.layout != torch.strided:
-                raise TypeError(f"optimizer parameter {i} has layout {p.layout}; CMD records dense (strided) "
-                                f"parameters")
+                raise TypeError(f"{what} has layout {p.layout}; CMD records dense (strided) parameters")
+            if p.is_meta:
+                raise ValueError(f"{what} is on the meta device, so it holds no values to record: build the "
+                                 f"recorder once the parameters are materialised (model.to_empty(device=...) and "
+                                 f"initialised, or loaded)")
         if model is not None:
             owned = {id(p) for p in model.parameters()}
             foreign = [i for i, p in enumerate(params) if id(p) not in owned]
@@ -230,6 +261,12 @@ class CMDRecorder:
         """``"warmup"`` until the clustering is done, then ``"tracking"`` (with offload, waits for pending records)."""
         self._sync()
         return "warmup" if self._stats is None else "tracking"
+
+    @property
+    def ready(self) -> bool:
+        """Whether CMD weights exist: False during the warm-up, True from the record that ends it (the
+        same as ``phase == "tracking"``)."""
+        return self.phase == "tracking"
 
     @property
     def num_records(self) -> int:
@@ -375,9 +412,15 @@ class CMDRecorder:
         if isinstance(found_inf, torch.Tensor) and bool(found_inf):
             return
         self._steps += 1
+        self._after_auto = False
         every = self.config.record_every
         if every is not None and self._steps % every == 0:
-            self.record()
+            self._auto = True
+            try:
+                self.record()
+            finally:
+                self._auto = False
+            self._after_auto = True
 
     def record(self) -> bool:
         """Take one trajectory point now.
@@ -387,7 +430,18 @@ class CMDRecorder:
         ``offload=True`` in the background: they return True, and a skipped one shows in
         ``skipped_records`` and a warning at the next query. Records work under ``torch.no_grad()``,
         ``torch.inference_mode()`` or neither, from any thread (one at a time).
+
+        With ``record_every``, a call right after an automatic record (no optimizer step in between)
+        would record the same weights twice: it is ignored, returns False, and warns once.
         """
+        if self._after_auto and not self._auto:
+            if not self._warned_duplicate:
+                self._warned_duplicate = True
+                warnings.warn(f"CMDRecorder: record() right after the automatic record of record_every="
+                              f"{self.config.record_every} (no optimizer step in between) is ignored: the same "
+                              f"weights would count twice. With record_every, do not call record() yourself "
+                              f"(this warning comes once)", UserWarning, stacklevel=2)
+            return False
         with self._lock, torch.inference_mode(False), torch.no_grad():
             self._closed = False
             self._warn_if_params_changed()
@@ -564,12 +618,22 @@ class CMDRecorder:
 
     def _start_tracking(self, weights: list[torch.Tensor]) -> None:
         """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4)."""
-        found = cluster(self._history, self.config.modes, self.config.threshold, self.config.distance,
-                        self.config.max_modes)
+        start = time.perf_counter()
+        LOG.info("CMDRecorder: warm-up of %d records done; clustering %d sampled weights", self.config.warmup,
+                 self.config.samples)
+        found = self._cluster()
         position = torch.from_numpy(found.reference)
         self._set_references(self.sample_index[position], self._history[position.to(self.device)])
         self.clustering = found
         self._stats.update(weights, self._table.columns(self.config.warmup)[:, -1])
+        sizes = np.bincount(found.labels[found.labels >= 0], minlength=found.num_modes).tolist()
+        LOG.info("CMDRecorder: %d modes (sampled weights per mode: %s); CMD weights exist from record %d on; "
+                 "the end of the warm-up took %.2f s", found.num_modes, sizes, self.window_start,
+                 time.perf_counter() - start)
+
+    def _cluster(self) -> Clustering:
+        return cluster(self._history, self.config.modes, self.config.threshold, self.config.distance,
+                       self.config.max_modes)
 
     def _set_references(self, reference_index: torch.Tensor, values: torch.Tensor, stats: dict | None = None,
                         copy: bool = True) -> None:
@@ -605,6 +669,10 @@ class CMDRecorder:
     # ----------------------------------------------------------------------------- queries
     def _require_tracking(self, what: str) -> None:
         self._sync()
+        if self._stats is None and self._warmup_records == 0 and self._skipped == 0:
+            raise RuntimeError(f"{what} is not available: no record was taken yet ({self._steps} optimizer step(s) "
+                               f"so far): call record() after your optimizer steps, or pass record_every "
+                               f"(CMD weights exist after warmup={self.config.warmup} records)")
         if self._stats is None:
             remaining = self.config.warmup - self._warmup_records
             raise RuntimeError(f"{what} is not available during the warm-up: {remaining} more record(s) "
@@ -669,7 +737,16 @@ class CMDRecorder:
 
     @contextlib.contextmanager
     def swapped(self, at: int = -1) -> Iterator[None]:
-        """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit."""
+        """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit.
+
+        During the warm-up (no CMD weights yet) ``swapped()`` with the default ``at=-1`` leaves the
+        trained weights in place, so that an evaluation loop needs no guard, and says so once in a
+        UserWarning; ``ready`` tells the two apart. An explicit ``at`` during the warm-up, or a query
+        before any record, raises a RuntimeError.
+        """
+        if at == -1 and self._fallback("swapped"):
+            yield
+            return
         with self._lock:  # the CMD weights of one state (not the user's block: other threads may record)
             self._require_tracking("swapped")
             model = self._sharded_model()
@@ -688,6 +765,18 @@ class CMDRecorder:
             yield
         finally:
             _copy_back(local, saved, model)
+
+    def _fallback(self, what: str) -> bool:
+        """During the warm-up: True, and a one-time notice that ``what`` runs on the trained weights. False once CMD
+        weights exist, and when optimizer steps were taken but never a record (the query's error says what to do)."""
+        if self.ready or (self._records() == 0 and self._skipped == 0 and self._steps > 0):
+            return False
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(f"CMDRecorder: {what}() during the warm-up ({self.config.warmup - self._records()} more "
+                          f"record(s) until CMD weights exist) keeps the trained weights in the model; check "
+                          f"rec.ready to tell them apart (this notice comes once)", UserWarning, stacklevel=4)
+        return True
 
     def _sharded_model(self) -> torch.nn.Module | None:
         """Under FSDP2, the model (whose FSDP modules ``swapped`` reshards); None otherwise."""
@@ -746,10 +835,61 @@ class CMDRecorder:
         """What a trajectory holds besides a, b and the modes: references, their indices and flags, and each
         mode's mean R² from ``totals`` (sums of R² and counts per mode, this process's part)."""
         totals = self._shards.all_sum(totals)
-        return dict(references=self._table.columns(self.num_records).clone(),
+        if self.clustering is None:  # a resumed recorder: the same clustering again, from the kept warm-up history
+            self.clustering = self._cluster()
+        T = self.num_records
+        return dict(references=self._table.columns(T).clone(),
                     reference_index=self.reference_index.clone(), window_start=self.window_start, layout=self.layout,
                     mode_r2=(totals[0] / totals[1].clamp_min(1)).float(),
-                    set_aside=~self._stats.resolved_references())
+                    set_aside=~self._stats.resolved_references(), sample_index=self.sample_index.clone(),
+                    sample_history=self._history.cpu().clone(), sample_modes=torch.from_numpy(self.clustering.labels).clone(),
+                    metrics=self._metric_table(T))
+
+    @_serialised
+    def add_metrics(self, metrics: dict[str, float], at: int = -1) -> None:
+        """Keep metrics of record ``at`` — e.g. the trained and the CMD model's test accuracy — for
+        :meth:`trajectory` (``CMDTrajectory.metrics``) and so for its report (``cmd-online report``).
+
+        Args:
+            metrics (dict): metric name → number (a float, int or one-element tensor). A name
+                ``"group/label"`` is drawn with the other labels of its group in one panel of the
+                report, e.g. ``{"test accuracy/trained": 0.95, "test accuracy/CMD": 0.97}``.
+            at (int): the record they belong to; negative counts from the end (default -1, the last).
+
+        Adding a metric again at the same record replaces it. Metrics are kept in ``state_dict()``.
+        """
+        self._sync()
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict of name → number; got {type(metrics).__name__}")
+        records = self._records()
+        if records == 0:
+            raise RuntimeError("add_metrics needs a record to attach the metrics to, and no record was taken yet: "
+                               "call record() after your optimizer steps, or pass record_every")
+        at = normalize_at(at, records)
+        checked = {}
+        for name, value in metrics.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"metrics: names must be non-empty str; got {name!r}")
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"metrics[{name!r}] must be a number; got {type(value).__name__}")
+            checked[name] = float(value)
+        for name, value in checked.items():
+            self._metrics.setdefault(name, {})[at] = value
+
+    def _metric_table(self, T: int) -> dict[str, torch.Tensor] | None:
+        """The metrics as name → float64 tensor of T entries, NaN where none was added; None if there are none."""
+        if not self._metrics:
+            return None
+        table = {}
+        for name, values in self._metrics.items():
+            column = torch.full((T,), math.nan, dtype=torch.float64)
+            for at, value in values.items():
+                if at < T:
+                    column[at] = value
+            table[name] = column
+        return table
 
     @_serialised
     def trajectory_state_dict(self) -> dict[str, Any]:
@@ -758,7 +898,8 @@ class CMDRecorder:
         ``{"meta": bytes, "a", "b", "modes": {parameter name: a tensor shaped like the parameter}}``,
         placed like the parameters (DTensors under FSDP2): ``dcp.save({"trajectory": ...})`` writes each
         rank's part; :func:`cmd_online.checkpoint.load_trajectory` reads it back as a
-        :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed).
+        :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed). Outside
+        FSDP2 ``meta`` holds a checksum of a, b and the modes, which ``CMDTrajectory.from_state_dict`` checks.
         """
         self._require_tracking("trajectory_state_dict")
         a, b, modes, totals = self._flat_fit()
@@ -767,7 +908,10 @@ class CMDRecorder:
         shapes = [tuple(s) for s in self._local_shapes]
         place = lambda xs: {name: self._shards.like_param(i, x.view(shape))  # noqa: E731
                             for i, (name, x, shape) in enumerate(zip(self.layout.names, xs, shapes))}
-        return {"meta": pack(meta), "a": place(a), "b": place(b), "modes": place(modes)}
+        state = {"a": place(a), "b": place(b), "modes": place(modes)}
+        if not self._shards.sharded:  # whole tensors: a checksum that holds wherever they are loaded
+            meta["checksum"] = checksum(parts_checked(state, self.layout.names))
+        return {"meta": pack(meta), **state}
 
     @_serialised
     def r2(self) -> list[torch.Tensor]:
@@ -823,10 +967,14 @@ class CMDRecorder:
 
         As a module's ``state_dict`` does, it holds references to the recorder's tensors, not copies:
         save it (``torch.save``, ``dcp.save``) before the next record changes them. Before the warm-up
-        ends the statistics are zeros, allocated for the call.
+        ends the statistics are zeros, allocated for the call. Past it, outside FSDP2, ``meta`` holds a
+        checksum of the statistics (``cmd_online.files.checksum``) that :meth:`load_state_dict` checks.
         """
         self._sync()
-        return {"meta": pack(self._meta()), "stats": self._per_parameter_stats()}
+        stats, meta = self._per_parameter_stats(), self._meta()
+        if self._stats is not None and not self._shards.sharded:  # whole tensors: a checksum that holds anywhere
+            meta["checksum"] = checksum(stats_checked(stats, self.layout.names, self.num_modes, self._stats.compact))
+        return {"meta": pack(meta), "stats": stats}
 
     def _mode_bound(self) -> int:
         """Rows of P in a state: the configured bound, else the modes found (0 during the warm-up)."""
@@ -843,7 +991,7 @@ class CMDRecorder:
                 "reference_index": self.reference_index,
                 "references": None if self._table is None else self._table.columns(self._records()),
                 "count": 0 if stats is None else stats.window_count(), "compact": stats is not None and stats.compact,
-                "shards": self._shards.describe(), **moments}
+                "shards": self._shards.describe(), **moments, "metrics": self._metric_table(self._records())}
 
     def _per_parameter_stats(self) -> dict:
         sizes = [s.numel() for s in self._local_shapes]
@@ -863,27 +1011,40 @@ class CMDRecorder:
                              self._shards.like_param)
 
     @_serialised
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore from :meth:`state_dict` (this version, or 1 and 2 of earlier cmd_online). Every field is
-        checked first: a state of another configuration, other parameter shapes, other samples, or one
-        damaged, is refused with a ValueError and changes nothing."""
-        self._sync()
-        self._load_state_dict(state)
+        checked first: a state of another configuration, other parameters, other samples, or one damaged
+        (its checksum), is refused with a ValueError that says what differs, and changes nothing.
 
-    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        The parameters must be as many, of the same shapes, in the same order, as when the state was
+        recorded, and (``strict``, default) of the same names up to wrappers: ``torch.compile``'s
+        ``_orig_mod.``, FSDP1's and activation checkpointing's components anywhere, and one leading prefix
+        on each side (DDP's ``module.``, a LightningModule's attribute); a recorder built without
+        ``model=`` matches any names. ``strict=False`` matches the parameters by position only (for the
+        same parameters renamed)."""
+        self._sync()
+        self._load_state_dict(state, check_bool("strict", strict))
+
+    def _load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         fresh = False
+        metrics = {}
         if isinstance(state, dict) and "meta" in state:  # version 3
-            state = from_per_parameter(unpack(state["meta"]), state.get("stats"),
+            meta = unpack(state["meta"])
+            metrics = _metrics_of_state(meta.get("metrics"))
+            state = from_per_parameter(meta, state.get("stats"),
                                        [self._shards.rows(i) for i in range(len(self.layout.names))],
-                                       self._shards.from_state, config=self.config, layout=self.layout)
+                                       self._shards.from_state, config=self.config, layout=self.layout, strict=strict)
             fresh = True  # its flat statistics are new tensors: taken, not copied again
         checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
-                              sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes))
+                              sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes),
+                              strict=strict)
         # everything checked: now change the recorder
         self._history = checked.history.to(self.device, self._coefficient_dtype).clone()
         self._steps = checked.steps
         self._skipped = self._skips_reported = checked.skipped_records
         self.clustering = None  # the sample correlations are not part of a state
+        self._metrics = metrics
+        self._after_auto = False
         if checked.reference_index is None:
             self._warmup_records = checked.num_records
             self.reference_index = self._ref_plan = self._slots = self._table = self._stats = None

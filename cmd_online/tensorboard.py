@@ -19,7 +19,7 @@ read the recorder through its public, read-only API only. Everything goes under 
     cmd/fit/references_set_aside  references that moved only by rounding in the window (concepts.md)
     cmd/hist/a, cmd/hist/r2    histograms of the slopes a and of R²   (same interval)
     cmd/figures/correlation    clustered |corr| of the K samples with mode boundaries (warm-up end)
-    cmd/figures/references     the reference weights over the warm-up (warm-up end)
+    cmd/figures/references     the reference weights over all records so far (warm-up end, interval, close)
     cmd/figures/mode_by_layer  fraction of each mode in each layer (warm-up end, interval, close)
     cmd/config                 text: the recorder's configuration (warm-up end)
 
@@ -40,17 +40,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .figures import (correlation_figure, heatmap_image, lines_image,  # noqa: F401 (heatmap_image, lines_image:
+                      mode_by_layer_figure, references_figure)  # kept importable from here)
+
 TAG = "cmd"
 HIST_BINS = 64
 FIGURES = "auto"  # "auto": matplotlib if importable, else native images; "native": never matplotlib
-DPI = 100
 QUANTILE_SAMPLES = 4096  # weights whose slopes set the range of the a-histogram (~20 in each 0.5 % tail)
-
-# tab10, so native images and matplotlib figures colour modes alike
-_PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-                     [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]],
-                    dtype=np.uint8)
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
 def _mode_tag(kind: str, m: int, num_modes: int) -> str:
@@ -66,8 +62,9 @@ class _StatisticsLog:
 
     Per record: the reference values and the recorder's memory. Every ``every`` records from the third
     record of the fit window on (with two, every affine fit is exact), and at ``close()``: mode sizes,
-    shares and R², the fit's mean R² and relative residual, histograms and the mode-by-layer map. At the
-    end of the warm-up: the configuration and the warm-up figures. Only rank 0 writes.
+    shares and R², the fit's mean R² and relative residual, histograms, the mode-by-layer map and the
+    references over all records so far (the figure grows with the run). At the end of the warm-up: the
+    configuration and the warm-up figures. Only rank 0 writes.
     """
 
     def __init__(self, every: int = 10, step=None):
@@ -156,6 +153,9 @@ class _StatisticsLog:
             # a matplotlib figure costs far more than a record: only the one-off figures at close use it
             self._figure(f"{TAG}/figures/mode_by_layer", mode_by_layer_figure,
                          summary["layer_counts"].cpu().numpy(), list(rec.layout.names), step, native=per_record)
+            # the reference trajectories so far: the figure grows with the run
+            self._figure(f"{TAG}/figures/references", _references_drawing(rec.window_start),
+                         rec.references.cpu().numpy(), step, native=per_record)
 
     def _frozen_sizes(self, rec) -> torch.Tensor:
         modes = rec.moments.modes
@@ -175,7 +175,8 @@ class _StatisticsLog:
             np.add.at(counts, (layer[keep], c.labels[keep]), 1)
             self._figure(f"{TAG}/figures/mode_by_layer", mode_by_layer_figure, counts, list(rec.layout.names), step)
         F = rec.config["warmup"]
-        self._figure(f"{TAG}/figures/references", references_figure, rec.references[:, :F].cpu().numpy(), step)
+        self._figure(f"{TAG}/figures/references", _references_drawing(rec.window_start),
+                     rec.references[:, :F].cpu().numpy(), step)
 
     # ------------------------------------------------------------------------- where it goes
     def _scalars(self, items: list[tuple[str, float]], step: int) -> None:
@@ -378,135 +379,13 @@ def _pyplot_available() -> bool:
     return True
 
 
+def _references_drawing(window_start: int):
+    return lambda references, native=False: references_figure(references, native, window_start)
+
+
 def _add_figure(writer, tag: str, draw, *args, native: bool = False) -> None:
     *data, step = args
     if not native and _pyplot_available():
         writer.add_figure(tag, draw(*data, native=False), step, close=True)
     else:
         writer.add_image(tag, draw(*data, native=True), step, dataformats="CHW")
-
-
-def correlation_figure(abs_corr: np.ndarray, labels: np.ndarray, native: bool = False):
-    """|corr| of the samples ordered by mode, with lines at the mode boundaries (paper, Fig. 2).
-
-    Args:
-        abs_corr (array): k × k |correlation| of the non-constant samples.
-        labels (array): their modes (k,).
-        native (bool): return a uint8 3×H×W image instead of a matplotlib Figure (default False).
-    """
-    order = np.argsort(labels, kind="stable")
-    matrix = np.asarray(abs_corr)[np.ix_(order, order)]
-    bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    if native:
-        return heatmap_image(torch.from_numpy(matrix), rows=bounds, cols=bounds, size=256)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.2, 4.4), dpi=DPI)
-    ax = fig.add_subplot()
-    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-    for b in bounds:
-        ax.axhline(b - 0.5, color="white", lw=0.8)
-        ax.axvline(b - 0.5, color="white", lw=0.8)
-    ax.set_title(f"|corr| of {len(labels)} sampled weights, {labels.max() + 1} modes", fontsize=10)
-    ax.set_xlabel("sample, ordered by mode")
-    fig.colorbar(im, ax=ax, label="|correlation|")
-    fig.tight_layout()
-    return fig
-
-
-def references_figure(references: np.ndarray, native: bool = False):
-    """Each reference weight over the warm-up, scaled to its own range, one row per mode (paper, Fig. 25)."""
-    refs = np.asarray(references, dtype=np.float64)
-    span = refs.max(1, keepdims=True) - refs.min(1, keepdims=True)
-    scaled = (refs - refs.min(1, keepdims=True)) / np.where(span > 0, span, 1.0)
-    if native:
-        return lines_image(torch.from_numpy(scaled))
-    from matplotlib.figure import Figure
-
-    M, T = scaled.shape
-    fig = Figure(figsize=(6, min(1.2 + 0.45 * M, 12)), dpi=DPI)
-    ax = fig.add_subplot()
-    for m in range(M):
-        ax.plot(np.arange(T), M - 1 - m + 0.8 * scaled[m], color=_PALETTE[m % 10] / 255, lw=1.5)
-    ax.set_yticks(np.arange(M) + 0.4, [f"mode {m}" for m in reversed(range(M))], fontsize=8)
-    ax.set_xlabel("record")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title("reference weights over the warm-up (each scaled to its range)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def mode_by_layer_figure(counts: np.ndarray, names: list[str], native: bool = False):
-    """Where each mode's weights live: fraction of mode m's weights in each layer (paper, Fig. 4b).
-
-    Args:
-        counts (array): layers × M counts of weights.
-        names (list of str): layer (parameter tensor) names.
-        native (bool): return a uint8 3×H×W image instead of a matplotlib Figure (default False).
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    fraction = counts / np.maximum(counts.sum(0, keepdims=True), 1.0)
-    if native:
-        return heatmap_image(torch.from_numpy(fraction), size=256)
-    from matplotlib.figure import Figure
-
-    L, M = fraction.shape
-    fig = Figure(figsize=(min(2.5 + 0.45 * M, 12), min(1.5 + 0.28 * L, 12)), dpi=DPI)
-    ax = fig.add_subplot()
-    im = ax.imshow(fraction, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(M), [str(m) for m in range(M)], fontsize=7)
-    if L <= 40:
-        ax.set_yticks(range(L), names, fontsize=7)
-    ax.set_xlabel(f"mode (sizes: {', '.join(str(int(s)) for s in counts.sum(0)[:6])}{', …' if M > 6 else ''})")
-    ax.set_title("fraction of each mode's weights per layer", fontsize=10)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
-def heatmap_image(values: torch.Tensor, rows=(), cols=(), size: int = 256) -> torch.Tensor:
-    """A uint8 3×H×W viridis image of ``values`` in [0, 1] (h × w), without matplotlib.
-
-    Each cell becomes an s × s block (s = max(1, size // max(h, w))); a matrix larger than ``size``
-    is area-averaged down to it. White lines mark the boundaries before row indices ``rows`` and
-    column indices ``cols``.
-    """
-    v = torch.as_tensor(values, dtype=torch.float64).clamp(0, 1)
-    h, w = v.shape
-    scale = size / max(h, w)
-    if scale < 1:
-        H, W = max(1, round(h * scale)), max(1, round(w * scale))
-        v = torch.nn.functional.adaptive_avg_pool2d(v[None, None], (H, W))[0, 0]
-    else:
-        s = max(1, int(scale))
-        v = v.repeat_interleave(s, 0).repeat_interleave(s, 1)
-        H, W = h * s, w * s
-    lut = _viridis_lut()
-    img = lut[(v.numpy() * 255).round().astype(np.int64)]  # H × W × 3
-    for b in rows:
-        img[min(H - 1, int(b * H / h)), :] = 255
-    for b in cols:
-        img[:, min(W - 1, int(b * W / w))] = 255
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-
-
-def lines_image(series: torch.Tensor, width: int = 320, strip: int = 32) -> torch.Tensor:
-    """A uint8 3×(M·strip)×width image: series m (values in [0, 1]) drawn as a line in strip m."""
-    s = torch.as_tensor(series, dtype=torch.float64).numpy()
-    M, T = s.shape
-    img = np.full((M * strip, width, 3), 255, dtype=np.uint8)
-    x = np.linspace(0, T - 1, width)
-    for m in range(M):
-        y = m * strip + 2 + np.round((1 - np.interp(x, np.arange(T), s[m])) * (strip - 5)).astype(np.int64)
-        colour = _PALETTE[m % 10]
-        for col in range(width):  # a vertical run joins each column's point to the previous one
-            y0, y1 = sorted((y[col], y[max(col - 1, 0)]))
-            img[y0:y1 + 1, col] = colour
-        img[(m + 1) * strip - 1, :] = 220  # a light rule between strips
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-
-
-def _viridis_lut() -> np.ndarray:
-    t = np.linspace(0, 1, 256)
-    anchors = np.linspace(0, 1, len(_VIRIDIS))
-    return np.stack([np.interp(t, anchors, _VIRIDIS[:, c]) for c in range(3)], 1).round().astype(np.uint8)

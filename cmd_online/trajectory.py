@@ -12,13 +12,15 @@ import os
 
 import torch
 
-from .files import atomic_save, check_format, safe_load, unpack
+from .files import atomic_save, check_format, checksum, safe_load, unpack, verify_checksum
 from .layout import Layout
 
 FORMAT = "cmd_online.CMDTrajectory"
 VERSION = 1
 _REQUIRED = ("references", "reference_index", "a", "b", "modes", "window_start", "layout")
-_OPTIONAL = ("mode_r2", "set_aside")  # constructor arguments that default to None: saved when set, checked when in a file
+_OPTIONAL = ("mode_r2", "set_aside", "sample_index", "sample_history", "sample_modes")  # tensor arguments that
+# default to None: saved when set, checked when in a file
+_SAMPLES = ("sample_index", "sample_history", "sample_modes")  # the clustered samples: all three or none
 
 
 def normalize_at(at: int, num_records: int, name: str = "at") -> int:
@@ -122,13 +124,20 @@ class CMDTrajectory:
         set_aside (tensor): which references were set aside (M bool: they moved only by rounding in
             the window, so no weight was assigned to them, unless no reference moves: every weight
             then stays in mode 0 as a constant; concepts.md), or None (not known).
+        sample_index, sample_history, sample_modes (tensor): the K weights that were clustered (flat
+            indices, int64), their values over the clustered records (K × C, float) and the mode each
+            was clustered into (int64, −1 for a sample that did not move), from which the clustered
+            correlation matrix is drawn again; all three or None.
+        metrics (dict): per-record metrics, name → float tensor of T entries (NaN where none was
+            recorded), e.g. the trained and CMD model's test accuracy; or None.
 
     Every argument is checked: a wrong type or dtype raises TypeError, a wrong shape, range or value
     ValueError, each naming the argument.
     """
 
     def __init__(self, references, reference_index, a, b, modes, window_start: int = 0,
-                 layout: Layout | None = None, mode_r2=None, set_aside=None):
+                 layout: Layout | None = None, mode_r2=None, set_aside=None, sample_index=None,
+                 sample_history=None, sample_modes=None, metrics=None):
         references = _tensor("references", references, "float")
         reference_index = _tensor("reference_index", reference_index, "int")
         a, b = _tensor("a", a, "float"), _tensor("b", b, "float")
@@ -174,9 +183,13 @@ class CMDTrajectory:
             _finite("mode_r2", mode_r2)
         if set_aside is not None:
             _vector("set_aside", set_aside, M, "M")
+        samples = _samples(sample_index, sample_history, sample_modes, N, M)
+        metrics = _metrics(metrics, T)
 
         self.references, self.a, self.b, self.layout, self.mode_r2 = references, a, b, layout, mode_r2
         self.set_aside = set_aside
+        self.sample_index, self.sample_history, self.sample_modes = samples
+        self.metrics = metrics
         self.reference_index = reference_index.long()
         self.modes = modes.to(torch.int32)
         self.window_start = int(window_start)
@@ -208,8 +221,10 @@ class CMDTrajectory:
 
     def to(self, device) -> "CMDTrajectory":
         optional = {name: None if getattr(self, name) is None else getattr(self, name).to(device) for name in _OPTIONAL}
+        metrics = None if self.metrics is None else {k: v.to(device) for k, v in self.metrics.items()}
         return CMDTrajectory(self.references.to(device), self.reference_index.to(device), self.a.to(device),
-                             self.b.to(device), self.modes.to(device), self.window_start, self.layout, **optional)
+                             self.b.to(device), self.modes.to(device), self.window_start, self.layout, **optional,
+                             metrics=metrics)
 
     def nbytes(self) -> int:
         """Bytes of the tensors that make up the model."""
@@ -233,6 +248,9 @@ class CMDTrajectory:
         for name in _OPTIONAL:
             if getattr(self, name) is not None:
                 payload[name] = getattr(self, name).detach().cpu()
+        if self.metrics is not None:
+            payload["metrics"] = {name: values.detach().cpu() for name, values in self.metrics.items()}
+        payload["checksum"] = checksum(_checked(payload))
         atomic_save(payload, path)
 
     @classmethod
@@ -240,19 +258,29 @@ class CMDTrajectory:
         """Read a file written by :meth:`save`; refuses other files with a ValueError that says why.
 
         Every field is checked as the constructor checks its argument, and must be a tensor (an int for
-        ``window_start``, a dict of lists for ``layout``); an optional field is checked when present.
+        ``window_start``, a dict of lists for ``layout``); an optional field is checked when present. Then
+        the file's checksum (of every field): a damaged file is refused, naming it; a file
+        of an earlier cmd_online, without one, by its zip members' CRC-32s.
         """
-        obj = check_format(safe_load(path, "CMD trajectory", map_location), path, FORMAT, (VERSION,))
+        has_checksum = lambda obj: isinstance(obj, dict) and "checksum" in obj  # noqa: E731
+        obj = check_format(safe_load(path, "CMD trajectory", map_location, own_checksum=has_checksum), path, FORMAT,
+                           (VERSION,))
         try:
             missing = [name for name in _REQUIRED if name not in obj]
             if missing:
                 raise ValueError(f"missing {', '.join(map(repr, missing))}")
-            fields = {name: obj[name] for name in (*_REQUIRED, *_OPTIONAL) if name in obj}
+            fields = {name: obj[name] for name in (*_REQUIRED, *_OPTIONAL, "metrics") if name in obj}
             for name, value in fields.items():
-                if name not in ("window_start", "layout") and not isinstance(value, torch.Tensor):
+                if name not in ("window_start", "layout", "metrics") and not isinstance(value, torch.Tensor):
                     raise TypeError(f"{name} must be a tensor; got {type(value).__name__}")
+            if "metrics" in fields and not (isinstance(fields["metrics"], dict) and all(
+                    isinstance(v, torch.Tensor) for v in fields["metrics"].values())):
+                raise TypeError("metrics must be a dict of metric name → tensor")
             fields["layout"] = _layout_from_file(fields["layout"])
-            return cls(**fields)
+            trajectory = cls(**fields)
+            if "checksum" in obj:
+                verify_checksum(obj["checksum"], _checked(obj), "its fields")
+            return trajectory
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"{str(path)!r} is a damaged CMD trajectory file: {e}") from None
 
@@ -271,13 +299,75 @@ class CMDTrajectory:
         missing = [key for key in ("references", "reference_index", "window_start") if key not in meta]
         if missing:
             raise ValueError(f"state['meta'] is missing {', '.join(map(repr, missing))}")
-        optional = {key: meta.get(key) for key in _OPTIONAL}
+        if "checksum" in meta:  # written unsharded: the parts are the ones it was computed over
+            verify_checksum(meta["checksum"], parts_checked(state, layout.names), "state's a, b and modes")
+        optional = {key: meta.get(key) for key in (*_OPTIONAL, "metrics")}
         return cls(meta["references"], meta["reference_index"], flat["a"], flat["b"], flat["modes"],
                    meta["window_start"], layout, **optional)
 
     def __repr__(self) -> str:
         return (f"CMDTrajectory(weights={self.num_weights}, modes={self.num_modes}, "
                 f"records={self.num_records}, window_start={self.window_start})")
+
+
+def parts_checked(state: dict, names) -> list[tuple[str, object]]:
+    """What the checksum of a ``trajectory_state_dict`` covers: a, b and the modes of every parameter."""
+    return [(f"{kind}.{name}", state[kind][name]) for kind in ("a", "b", "modes") for name in names]
+
+
+def _checked(fields: dict) -> list[tuple[str, object]]:
+    """What a trajectory file's checksum covers: every field, present or not (None), in a fixed order, and
+    each per-record metric by name."""
+    items = [(name, fields.get(name)) for name in ("format", "version", *_REQUIRED, *_OPTIONAL)]
+    metrics = fields.get("metrics")
+    if isinstance(metrics, dict):
+        names = sorted(metrics, key=str)
+        items.append(("metrics", names))
+        items.extend((f"metrics.{name}", metrics[name]) for name in names)
+    return items
+
+
+def _samples(index, history, modes, N: int, M: int) -> tuple:
+    """The clustered samples checked: all three tensors, or all None."""
+    given = [name for name, value in zip(_SAMPLES, (index, history, modes)) if value is not None]
+    if not given:
+        return None, None, None
+    if len(given) < 3:
+        missing = [name for name in _SAMPLES if name not in given]
+        raise ValueError(f"{', '.join(missing)} must be given with {', '.join(given)}: the clustered samples are "
+                         f"three tensors, all or none")
+    index = _tensor("sample_index", index, "int")
+    history = _tensor("sample_history", history, "float")
+    modes = _tensor("sample_modes", modes, "int")
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(f"sample_index must be a non-empty vector (K ≥ 1 samples); got shape {tuple(index.shape)}")
+    K = index.numel()
+    if history.dim() != 2 or history.shape[0] != K or history.shape[1] < 2:
+        raise ValueError(f"sample_history must be K × C with K = {K} and C ≥ 2 clustered records; "
+                         f"got shape {tuple(history.shape)}")
+    _finite("sample_history", history)
+    _vector("sample_modes", modes, K, "K")
+    _in_range("sample_index", index, N, "N")
+    if modes.numel() and (int(modes.min()) < -1 or int(modes.max()) >= M):
+        raise ValueError(f"sample_modes must lie in [−1, M = {M}); got values from {int(modes.min())} to "
+                         f"{int(modes.max())}")
+    return index.long(), history, modes.long()
+
+
+def _metrics(metrics, T: int) -> dict[str, torch.Tensor] | None:
+    """The per-record metrics checked: a dict of str → float vectors of T entries, or None."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of metric name → tensor of T values; got {type(metrics).__name__}")
+    out = {}
+    for name, values in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"metrics: names must be non-empty str; got {name!r}")
+        values = _tensor(f"metrics[{name!r}]", values, "float")
+        _vector(f"metrics[{name!r}]", values, T, "T")
+        out[name] = values
+    return out
 
 
 def _layout_from_file(entry) -> Layout:

@@ -93,3 +93,14 @@ def test_update_variants_quick_times_every_kernel_and_form():
     med = load("update_variants").main(["--quick", "--device", "cpu"])["1e4"]
     assert set(med) == {"floor", "floorc", "ema", "fin", "full/blocks", "compact/blocks", "full/flat", "compact/flat"}
     assert all(math.isfinite(t) and t > 0 for t in med.values())
+
+
+def test_guidance_sweep_quick_reports_per_epoch_and_per_step(tmp_path):
+    lines = load("guidance_sweep").main(["--quick", "--out", str(tmp_path)])
+    kinds = {(ln["task"], ln["kind"]) for ln in lines}
+    assert {("digits", "per epoch"), ("digits", "per step"), ("mnist1d", "reference")} <= kinds
+    step = next(ln for ln in lines if ln["kind"] == "per step")
+    assert all(0 < v <= 1 for v in step["cmd_from"])  # the share of the steps before a CMD model exists
+    assert all(0 <= e < 1 for e in step["err_window"])
+    saved = tmp_path / "guidance_sweep_quick.json"
+    assert load("guidance_sweep").main(["--render", str(saved)]) == json.loads(saved.read_text())["table"]

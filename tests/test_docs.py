@@ -107,6 +107,12 @@ def test_readme_usage_example_runs_and_its_files_load(tmp_path, monkeypatch):
     model.load_state_dict(exported, strict=True)
 
 
+def test_the_readme_links_the_guidance_and_what_we_learned():
+    readme = README.read_text(encoding="utf-8")
+    assert "](docs/guidance.md)" in readme and "](docs/benchmarks.md#5-what-we-learned)" in readme
+    assert "as well as or better" not in readme  # the claim our benchmarks do not support (docs/guidance.md)
+
+
 # --------------------------------------------------------------------------------------- links
 def _relative_links(page: Path):
     text = FENCE.sub("", page.read_text(encoding="utf-8"))

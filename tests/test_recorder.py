@@ -324,7 +324,7 @@ def test_querying_during_warmup_says_how_many_records_remain():
     assert rec.phase == "warmup"
     queries = {"cmd_parameters": rec.cmd_parameters, "trajectory": rec.trajectory,
                "cmd_state_dict": rec.cmd_state_dict, "export": lambda: rec.export("unused.pt"),
-               "swapped": lambda: rec.swapped().__enter__()}
+               "swapped": lambda: rec.swapped(at=0).__enter__()}  # swapped() itself falls back: test_messages.py
     for name, query in queries.items():
         with pytest.raises(RuntimeError, match=f"^{name} is not available during the warm-up: 4 more record"):
             query()
@@ -471,7 +471,7 @@ def _params():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(modes=0), "modes"),
     (dict(modes=60, samples=50), "modes"),
-    (dict(samples=101), "samples"),
+    (dict(samples=101), "samples"),  # only the default 1000 is clamped to N (with a warning): test_messages.py
     (dict(samples=3.0), "samples"),
     (dict(warmup=1), "warmup"),
     (dict(record_every=0), "record_every"),

@@ -153,6 +153,16 @@ def test_figures_decode_with_their_size(run):
     assert all(size == wh for _, size, wh in layers)
 
 
+def test_the_reference_figure_grows_with_the_run(run):
+    _, _, ea = run
+    start = WARMUP - 1
+    refs = decoded(ea, "cmd/figures/references")
+    # the warm-up's figure, then all records so far at every interval log and at close
+    assert [step for step, _, _ in refs] == [start, WARMUP + 1, WARMUP + 1 + LOG_EVERY, EPOCHS - 1]
+    assert refs[1][1] == (320, 32 * MODES)  # interval: a native image (a matplotlib figure costs far more)
+    assert refs[-1][1][0] == 600  # close: matplotlib
+
+
 def test_native_renderers_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "FIGURES", "native")
     rec, _, _ = train(tmp_path, epochs=WARMUP + 1)

@@ -233,7 +233,8 @@ def test_the_cli_refuses_a_crafted_file_in_one_line(tmp_path, good_payload, caps
 
 
 def test_a_crafted_file_without_mode_r2_loads(tmp_path, good_payload):
-    path = _craft(good_payload, lambda p: p.pop("mode_r2"), tmp_path)
+    # as an earlier cmd_online wrote it: no mode_r2, and no checksum
+    path = _craft(good_payload, lambda p: (p.pop("mode_r2"), p.pop("checksum")), tmp_path)
     traj = cmdo.CMDTrajectory.load(path)
     assert traj.mode_r2 is None and traj.num_modes == 3
     traj.save(tmp_path / "again.cmd")

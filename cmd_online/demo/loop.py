@@ -76,6 +76,11 @@ class DemoConfig:
 
 
 # --------------------------------------------------------------------------------------------- training
+# the metrics the demo adds at each record (CMDRecorder.add_metrics): one panel of its report
+TRAINED, ONLINE, FINAL = ("test accuracy/trained", "test accuracy/CMD as known at the record",
+                          "test accuracy/CMD of the whole run")
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator, batch_size: int = 64,
                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
@@ -169,6 +174,7 @@ def _run(config: DemoConfig, write: Callable[[str], None]) -> DemoResult:
     recorder = _make_recorder(config, optimizer, model, writer, write)
     write(header(config, len(data[1]), len(data[3]), num_weights))
     rows, seconds = _train(config, model, optimizer, recorder, writer, data, write)
+    _whole_run(model, recorder, data[2], data[3])
     files, trajectory = _export(config, out, model, recorder, writer)
     result = DemoResult(
         trained_accuracy=rows[-1]["trained_accuracy"], cmd_accuracy=rows[-1]["cmd_accuracy"],
@@ -228,14 +234,23 @@ def _train(config: DemoConfig, model: nn.Module, optimizer: torch.optim.Optimize
     return rows, seconds
 
 
+def _whole_run(model: nn.Module, recorder: CMDRecorder, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+    """The final CMD model (a, b fitted over the whole window) at every record of the window, as a metric."""
+    for at in range(recorder.window_start, recorder.num_records):
+        with recorder.swapped(at=at):
+            recorder.add_metrics({FINAL: accuracy(model, x_test, y_test)}, at=at)
+
+
 def _test(epoch: int, loss: float, model: nn.Module, recorder: CMDRecorder, x_test: torch.Tensor,
           y_test: torch.Tensor, record_seconds: float) -> dict:
     """One epoch's row: test accuracy of the trained network and, once tracking, of the CMD model."""
     trained = accuracy(model, x_test, y_test)
     cmd = None
-    if recorder.phase == "tracking":
+    recorder.add_metrics({TRAINED: trained})  # kept in the trajectory: its report draws them
+    if recorder.ready:
         with recorder.swapped():
             cmd = accuracy(model, x_test, y_test)
+        recorder.add_metrics({ONLINE: cmd})
     return dict(epoch=epoch, loss=loss, trained_accuracy=trained, cmd_accuracy=cmd, phase=recorder.phase,
                 record_seconds=record_seconds)
 

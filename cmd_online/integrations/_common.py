@@ -10,6 +10,7 @@ callback's state (in a framework checkpoint or in a file of its own). Nothing he
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import warnings
@@ -23,6 +24,7 @@ from ..config import CMDConfig, check_bool, check_choice, check_int
 from ..files import atomic_save, check_format, safe_load
 from ..layout import Layout
 from ..observers import check_observers
+from ..progress import LOG
 from ..recorder import CMDRecorder
 from ..stats import KERNELS
 from ..trajectory import CMDTrajectory
@@ -230,8 +232,9 @@ def clean_trajectory(traj: CMDTrajectory) -> CMDTrajectory:
     names = tuple(clean_name(n) for n in layout.names)
     if names == layout.names:
         return traj
-    return CMDTrajectory(traj.references, traj.reference_index, traj.a, traj.b, traj.modes, traj.window_start,
-                         Layout(names, layout.shapes, layout.dtypes), traj.mode_r2)
+    cleaned = copy.copy(traj)  # every field kept (set_aside, the clustered samples, metrics): only the names change
+    cleaned.layout = Layout(names, layout.shapes, layout.dtypes)
+    return cleaned
 
 
 def export_state_dict(rec: CMDRecorder, at: int = -1) -> dict[str, torch.Tensor]:
@@ -300,6 +303,10 @@ class Swap:
     def begin(self, rec: CMDRecorder, at: int = -1) -> None:
         if self.active:
             raise RuntimeError("the CMD weights are already swapped in")
+        if at == -1 and not rec.ready:  # the warm-up: no CMD weights yet, the trained ones stay (warned once)
+            warn("swapped() during the warm-up keeps the trained weights (no CMD weights yet; recorder.ready says when)")
+            self._trained = []
+            return
         params = rec.params
         cmd = rec.cmd_parameters(at)
         self._trained = [(p, p.detach().clone()) for p in params]
@@ -367,6 +374,7 @@ def export_at_end(rec: CMDRecorder, target: str, may_write: bool, write) -> None
     elif may_write:
         try:
             write()
+            LOG.info("CMDCallback: wrote the CMD model of record %d to %s", rec.num_records - 1, target)
         except OSError as e:
             warn(f"could not write the CMD model to {target}: {e}")
 
@@ -386,7 +394,10 @@ def restore_state(rec: CMDRecorder, schedule: Schedule, state: Any, where: str) 
     if state.get("record_every_n_steps") != schedule.every_n_steps:
         raise ValueError(f"{where} was recorded with record_every_n_steps={state.get('record_every_n_steps')!r}, "
                          f"but this callback has record_every_n_steps={schedule.every_n_steps!r}; use the same")
-    rec.load_state_dict(state["recorder"])
+    try:
+        rec.load_state_dict(state["recorder"])
+    except ValueError as e:  # a damaged or mismatched recorder state: say which file holds it
+        raise ValueError(f"{where}: {e}") from None
     schedule.epochs.last_epoch = int(state["recorded_epoch"])
 
 

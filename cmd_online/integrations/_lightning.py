@@ -216,10 +216,10 @@ class LightningCMDHooks(_common.CMDAccess):
         rec = self.recorder
         if rec is None or not self._fitting(trainer) or self._swap.active:
             return
-        if self.swap_for_validation and rec.phase == "tracking":
+        if self.swap_for_validation and rec.ready:
             self._swap.begin(rec)
         elif self.evaluate_cmd:
-            if rec.phase == "tracking":
+            if rec.ready:
                 self._validate_cmd(trainer, pl_module)
             else:  # no CMD model yet: the cmd/ metrics are the trained weights', copied from their own pass
                 self._tee = _LoggedMetrics(pl_module, len(_dataloaders(trainer)), tee=True)
@@ -323,7 +323,8 @@ class LightningCMDHooks(_common.CMDAccess):
                 kept[key], weights[key] = weights[key], cmd[id(value)]
             elif trained is not None and id(value) in trained:
                 kept[key] = trained[id(value)]
-        state[TRAINED] = kept
+        if kept:
+            state[TRAINED] = kept
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._swap.end()
