@@ -9,6 +9,7 @@ rank by running the script again, which it cannot do with pytest.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -206,6 +207,9 @@ def test_the_command_line_reads_lightning_checkpoints_and_the_cmd_state_in_them(
     assert main(["inspect", str(folder / f"epoch={EPOCHS - 1}.ckpt")]) == 0
     said = capsys.readouterr().out
     assert f"records      {EPOCHS} (a, b fitted over records {F - 1}..{EPOCHS - 1})" in said and "net.0.weight" in said
+    assert main(["inspect", str(folder / f"epoch={EPOCHS - 1}.ckpt"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == EPOCHS and summary["modes"] == rec.num_modes and summary["file_bytes"] is None
     assert main(["export", str(folder / f"epoch={EPOCHS - 1}.ckpt"), "-o", str(tmp_path / "cmd.ckpt")]) == 0
     assert "LitModel.load_from_checkpoint" in capsys.readouterr().out
     model = Digits.load_from_checkpoint(tmp_path / "cmd.ckpt")
