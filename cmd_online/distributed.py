@@ -161,6 +161,12 @@ class ShardInfo:
         """``values`` summed over every rank (in place)."""
         return values
 
+    def agree(self, error: BaseException | None) -> list[tuple[int, str]]:
+        """Whether this process's part of a step that the ranks must take together failed (``error``) on any
+        rank: the other ranks' failures as (rank, "Type: message"). Here: none (one process, or DDP, whose
+        ranks never communicate through the recorder)."""
+        return []
+
     def describe(self) -> dict:
         return {"kind": "whole"}
 
@@ -259,6 +265,7 @@ class RowShards(ShardInfo):
                 self.owned[r].append((start, stop))
             self.held.append(self.owned[self.rank][-1] if is_sharded else (0, rows))
         self._rows = self.held
+        self.device = self.local(params[:1])[0].device  # where the collectives' tensors live (NCCL: the GPU)
         for i, (p, local) in enumerate(zip(params, self.local(params))):
             start, stop = self.held[i]
             if local.numel() != (stop - start) * self.row_sizes[i]:
@@ -366,6 +373,17 @@ class RowShards(ShardInfo):
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
         return values
+
+    def agree(self, error: BaseException | None) -> list[tuple[int, str]]:
+        """One all-reduce of a failure flag; only when a rank failed, an all-gather of the messages."""
+        failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if not int(failed.item()):
+            return []
+        texts: list = [None] * self.world_size
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(texts, mine, group=self.group)
+        return [(rank, text) for rank, text in enumerate(texts) if text is not None and rank != self.rank]
 
     def gather_flat(self, flat: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         return self.full_flat(list(torch.split(flat, list(sizes))))

@@ -18,6 +18,7 @@ are observers; the framework callbacks in ``cmd_online.integrations`` log throug
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Iterable, Protocol, runtime_checkable
 
@@ -60,6 +61,21 @@ def notify(observers: Iterable[Any], event: str, rec, *args: Any) -> None:
         except Exception as e:  # an observer must never stop training
             warnings.warn(f"CMDRecorder: observer {type(observer).__name__}.{event} failed and was skipped: {e!r}",
                           RuntimeWarning, stacklevel=4)
+
+
+def flush_writers(observers: Iterable[Any]) -> None:
+    """Flush the writers of the ``TensorBoardLogger`` observers (what they were told reaches the disk, e.g. at
+    the interpreter's exit); a failure becomes a warning."""
+    module = sys.modules.get("cmd_online.tensorboard")  # no logger exists unless it was imported
+    if module is None:
+        return
+    for observer in observers:
+        if isinstance(observer, module.TensorBoardLogger):
+            try:
+                observer.writer.flush()
+            except Exception as e:  # a closed or broken writer must not stop anything
+                warnings.warn(f"CMDRecorder: flushing {type(observer.writer).__name__} failed: {e!r}",
+                              RuntimeWarning, stacklevel=2)
 
 
 def tensorboard_logger(writer, every: int):

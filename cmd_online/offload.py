@@ -8,15 +8,24 @@ device. A fixed number of staging buffers bounds the records in flight: a record
 buffer. :meth:`Offload.settle` waits for every pending record; an exception in the worker is kept and
 raised by the next :meth:`Offload.check` on the training thread.
 
-The owner is told of each applied record on the training thread, later (``settle``'s ``deliver``). While
-``hold`` is set (the owner has observers), the worker applies a record only once the one before it has
-been told, so that whoever is told of record i reads the state of record i exactly.
+What ``apply`` returns for a record goes to :attr:`Offload.done`; the owner tells it on the training
+thread, later, with :meth:`Offload.deliver` or :meth:`Offload.settle`. While ``hold`` is set (the owner
+has observers), the worker applies a record only once the one before it has been told, so that whoever
+is told of record i reads the state of record i exactly. A tell may call back into the owner
+(re-entrancy): a query then waits for nothing and tells nothing (:attr:`Offload.telling`); a change of
+state (a record, a load) calls :meth:`Offload.settle`, which first counts the records being told as
+told, so that the worker can go on instead of waiting for a tell that waits for it.
+
+The worker holds its owner only weakly (``apply`` and ``drain`` are bound methods held by weak
+references). At the interpreter's exit each owner still alive is drained (``drain``): its records in
+flight are applied and told before the interpreter shuts down.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import math
 import queue
 import threading
 import time
@@ -48,6 +57,20 @@ class Job:
 class OffloadError(RuntimeError):
     """A record applied in the background failed; ``__cause__`` is the worker's exception."""
 
+    @classmethod
+    def of(cls, error: BaseException) -> "OffloadError":
+        if isinstance(error, AfterRecordError):
+            out = cls(f"in the background: {error}")
+        else:
+            out = cls(f"a record applied in the background failed: {error!r}; the statistics hold every record "
+                      f"before it, and the records after it")
+        out.__cause__ = error
+        return out
+
+
+class AfterRecordError(RuntimeError):
+    """What ``apply`` reports of a record it took all the same (a step after it failed; ``__cause__``)."""
+
 
 class Offload:
     """Staging buffers, a side stream and one worker thread that applies records with ``apply(job)``.
@@ -56,12 +79,16 @@ class Offload:
         weights (list of tensors): this process's flat weights, one per parameter (shapes, dtypes, device).
         values (int): the most gathered values a record carries (K, the samples).
         values_dtype (torch.dtype): their dtype.
-        apply (callable): applies one :class:`Job`; held weakly (a bound method: the owner can be freed).
+        apply (callable): applies one :class:`Job` and returns ``(item, error)``: what to tell of it (put
+            in :attr:`done`) and an exception of a record taken all the same (or None), kept for
+            :meth:`check`; held weakly (a bound method: the owner can be freed).
         slots (int): staging buffers, i.e. records in flight at most (default :data:`SLOTS`).
+        drain (callable): at the interpreter's exit, called (on the main thread) to apply and tell the
+            records in flight; held weakly (default None: the worker just finishes them).
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], values: int, values_dtype: torch.dtype,
-                 apply: Callable[[Job], None], slots: int = SLOTS):
+                 apply: Callable[[Job], object], slots: int = SLOTS, drain: Callable[[], None] | None = None):
         self.device = weights[0].device
         cuda = self.device.type == "cuda"
         empty = lambda n, dtype: torch.empty(n, dtype=dtype, pin_memory=cuda)  # noqa: E731
@@ -74,12 +101,18 @@ class Offload:
             self._free.put(slot)
         self._jobs: queue.Queue = queue.Queue()
         self.errors: collections.deque = collections.deque()
+        self.done: collections.deque = collections.deque()  # what apply returned, not yet told
         self.gate = Gate()
+        self._owed: list[list[bool]] = []  # the records being told now, innermost last: [True] while owed
+        self._apply = weakref.WeakMethod(apply)
+        self._drain = None if drain is None else weakref.WeakMethod(drain)
         self._thread = threading.Thread(target=_work, name="cmd_online-offload", daemon=True,
-                                        args=(self._jobs, self._free, weakref.WeakMethod(apply), self.errors,
+                                        args=(self._jobs, self._free, self._apply, self.errors, self.done,
                                               self.gate))
         self._thread.start()
         _LIVE.add(self)
+        # registered now, after whatever the owner's observers registered (atexit runs the last one first)
+        atexit.register(_drain_at_exit, weakref.ref(self))
 
     def nbytes(self) -> int:
         """Bytes of the host staging buffers."""
@@ -90,8 +123,8 @@ class Offload:
                tracking: bool, check_finite: bool = True) -> None:
         """Copy one record into a free staging buffer (waiting for one if all are in flight) and queue it.
 
-        If the copy fails or is interrupted, the buffer is free again and nothing is queued."""
-        self.check()
+        If the copy fails or is interrupted, the buffer is free again and nothing is queued. A failure of the
+        worker is not raised here (the record would be lost with it): the owner checks before or after."""
         slot = self._free.get()
         try:
             job = self._stage(slot, weights, values, finite, tracking, check_finite)
@@ -132,36 +165,106 @@ class Offload:
         """True on the worker thread."""
         return threading.current_thread() is self._thread
 
+    def owner_alive(self) -> bool:
+        """False once the owner is being freed by the garbage collector (its weak references are cleared)."""
+        return self._apply() is not None
+
     def stop(self) -> None:
         """Let the worker thread end once the queued records are applied (when the owner is freed)."""
         self.gate.open()
         self._jobs.put(None)
 
     def pending(self) -> int:
-        """Records queued or being applied (an estimate: the worker may finish one meanwhile)."""
+        """Records queued or being applied (an estimate: the worker may finish one meanwhile). It goes down
+        only after what the worker changed is visible: read it before the owner's counters, never after."""
         return self._jobs.unfinished_tasks
 
-    def settle(self, deliver: Callable[[], None]) -> None:
-        """Wait until every queued record is applied and told, telling them with ``deliver()`` (which
-        calls :meth:`Gate.told` once per record it tells) as they come; then :meth:`check`."""
+    @property
+    def telling(self) -> bool:
+        """True while a record is being told (inside ``tell``: an observer of the owner runs)."""
+        return bool(self._owed)
+
+    def deliver(self, tell: Callable[[object], None]) -> None:
+        """Tell what the worker has applied, in order: ``tell(item)`` for each item of :attr:`done`. Inside
+        a tell it returns at once: the records are told one after the other, never one inside another."""
+        if not self._owed:
+            self._tell_all(tell)
+
+    def _tell_all(self, tell: Callable[[object], None]) -> None:
+        while self.done:
+            item = self.done.popleft()
+            owed = [True]
+            self._owed.append(owed)
+            try:
+                tell(item)
+            finally:
+                self._owed.pop()
+                if owed[0]:
+                    self.gate.told()
+
+    def settle(self, tell: Callable[[object], None], timeout: float | None = None) -> bool:
+        """Wait until every queued record is applied and told, telling each with ``tell(item)`` as it comes;
+        then :meth:`check`. False (nothing raised) if ``timeout`` seconds passed first.
+
+        Called inside a tell (an observer that changes the owner's state, e.g. takes a record), the records
+        being told are counted as told first, so that the worker goes on: their observers, once this returns,
+        read the state of a later record (as they would after a record without offload)."""
+        for owed in self._owed:
+            if owed[0]:
+                owed[0] = False
+                self.gate.told()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
         gate = self.gate
         while True:
-            deliver()
+            self._tell_all(tell)
             with gate.changed:
-                if gate.untold > 0:  # told of, not yet delivered
+                if self.done:  # applied meanwhile: tell it first
                     continue
-                if self._jobs.unfinished_tasks == 0:
+                if self._jobs.unfinished_tasks == 0 or not self.owner_alive():  # no owner: nothing more comes
                     break
-                gate.changed.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                gate.changed.wait(None if left == math.inf else left)
         self.check()
+        return True
+
+    def wait(self) -> None:
+        """Wait until every queued record is applied, telling none (the worker must not wait for a tell)."""
+        with self.gate.changed:
+            while self._jobs.unfinished_tasks:
+                self.gate.changed.wait()
+
+    def discard(self) -> None:
+        """Count what the worker applied and nobody will be told of as told (a record undone since)."""
+        while self.done:
+            self.done.popleft()
+            self.gate.told()
+
+    def take_error(self) -> BaseException | None:
+        """The worker's first exception since the last check (and forget the others), or None."""
+        if not self.errors:
+            return None
+        error = self.errors.popleft()
+        self.errors.clear()
+        return error
 
     def check(self) -> None:
         """Raise the worker's first exception since the last check, if any (``OffloadError``)."""
-        if self.errors:
-            error = self.errors.popleft()
-            self.errors.clear()
-            raise OffloadError(f"a record applied in the background failed: {error!r}; the statistics hold every "
-                               f"record before it, and the records after it") from error
+        error = self.take_error()
+        if error is not None:
+            raise OffloadError.of(error)
+
+    def drain_at_exit(self) -> None:
+        """At the interpreter's exit: the owner applies and tells its records in flight (``drain``); without
+        an owner, the worker just finishes them, unheld."""
+        drain = None if self._drain is None else self._drain()
+        if drain is not None:
+            drain()
+        self.gate.open()
+        deadline = time.monotonic() + EXIT_WAIT
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 class Gate:
@@ -203,9 +306,15 @@ class Gate:
             self.changed.notify_all()
 
 
+def _drain_at_exit(ref: "weakref.ref[Offload]") -> None:
+    offload = ref()
+    if offload is not None:
+        offload.drain_at_exit()
+
+
 @atexit.register
 def _quiesce() -> None:
-    """At the interpreter's exit: let every worker finish the records in flight (unheld), so that no
+    """At the interpreter's exit, last: let every worker finish the records in flight (unheld), so that no
     thread is inside a torch operation while the interpreter shuts down (a C++ terminate otherwise)."""
     deadline = time.monotonic() + EXIT_WAIT
     for offload in list(_LIVE):
@@ -214,10 +323,22 @@ def _quiesce() -> None:
             time.sleep(0.005)
 
 
+def _forget_frames(error: BaseException) -> BaseException:
+    """``error`` with the locals of its frames, and of the exceptions it chains, cleared: it keeps the lines,
+    not the owner (which a frame's ``self`` would keep alive until the error is reported)."""
+    seen, link = set(), error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        traceback.clear_frames(link.__traceback__)
+        link = link.__cause__ or link.__context__
+    return error
+
+
 def _work(jobs: queue.Queue, free: queue.Queue, apply_ref: weakref.WeakMethod, errors: collections.deque,
-          gate: Gate) -> None:
+          done: collections.deque, gate: Gate) -> None:
     """The worker thread: apply each job once its copies have landed and the record before it was told;
-    keep exceptions for the training thread. Between jobs it holds no reference to its owner."""
+    keep what to tell in ``done``, and exceptions for the training thread. Between jobs it holds no
+    reference to its owner."""
     while True:
         job = jobs.get()
         try:
@@ -230,16 +351,19 @@ def _work(jobs: queue.Queue, free: queue.Queue, apply_ref: weakref.WeakMethod, e
             if apply is None:  # the recorder was freed
                 return
             try:
-                apply(job)
+                item, error = apply(job)
             finally:
-                del apply
+                del apply  # if this was the last reference, the owner's finaliser runs here (it hands off)
+            done.append(item)
             gate.applied()
+            if error is not None:  # the record was taken; something after it failed
+                errors.append(_forget_frames(error))
+                error = None
         except BaseException as e:  # noqa: BLE001 - everything is reported on the training thread
-            traceback.clear_frames(e.__traceback__)  # keep the lines, not the owner in the frames' locals
-            errors.append(e)
+            errors.append(_forget_frames(e))
         finally:
-            if job is not None:
-                free.put(job.slot)
+            slot, job = (None, None) if job is None else (job.slot, None)  # no staging views held past task_done:
+            if slot is not None:  # the owner may be freed, and the interpreter exit, right after it
+                free.put(slot)
             jobs.task_done()
             gate.finished()
-            job = None

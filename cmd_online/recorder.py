@@ -7,10 +7,10 @@ CMD weights, checkpoints and trajectories, and tells its observers (``cmd_online
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import math
+import sys
 import threading
 import time
 import warnings
@@ -26,8 +26,8 @@ from .clustering import Clustering, cluster
 from .config import CMDConfig, check_bool, check_choice, check_int
 from .files import atomic_save, checksum, pack, unpack
 from .layout import RECORDABLE_DTYPES, GatherPlan, Layout
-from .observers import check_observers, notify, tensorboard_logger
-from .offload import Job, Offload
+from .observers import check_observers, flush_writers, notify, tensorboard_logger
+from .offload import EXIT_WAIT, AfterRecordError, Job, Offload, OffloadError
 from .progress import LOG
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
@@ -73,6 +73,24 @@ def _metrics_of_state(table: Any) -> dict[str, dict[int, float]]:
                          "CMDRecorder state_dict of this recorder (damaged or edited?)")
     return {name: {i: float(v) for i, v in enumerate(values.tolist()) if not math.isnan(v)}
             for name, values in table.items()}
+
+
+class _StepHook:
+    """The optimizer's step post-hook: holds the recorder weakly, so that a dropped recorder is freed (and
+    records no more); the recorder removes it when it is freed or closed."""
+
+    def __init__(self, method):
+        self.method = weakref.WeakMethod(method)
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        method = self.method()
+        if method is not None:
+            method(optimizer, args, kwargs)
+
+
+def _ranks(failures: list[tuple[int, str]]) -> str:
+    """'rank 1 (MemoryError: ...)' for the failures of other ranks."""
+    return ", ".join(f"rank {rank} ({text})" for rank, text in failures)
 
 
 def _copy_back(params: list[torch.Tensor], saved: list[torch.Tensor], model: torch.nn.Module | None = None) -> None:
@@ -193,14 +211,18 @@ class CMDRecorder:
         self._log_every = log_every
         self._loggers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # for log(writer)
         self._lock = threading.RLock()  # records, queries and state changes happen one at a time
+        self._swapped = 0  # swapped() blocks open: the parameters hold CMD weights
+        self._warned_swapped_step = False
+        self._warned_replaced = False
         self._offload: Offload | None = None
-        self._done: collections.deque = collections.deque()  # offload: what the worker did, told on this thread
-        self._delivering = False  # offload: telling the observers now
         if self.offload:
-            self._offload = Offload(local, self.config.samples, self._coefficient_dtype, self._apply_offloaded)
+            self._offload = Offload(local, self.config.samples, self._coefficient_dtype, self._apply_offloaded,
+                                    drain=self._drain_at_exit)
             stop = weakref.finalize(self, self._offload.stop)  # the worker ends with its recorder
             stop.atexit = False  # at exit the daemon thread just stops
-        self._hook = optimizer.register_step_post_hook(self._after_step)
+        # nothing outside holds the recorder strongly: the hook holds it weakly, and goes when it goes
+        self._hook = optimizer.register_step_post_hook(_StepHook(self._after_step))
+        weakref.finalize(self, self._hook.remove).atexit = False
 
     def _warn_about_tiny_settings(self) -> None:
         freeze = self.config.freeze_modes_after
@@ -289,14 +311,16 @@ class CMDRecorder:
             return self._skipped
         return self._skipped + self._device_attempts + 1 - self._stats.window_count()
 
-    def _sync(self) -> None:
+    def _sync(self, flush: bool = False) -> None:
         """With offload, on the training thread: wait for pending records and tell what they did. Inside an
-        observer it returns at once: the worker waits for the observers, so the state is the record told."""
+        observer it returns at once (the worker waits for the observers, so the state is the record told),
+        unless ``flush``: a change of state made by an observer (a record, a load, close) applies and tells
+        every pending record first."""
         if self._offload is None or self._offload.is_worker():
             return
         with self._lock:
-            if not self._delivering:  # only the thread that holds the lock can be delivering
-                self._offload.settle(self._deliver)
+            if flush or not self._offload.telling:  # only the thread that holds the lock can be telling
+                self._offload.settle(self._tell_item)
 
     @property
     def num_modes(self) -> int | None:
@@ -383,6 +407,11 @@ class CMDRecorder:
         """
         self._require_tracking("fit_blocks")
         self._report_skips()
+        return self._fit_blocks(block, tensors)
+
+    def _fit_blocks(self, block: int | None = None, tensors: list[int] | None = None) -> Iterator[FitBlock]:
+        """:meth:`fit_blocks` of the statistics as they are (the freeze, on the worker or before a record is
+        told, must not wait for pending records)."""
         stats = self._stats
         size = block or (FIT_BLOCK if self.device.type == "cpu" else 1 << 22)
         resolved = stats.resolved_references()
@@ -411,6 +440,14 @@ class CMDRecorder:
         found_inf = getattr(optimizer, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and bool(found_inf):
             return
+        if self._swapped:  # it trained the CMD weights, which the block's exit replaces: nothing to record
+            if not self._warned_swapped_step:
+                self._warned_swapped_step = True
+                warnings.warn("CMDRecorder: optimizer.step() inside swapped(): it changes the CMD weights, which "
+                              "the end of the block replaces by the trained ones, so the step is lost; it is not "
+                              "counted for record_every and no record is taken inside the block. Train outside "
+                              "swapped()", RuntimeWarning, stacklevel=4)
+            return
         self._steps += 1
         self._after_auto = False
         every = self.config.record_every
@@ -425,11 +462,13 @@ class CMDRecorder:
     def record(self) -> bool:
         """Take one trajectory point now.
 
-        Returns False if the record was skipped because a weight is NaN/Inf. With the flat kernel
-        (accelerators) records after the warm-up are checked on the device, without waiting, and with
+        Returns False if the record was skipped because a weight is NaN/Inf, or, under FSDP2, because it
+        failed on another rank (a warning says which; the failing rank raises its error). With the flat
+        kernel (accelerators) records after the warm-up are checked on the device, without waiting, and with
         ``offload=True`` in the background: they return True, and a skipped one shows in
         ``skipped_records`` and a warning at the next query. Records work under ``torch.no_grad()``,
-        ``torch.inference_mode()`` or neither, from any thread (one at a time).
+        ``torch.inference_mode()`` or neither, from any thread (one at a time), and from an observer.
+        Inside :meth:`swapped` (the parameters hold CMD weights) a record is refused.
 
         With ``record_every``, a call right after an automatic record (no optimizer step in between)
         would record the same weights twice: it is ignored, returns False, and warns once.
@@ -443,6 +482,10 @@ class CMDRecorder:
                               f"(this warning comes once)", UserWarning, stacklevel=2)
             return False
         with self._lock, torch.inference_mode(False), torch.no_grad():
+            if self._swapped:
+                raise RuntimeError("record() inside swapped(): the parameters hold the CMD weights, not the trained "
+                                   "ones, and would enter the statistics as a point of the trajectory; record "
+                                   "after the block")
             self._closed = False
             self._warn_if_params_changed()
             weights = self._local_weights()
@@ -450,8 +493,8 @@ class CMDRecorder:
                 try:
                     self._deliver()  # may raise the failure of an earlier record: this one is still taken
                 finally:
-                    self._submit(weights)
-                return True
+                    taken = self._submit(weights)
+                return taken
             started = self._stats is not None
             if started and self._stats.kernel == "flat":
                 self._flat_record(weights)
@@ -459,9 +502,57 @@ class CMDRecorder:
                 values = self._shards.assemble((self._ref_plan if started else self._sample_plan)(weights))
                 if self.check_finite and not self._finite_now(weights):
                     return False
-                self._take(weights, values)
-            self._tell(started, self._stats is not None, None)
+                if not self._take_agreed(weights, values):
+                    return False
+            try:
+                self._freeze_when_due()  # the record is taken even if the freeze fails: it comes again
+            finally:
+                self._tell(started, self._stats is not None, None)
             return True
+
+    def _take_agreed(self, weights: list[torch.Tensor], values: torch.Tensor) -> bool:
+        """:meth:`_take`; under FSDP2 the record that ends the warm-up is taken on every rank or on none."""
+        if not (self._stats is None and self._warmup_records == self.config.warmup - 1):
+            self._take(weights, values)
+            return True
+        error = None
+        try:
+            self._take(weights, values)
+        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+            error = e
+        return self._agree_on_warmup_end(error)
+
+    def _agree_on_warmup_end(self, error: BaseException | None) -> bool:
+        """The record that ends the warm-up, taken here unless ``error``: under FSDP2 every rank learns whether
+        it failed on any (one small all-reduce; one process or DDP: nothing to agree). This rank's error is
+        raised; if another rank failed, the record is undone here: False, and a warning naming the rank."""
+        others = self._shards.agree(error)
+        if error is not None:
+            raise error
+        if not others:
+            return True
+        self._to_warmup()
+        self._warmup_records = self.config.warmup - 1
+        warnings.warn(f"CMDRecorder: record {self._warmup_records} (the end of the warm-up) was not taken on any "
+                      f"rank: it failed on {_ranks(others)}; the next record ends the warm-up", RuntimeWarning,
+                      stacklevel=4)
+        return False
+
+    def _agreed(self, what: str, work):
+        """``work()``, this process's part of a collective query: under FSDP2 every rank learns whether it failed
+        on any before the collectives that follow (a failure on one rank would otherwise leave the others
+        waiting in them). This rank's error is raised; another rank's failure raises a RuntimeError naming it."""
+        error = result = None
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+            error = e
+        others = self._shards.agree(error)
+        if error is not None:
+            raise error
+        if others:
+            raise RuntimeError(f"CMDRecorder.{what} failed on {_ranks(others)}; nothing was gathered on any rank")
+        return result
 
     def _tell(self, was_tracking: bool, tracking: bool, index: int | None) -> None:
         """The observers: the warm-up ended (if it did at this record), and record ``index`` (default the
@@ -479,6 +570,42 @@ class CMDRecorder:
             warnings.warn("CMDRecorder: the optimizer's parameters changed after the recorder was built "
                           "(add_param_group?); only the original parameters are recorded", RuntimeWarning,
                           stacklevel=4)
+        if not self._warned_replaced and not self._shards.sharded:  # FSDP2 registers unsharded copies meanwhile
+            replaced = self._replaced()
+            if replaced:
+                self._warned_replaced = True
+                warnings.warn(f"CMDRecorder: {replaced}; the recorder records the tensors it was built on: build "
+                              f"a new recorder (and optimizer) for the new parameters", RuntimeWarning, stacklevel=4)
+
+    def _replaced(self) -> str:
+        """Which recorded parameters the model (else the optimizer) no longer holds — replaced after the
+        recorder was built, e.g. by ``model.load_state_dict(sd, assign=True)`` — as a sentence; "" if none."""
+        model = None if self._model is None else self._model()
+        holder = model if model is not None else self._optimizer()
+        if holder is None:
+            return ""
+        if model is not None:
+            if self._shards.sharded:  # FSDP2 holds its sharded parameters once its modules are resharded
+                dist_utils.reshard(model)
+            held = {id(p) for p in model.parameters()}
+        else:
+            held = {id(p) for group in holder.param_groups for p in group["params"]}
+        params = [ref() for ref in self._param_refs]
+        gone = [name for name, p in zip(self.layout.names, params) if p is not None and id(p) not in held]
+        if not gone:
+            return ""
+        names = ", ".join(repr(n) for n in gone[:5]) + (" …" if len(gone) > 5 else "")
+        return (f"parameter(s) {names} of the {'model' if model is not None else 'optimizer'} are no longer the "
+                f"tensors recorded (replaced after the recorder was built, e.g. by load_state_dict(..., "
+                f"assign=True) or a new nn.Parameter)")
+
+    def _refuse_if_replaced(self, what: str) -> None:
+        """``swapped``, ``cmd_state_dict`` and ``export`` would write into, or label as CMD, tensors the model
+        no longer uses: refused."""
+        replaced = self._replaced()
+        if replaced:
+            raise ValueError(f"{what}: {replaced}, so the CMD weights would go to tensors the model no longer "
+                             f"uses; build a new recorder for the new parameters")
 
     def _local_weights(self) -> list[torch.Tensor]:
         """This process's part of every parameter, flat, in its own dtype (views: nothing is copied)."""
@@ -486,19 +613,17 @@ class CMDRecorder:
 
     def _take(self, weights: list[torch.Tensor], values: torch.Tensor) -> None:
         """Apply one checked record (on the training thread, or the offload worker with host copies):
-        ``values`` are the sampled weights during the warm-up, the reference values after it."""
+        ``values`` are the sampled weights during the warm-up, the reference values after it. The freeze
+        that may be due after it is the caller's (:meth:`_freeze_when_due`)."""
         if self._stats is None:
             t = self._warmup_records
             self._history[:, t] = values
             if t == self.config.warmup - 1:
                 self._start_tracking(weights)  # if it fails, the record is not taken: it can come again
             self._warmup_records = t + 1
-            if self._stats is not None:  # the window's first record: freeze_modes_after=1 is due now
-                self._freeze_when_due()
             return
         self._table.write(self.window_start + self._stats.count, values)
         self._stats.update(weights, values)
-        self._freeze_when_due()
 
     def _flat_record(self, weights: list[torch.Tensor]) -> None:
         """A record of the flat kernel after the warm-up: nothing here waits for the device."""
@@ -509,23 +634,83 @@ class CMDRecorder:
         self._table.write(stats.count_t.long() + self.window_start, refs)  # overwritten if skipped
         stats.update(weights, refs, ok)
         self._device_attempts += 1
-        self._freeze_when_due()
 
     # ----------------------------------------------------------------------------- offload
-    def _submit(self, weights: list[torch.Tensor]) -> None:
-        """Hand one record to the offload worker: host copies of the weights and of the gathered values."""
-        if self._stats is None and self._warmup_records + self._offload.pending() >= self.config.warmup - 1:
-            self._offload.settle(self._deliver)  # this record, or one in flight, may end the warm-up: its values change
+    def _submit(self, weights: list[torch.Tensor]) -> bool:
+        """Hand one record to the offload worker: host copies of the weights and of the gathered values.
+
+        An observer's record (re-entrant: a record is being told) first applies and tells every pending
+        record, and is applied and told itself before it returns, as without offload. Under FSDP2 the record
+        that ends the warm-up or freezes the modes is agreed between the ranks (:meth:`_agree_offloaded`).
+        False if it was not taken because it failed on another rank."""
+        offload = self._offload
+        pending = offload.pending()  # first: it goes down only after the counters it is added to went up
+        nested = offload.telling
+        error = None
+        if nested or self._may_change(pending):
+            try:  # the phase (which values the record gathers) must be known, and no one waits for the worker
+                offload.settle(self._tell_item)
+            except OffloadError as e:  # an earlier record's failure: raised below, this one is still taken
+                error = e
         tracking = self._stats is not None
         values = self._shards.assemble((self._ref_plan if tracking else self._sample_plan)(weights))
         finite = None
         if self.check_finite and self._shards.sharded:  # the ranks must agree: check their shards together
             finite = self._finite_flags(weights, exact=True)[0].all()
-        self._offload.gate.hold = bool(self.observers)
-        self._offload.submit(weights, values, finite, tracking, self.check_finite)
+        # the same on every rank: the counters agree, and a pending record can change nothing that matters here
+        critical = self._shards.sharded and self._is_critical() and (finite is None or bool(finite))
+        offload.gate.hold = bool(self.observers)
+        offload.submit(weights, values, finite, tracking, self.check_finite)
+        taken = True
+        if critical:
+            taken = self._agree_offloaded(tracking)
+        elif nested:  # the observer that took it reads its state next, as without offload
+            offload.settle(self._tell_item)
+        if error is not None:
+            raise error
+        return taken
 
-    def _apply_offloaded(self, job: Job) -> None:
-        """The worker thread: check and apply one record from host copies; tell the training thread later."""
+    def _may_change(self, pending: int) -> bool:
+        """Whether this record or one of the ``pending`` ones may end the warm-up (the values a record gathers
+        change), or, under FSDP2, freeze the modes (which the ranks do together, on the training thread)."""
+        if self._stats is None:
+            return self._warmup_records + pending >= self.config.warmup - 1
+        return self._shards.sharded and self._freeze_within(pending + 1)
+
+    def _freeze_within(self, records: int) -> bool:
+        due = self.config.freeze_modes_after
+        return due is not None and not self._stats.compact and self._stats.count + records >= due
+
+    def _is_critical(self) -> bool:
+        """Under FSDP2 with offload, once nothing pending can change the phase: this record ends the warm-up
+        or is due to freeze the modes."""
+        if self._stats is None:
+            return self._warmup_records == self.config.warmup - 1
+        return self._freeze_within(1)
+
+    def _agree_offloaded(self, tracking: bool) -> bool:
+        """FSDP2 with offload, a record that ends the warm-up or freezes the modes: wait for the worker to apply
+        it (telling nothing yet), take it on every rank or on none, freeze on every rank or on none (here, on
+        the training thread: collectives never run on the worker), then tell it."""
+        offload = self._offload
+        offload.wait()
+        error = offload.take_error()
+        try:
+            if not tracking:
+                if not self._agree_on_warmup_end(None if error is None else OffloadError.of(error)):
+                    offload.discard()
+                    return False
+            elif error is not None:
+                raise OffloadError.of(error)
+            self._freeze_when_due()
+            return True
+        finally:
+            offload.settle(self._tell_item)
+
+    def _apply_offloaded(self, job: Job) -> tuple:
+        """The worker thread: check and apply one record from host copies. Returns what to tell the training
+        thread later, ``("skip", parameters, index)`` or ``("record", (was tracking, tracking), index)``, and
+        the failure of the freeze after a record taken (None if none)."""
         weights = job.weights
         if job.finite is not None:
             bad = [] if bool(job.finite) else ["(a shard of another rank)"]
@@ -533,35 +718,90 @@ class CMDRecorder:
             bad = self._nonfinite(weights) if job.check_finite else []
         if bad:
             self._skipped += 1
-            self._done.append(("skip", bad, self._records()))
-            return
+            return ("skip", bad, self._records()), None
         started = self._stats is not None
         if job.tracking != started:
             raise RuntimeError("offload: a record's values were gathered for another phase")
         self._take(weights, job.values.to(self._coefficient_dtype))
-        self._done.append(("record", (started, self._stats is not None), self._records() - 1))
+        item = "record", (started, self._stats is not None), self._records() - 1
+        failure = None
+        if not self._shards.sharded:  # under FSDP2 the ranks freeze together, on the training thread
+            try:
+                self._freeze_when_due()
+            except Exception as e:  # noqa: BLE001 - the record is taken and told; the freeze comes again
+                failure = AfterRecordError(f"the freeze of the modes after record {item[2]} failed ({e!r}); the "
+                                           f"record was taken, and the freeze comes again at the next record")
+                failure.__cause__ = e
+        return item, failure
 
     def _deliver(self) -> None:
         """On the training thread: raise a failure of the worker, warn about skipped records, tell observers,
-        in order (a query made by an observer tells nothing more)."""
-        if self._offload is None or self._delivering:
+        in order (inside an observer: nothing, the records are told one after the other)."""
+        if self._offload.telling:
             return
-        self._delivering = True
         try:
             self._offload.check()
         finally:
-            try:
-                while self._done:
-                    kind, detail, index = self._done.popleft()
-                    try:
-                        if kind == "skip":
-                            self._warn_skipped(index, detail, " (offloaded)")
-                        else:
-                            self._tell(*detail, index)
-                    finally:
-                        self._offload.gate.told()
-            finally:
-                self._delivering = False
+            self._offload.deliver(self._tell_item)
+
+    def _tell_item(self, item: tuple) -> None:
+        """Tell one thing the worker did (:meth:`_apply_offloaded`): a skipped record, or a record taken."""
+        kind, detail, index = item
+        if kind == "skip":
+            self._warn_skipped(index, detail, " (offloaded)")
+        else:
+            self._tell(*detail, index)
+
+    def _drain(self, timeout: float | None = None) -> None:
+        """Apply and tell every record in flight (a recorder dropped, or at the interpreter's exit), and flush
+        the TensorBoard loggers' writers, so that what the observers were told reaches the disk."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return  # another thread holds the recorder (a daemon thread at exit): do not hang the exit
+        try:
+            if self._offload.owner_alive():
+                self._offload.settle(self._tell_item, timeout)
+            else:  # freed by the garbage collector in a cycle: the worker stopped; tell what it applied
+                self._offload.deliver(self._tell_item)
+            flush_writers(self.observers)
+        finally:
+            self._lock.release()
+
+    def _drain_at_exit(self) -> None:
+        """At the interpreter's exit (a script that ends without close()): every record reaches the observers."""
+        try:
+            self._drain(EXIT_WAIT)
+        except Exception as e:  # noqa: BLE001 - at exit: say it, do not raise
+            warnings.warn(f"CMDRecorder: at exit, its last records could not all be applied and told: {e!r}",
+                          RuntimeWarning, stacklevel=2)
+
+    def __del__(self) -> None:
+        offload = self.__dict__.get("_offload")
+        if offload is None or sys.is_finalizing():
+            return
+        if offload.is_worker():  # the worker let go of the last reference: drain on another thread
+            threading.Thread(target=self._drain_dropped, name="cmd_online-drain", daemon=True).start()
+        else:
+            self._drain_dropped()
+
+    def _drain_dropped(self) -> None:
+        """A recorder dropped without close(): its records in flight reach the observers first."""
+        try:
+            self._drain()
+        except Exception as e:  # noqa: BLE001 - in a finaliser: say it, do not raise
+            warnings.warn(f"CMDRecorder: dropped; its last records could not all be applied and told: {e!r}",
+                          RuntimeWarning, stacklevel=2)
+
+    # ----------------------------------------------------------------------------- copies
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a CMDRecorder cannot be copied or pickled (it is attached to an optimizer, and holds a lock "
+                        "and possibly a worker thread): save rec.state_dict() and load it with load_state_dict() "
+                        "into a new CMDRecorder")
+
+    def __copy__(self):
+        self.__reduce_ex__(4)
+
+    def __deepcopy__(self, memo):
+        self.__reduce_ex__(4)
 
     def _finite_flags(self, weights: list[torch.Tensor], exact: bool) -> tuple[torch.Tensor, list[int]]:
         """Device flags, one per parameter, that all its values on every rank are finite, and the
@@ -617,15 +857,20 @@ class CMDRecorder:
             self._skips_reported = skipped
 
     def _start_tracking(self, weights: list[torch.Tensor]) -> None:
-        """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4)."""
+        """End of warm-up: cluster the sampled history, fix the references (Algorithm 1, steps 2–4). All or
+        nothing: if it fails, the recorder is still in the warm-up."""
         start = time.perf_counter()
         LOG.info("CMDRecorder: warm-up of %d records done; clustering %d sampled weights", self.config.warmup,
                  self.config.samples)
-        found = self._cluster()
-        position = torch.from_numpy(found.reference)
-        self._set_references(self.sample_index[position], self._history[position.to(self.device)])
-        self.clustering = found
-        self._stats.update(weights, self._table.columns(self.config.warmup)[:, -1])
+        try:
+            found = self._cluster()
+            position = torch.from_numpy(found.reference)
+            self._set_references(self.sample_index[position], self._history[position.to(self.device)])
+            self.clustering = found
+            self._stats.update(weights, self._table.columns(self.config.warmup)[:, -1])
+        except BaseException:
+            self._to_warmup()
+            raise
         sizes = np.bincount(found.labels[found.labels >= 0], minlength=found.num_modes).tolist()
         LOG.info("CMDRecorder: %d modes (sampled weights per mode: %s); CMD weights exist from record %d on; "
                  "the end of the warm-up took %.2f s", found.num_modes, sizes, self.window_start,
@@ -634,6 +879,12 @@ class CMDRecorder:
     def _cluster(self) -> Clustering:
         return cluster(self._history, self.config.modes, self.config.threshold, self.config.distance,
                        self.config.max_modes)
+
+    def _to_warmup(self) -> None:
+        """Back to the warm-up's last record: no clustering, references or statistics (a failed end of it)."""
+        self.clustering = None
+        self.reference_index = self._ref_plan = self._slots = self._table = self._stats = None
+        self._device_attempts = 0
 
     def _set_references(self, reference_index: torch.Tensor, values: torch.Tensor, stats: dict | None = None,
                         copy: bool = True) -> None:
@@ -653,17 +904,30 @@ class CMDRecorder:
         self._stats, self._device_attempts = moments, 0
 
     def _freeze_when_due(self) -> None:
+        """Fix each weight's mode once ``freeze_modes_after`` records of the window are taken. If it fails
+        it comes again at the next record; under FSDP2 the ranks freeze together or not at all."""
         stats, due = self._stats, self.config.freeze_modes_after
-        if due is None or stats.compact:
+        if stats is None or due is None or stats.compact:
             return
         if stats.kernel == "flat":  # read the device count only once the freeze can be due
             if self._device_attempts + 1 < due or stats.window_count() < due:
                 return
         elif stats.count < due:
             return
-        modes = torch.empty(sum(stats.sizes), dtype=mode_dtype(self.num_modes), device=self.device)
-        for block in self.fit_blocks(block=FREEZE_BLOCK):  # small blocks: the freeze adds little to the peak
-            modes[block.flat] = block.fit.modes.to(modes.dtype)
+        error = modes = None
+        try:
+            modes = torch.empty(sum(stats.sizes), dtype=mode_dtype(self.num_modes), device=self.device)
+            for block in self._fit_blocks(block=FREEZE_BLOCK):  # small blocks: the freeze adds little to the peak
+                modes[block.flat] = block.fit.modes.to(modes.dtype)
+        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+            error = e
+        others = self._shards.agree(error)
+        if error is not None:
+            raise error
+        if others:
+            warnings.warn(f"CMDRecorder: the freeze of the modes failed on {_ranks(others)}; no rank froze, and the "
+                          f"freeze comes again at the next record", RuntimeWarning, stacklevel=4)
+            return
         stats.freeze(modes)
 
     # ----------------------------------------------------------------------------- queries
@@ -727,8 +991,9 @@ class CMDRecorder:
         """The model's state_dict with CMD weights for the recorded parameters (buffers are live)."""
         model = self._live_model()
         self._require_tracking("cmd_state_dict")
+        self._refuse_if_replaced("cmd_state_dict")
         params = self.params
-        full = self._shards.full_tensors(self.cmd_parameters(at), params)
+        full = self._shards.full_tensors(self._agreed("cmd_state_dict()", lambda: self.cmd_parameters(at)), params)
         by_id = {id(p): v for p, v in zip(params, full)}
         sd = model.state_dict(keep_vars=True)
         # the parameters the optimizer does not hold are the live ones, whole (gathered under FSDP2)
@@ -743,12 +1008,15 @@ class CMDRecorder:
         trained weights in place, so that an evaluation loop needs no guard, and says so once in a
         UserWarning; ``ready`` tells the two apart. An explicit ``at`` during the warm-up, or a query
         before any record, raises a RuntimeError.
-        """
+
+        Inside it nothing is recorded: ``record()`` is refused, and an optimizer step (which would train the
+        CMD weights, replaced on exit) warns once and is not counted for ``record_every``."""
         if at == -1 and self._fallback("swapped"):
             yield
             return
         with self._lock:  # the CMD weights of one state (not the user's block: other threads may record)
             self._require_tracking("swapped")
+            self._refuse_if_replaced("swapped")
             model = self._sharded_model()
             local = self._shards.local(self.params)
             saved = [p.detach().clone() for p in local]
@@ -761,10 +1029,14 @@ class CMDRecorder:
                 raise
             if model is not None:
                 dist_utils.reshard(model)  # FSDP2's unsharded copies of the trained weights must go
+            self._swapped += 1
+            self._warned_swapped_step = False
         try:
             yield
         finally:
-            _copy_back(local, saved, model)
+            with self._lock:
+                self._swapped -= 1
+                _copy_back(local, saved, model)
 
     def _fallback(self, what: str) -> bool:
         """During the warm-up: True, and a one-time notice that ``what`` runs on the trained weights. False once CMD
@@ -794,6 +1066,7 @@ class CMDRecorder:
         Load it with ``model.load_state_dict(torch.load(path))``.
         """
         self._require_tracking("export")
+        self._refuse_if_replaced("export")
         sd = self.cmd_state_dict(at)
         if dist_utils.is_writer():
             atomic_save(sd, path)
@@ -826,7 +1099,7 @@ class CMDRecorder:
         :meth:`trajectory_state_dict` with torch.distributed.checkpoint instead.
         """
         self._require_tracking("trajectory")
-        a, b, modes, totals = self._flat_fit()
+        a, b, modes, totals = self._agreed("trajectory()", self._flat_fit)
         meta = self._trajectory_meta(totals)
         a, b, modes = (self._shards.gather_flat(x, self._stats.sizes) for x in (a, b, modes))
         return CMDTrajectory(**meta, a=a, b=b, modes=modes)
@@ -902,7 +1175,7 @@ class CMDRecorder:
         FSDP2 ``meta`` holds a checksum of a, b and the modes, which ``CMDTrajectory.from_state_dict`` checks.
         """
         self._require_tracking("trajectory_state_dict")
-        a, b, modes, totals = self._flat_fit()
+        a, b, modes, totals = self._agreed("trajectory_state_dict()", self._flat_fit)
         a, b, modes = (self._stats.views(x) for x in (a, b, modes))
         meta = {**self._trajectory_meta(totals), "layout": self.layout.to_dict()}
         shapes = [tuple(s) for s in self._local_shapes]
@@ -1014,7 +1287,9 @@ class CMDRecorder:
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore from :meth:`state_dict` (this version, or 1 and 2 of earlier cmd_online). Every field is
         checked first: a state of another configuration, other parameters, other samples, or one damaged
-        (its checksum), is refused with a ValueError that says what differs, and changes nothing.
+        (its checksum), is refused with a ValueError that says what differs, and changes nothing. Under
+        FSDP2 it is collective: a state refused on one rank is refused on every rank (the others raise a
+        ValueError naming it).
 
         The parameters must be as many, of the same shapes, in the same order, as when the state was
         recorded, and (``strict``, default) of the same names up to wrappers: ``torch.compile``'s
@@ -1022,23 +1297,33 @@ class CMDRecorder:
         on each side (DDP's ``module.``, a LightningModule's attribute); a recorder built without
         ``model=`` matches any names. ``strict=False`` matches the parameters by position only (for the
         same parameters renamed)."""
-        self._sync()
-        self._load_state_dict(state, check_bool("strict", strict))
+        strict = check_bool("strict", strict)
+        self._sync(flush=True)
+        self._load_state_dict(state, strict)
 
     def _load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        fresh = False
+        fresh, error, checked = False, None, None
         metrics = {}
-        if isinstance(state, dict) and "meta" in state:  # version 3
-            meta = unpack(state["meta"])
-            metrics = _metrics_of_state(meta.get("metrics"))
-            state = from_per_parameter(meta, state.get("stats"),
-                                       [self._shards.rows(i) for i in range(len(self.layout.names))],
-                                       self._shards.from_state, config=self.config, layout=self.layout, strict=strict)
-            fresh = True  # its flat statistics are new tensors: taken, not copied again
-        checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
-                              sample_index=self.sample_index, local_size=sum(s.numel() for s in self._local_shapes),
-                              strict=strict)
-        # everything checked: now change the recorder
+        try:
+            if isinstance(state, dict) and "meta" in state:  # version 3
+                meta = unpack(state["meta"])
+                metrics = _metrics_of_state(meta.get("metrics"))
+                state = from_per_parameter(meta, state.get("stats"),
+                                           [self._shards.rows(i) for i in range(len(self.layout.names))],
+                                           self._shards.from_state, config=self.config, layout=self.layout,
+                                           strict=strict)
+                fresh = True  # its flat statistics are new tensors: taken, not copied again
+            checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
+                                  sample_index=self.sample_index,
+                                  local_size=sum(s.numel() for s in self._local_shapes), strict=strict)
+        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+            error = e
+        others = self._shards.agree(error)  # the ranks load together or not at all: their phases never differ
+        if error is not None:
+            raise error
+        if others:
+            raise ValueError(f"the state was refused on {_ranks(others)}; nothing was loaded on any rank")
+        # everything checked, on every rank: now change the recorder
         self._history = checked.history.to(self.device, self._coefficient_dtype).clone()
         self._steps = checked.steps
         self._skipped = self._skips_reported = checked.skipped_records
@@ -1056,8 +1341,9 @@ class CMDRecorder:
     @_serialised
     def close(self) -> None:
         """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed),
-        once: calling it again before another record does nothing more."""
-        self._sync()
+        once: calling it again before another record does nothing more. With offload, every pending record
+        is applied and told first (from an observer too)."""
+        self._sync(flush=True)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

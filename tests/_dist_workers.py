@@ -259,6 +259,119 @@ def replicated(rank, world_size, out: Path):
 SCENARIOS = {"ddp": ddp, "fsdp": fsdp, "placements": placements, "replicated": replicated}
 
 
+# ------------------------------------------------------------------ third hardening round: ranks that must agree
+def _small_fsdp():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _once_on_rank(rank, fail_rank, real, message):
+    """``real``, raising MemoryError(message) on ``fail_rank`` the first time it is called."""
+    calls = [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if rank == fail_rank and calls[0] == 1:
+            raise MemoryError(message)
+        return real(*args, **kwargs)
+
+    return flaky
+
+
+def agree_warmup(rank, world_size, out: Path):
+    """Rank 1's clustering at the end of the warm-up raises once, then its freeze of the modes; the user catches
+    each and trains on (issue 22, 5)."""
+    import cmd_online.recorder as recorder_module
+
+    results = {}
+    cluster, mode_dtype = recorder_module.cluster, recorder_module.mode_dtype
+    for offload in (False, True):
+        recorder_module.cluster = _once_on_rank(rank, 1, cluster, "simulated")
+        recorder_module.mode_dtype = _once_on_rank(rank, 1, mode_dtype, "no room for the modes")
+        model = _small_fsdp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = cmdo.CMDRecorder(optimizer, model, modes=2, samples=20, warmup=3, freeze_modes_after=3, offload=offload)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 6, generator=g)
+        loss = lambda: model(x).pow(2).mean()  # noqa: E731
+        with torch.no_grad():
+            loss_before = loss().item()
+        outcomes, caught, freeze_error, compact_at = [], [], "", None
+        for t in range(7):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                try:
+                    outcomes.append(rec.record())
+                except Exception as e:  # the user catches it and trains on
+                    outcomes.append(f"{type(e).__name__}: {e}")
+                    if "no room for the modes" in str(e):
+                        freeze_error = str(e)
+                        outcomes[-1] = True  # the record was taken; only its freeze failed
+            caught += [str(m.message) for m in w]
+            if compact_at is None and rec.phase == "tracking" and rec.moments.compact:
+                compact_at = t
+        with torch.no_grad():
+            loss_after = loss().item()
+        results[offload] = {"outcomes": outcomes, "warnings": caught, "num_records": rec.num_records,
+                            "phase": rec.phase, "compact": rec.moments.compact, "compact_at": compact_at,
+                            "freeze_error": freeze_error, "fit": summary(rec), "loss_before": loss_before,
+                            "loss_after": loss_after}
+        rec.close()
+    recorder_module.cluster, recorder_module.mode_dtype = cluster, mode_dtype
+    torch.save(results, out / f"agree_warmup_rank{rank}.pt")
+
+
+def agree_queries(rank, world_size, out: Path):
+    """A collective query whose local part fails on rank 1 only, and a state refused on rank 1 only."""
+    model = _small_fsdp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = cmdo.CMDRecorder(optimizer, model, modes=2, samples=20, warmup=3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 6, generator=g)
+
+    def train(records):
+        for _ in range(records):
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            rec.record()
+
+    train(5)
+    state = rec.state_dict()
+    saved = {"meta": state["meta"], "stats": state["stats"]}
+    results = {}
+    fit = rec._flat_fit
+    rec._flat_fit = _once_on_rank(rank, 1, fit, "simulated")
+    for key in ("trajectory", "again"):
+        try:
+            rec.trajectory()
+            results[key] = "ok"
+        except Exception as e:
+            results[key] = f"{type(e).__name__}: {e}"
+    del rec._flat_fit
+    damaged = dict(saved, meta=b"not a state") if rank == 1 else saved
+    try:
+        rec.load_state_dict(damaged)
+        results["load"] = "loaded"
+    except ValueError as e:
+        results["load"] = f"{type(e).__name__}: {e}"
+    train(2)
+    results["records_after_load"] = rec.num_records
+    torch.save(results, out / f"agree_queries_rank{rank}.pt")
+
+
+LIFECYCLE = {"agree_warmup": agree_warmup, "agree_queries": agree_queries}
+
+
 def run(rank: int, world_size: int, init_method: str, out_dir: str, names: list[str]) -> None:
     """Process entry point: every named scenario in turn; a failure is written, not raised."""
     torch.set_num_threads(1)
@@ -268,7 +381,7 @@ def run(rank: int, world_size: int, init_method: str, out_dir: str, names: list[
     try:
         for name in names:
             try:
-                SCENARIOS[name](rank, world_size, out)
+                (SCENARIOS.get(name) or LIFECYCLE[name])(rank, world_size, out)
             except Exception:
                 (out / f"{name}_rank{rank}.error").write_text(traceback.format_exc())
             dist.barrier()
