@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -515,20 +515,12 @@ class CMDRecorder:
         if not (self._stats is None and self._warmup_records == self.config.warmup - 1):
             self._take(weights, values)
             return True
-        error = None
-        try:
-            self._take(weights, values)
-        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
-            error = e
-        return self._agree_on_warmup_end(error)
+        _, others = self._attempt(lambda: self._take(weights, values))
+        return self._undo_warmup_end(others)
 
-    def _agree_on_warmup_end(self, error: BaseException | None) -> bool:
-        """The record that ends the warm-up, taken here unless ``error``: under FSDP2 every rank learns whether
-        it failed on any (one small all-reduce; one process or DDP: nothing to agree). This rank's error is
-        raised; if another rank failed, the record is undone here: False, and a warning naming the rank."""
-        others = self._shards.agree(error)
-        if error is not None:
-            raise error
+    def _undo_warmup_end(self, others: list[tuple[int, str]]) -> bool:
+        """True if no other rank failed the record that ends the warm-up; otherwise the record is undone here:
+        False, and a warning naming the ranks."""
         if not others:
             return True
         self._to_warmup()
@@ -538,18 +530,30 @@ class CMDRecorder:
                       stacklevel=4)
         return False
 
-    def _agreed(self, what: str, work):
-        """``work()``, this process's part of a collective query: under FSDP2 every rank learns whether it failed
-        on any before the collectives that follow (a failure on one rank would otherwise leave the others
-        waiting in them). This rank's error is raised; another rank's failure raises a RuntimeError naming it."""
+    def _attempt(self, work: Callable[[], Any]) -> tuple[Any, list[tuple[int, str]]]:
+        """``work()`` on this process, agreed with the other ranks: under FSDP2 every rank learns whether it
+        failed on any (one small all-reduce; one process or DDP: nothing to agree), so that no rank goes on
+        alone into a collective or another phase. This rank's error is raised once the ranks agreed; returns
+        the result and the other ranks' failures (empty where none failed)."""
         error = result = None
         try:
             result = work()
         except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
             error = e
+        return result, self._agree(error)
+
+    def _agree(self, error: BaseException | None) -> list[tuple[int, str]]:
+        """Tell the other ranks whether this one failed (``error``) and learn which of them did; this rank's
+        error is raised then. The other ranks' failures, as (rank, text)."""
         others = self._shards.agree(error)
         if error is not None:
             raise error
+        return others
+
+    def _agreed(self, what: str, work):
+        """``work()``, this process's part of a collective query (:meth:`_attempt`); another rank's failure raises a
+        RuntimeError naming it."""
+        result, others = self._attempt(work)
         if others:
             raise RuntimeError(f"CMDRecorder.{what} failed on {_ranks(others)}; nothing was gathered on any rank")
         return result
@@ -697,7 +701,8 @@ class CMDRecorder:
         error = offload.take_error()
         try:
             if not tracking:
-                if not self._agree_on_warmup_end(None if error is None else OffloadError.of(error)):
+                others = self._agree(None if error is None else OffloadError.of(error))
+                if not self._undo_warmup_end(others):
                     offload.discard()
                     return False
             elif error is not None:
@@ -914,16 +919,13 @@ class CMDRecorder:
                 return
         elif stats.count < due:
             return
-        error = modes = None
-        try:
+        def fixed_modes() -> torch.Tensor:
             modes = torch.empty(sum(stats.sizes), dtype=mode_dtype(self.num_modes), device=self.device)
             for block in self._fit_blocks(block=FREEZE_BLOCK):  # small blocks: the freeze adds little to the peak
                 modes[block.flat] = block.fit.modes.to(modes.dtype)
-        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
-            error = e
-        others = self._shards.agree(error)
-        if error is not None:
-            raise error
+            return modes
+
+        modes, others = self._attempt(fixed_modes)
         if others:
             warnings.warn(f"CMDRecorder: the freeze of the modes failed on {_ranks(others)}; no rank froze, and the "
                           f"freeze comes again at the next record", RuntimeWarning, stacklevel=4)
@@ -1302,25 +1304,23 @@ class CMDRecorder:
         self._load_state_dict(state, strict)
 
     def _load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        fresh, error, checked = False, None, None
-        metrics = {}
-        try:
+        def checked_state() -> tuple:
+            loaded, metrics, fresh = state, {}, False
             if isinstance(state, dict) and "meta" in state:  # version 3
                 meta = unpack(state["meta"])
                 metrics = _metrics_of_state(meta.get("metrics"))
-                state = from_per_parameter(meta, state.get("stats"),
-                                           [self._shards.rows(i) for i in range(len(self.layout.names))],
-                                           self._shards.from_state, config=self.config, layout=self.layout,
-                                           strict=strict)
+                loaded = from_per_parameter(meta, state.get("stats"),
+                                            [self._shards.rows(i) for i in range(len(self.layout.names))],
+                                            self._shards.from_state, config=self.config, layout=self.layout,
+                                            strict=strict)
                 fresh = True  # its flat statistics are new tensors: taken, not copied again
-            checked = check_state(state, config=self.config, layout=self.layout, shards=self._shards.describe(),
+            checked = check_state(loaded, config=self.config, layout=self.layout, shards=self._shards.describe(),
                                   sample_index=self.sample_index,
                                   local_size=sum(s.numel() for s in self._local_shapes), strict=strict)
-        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
-            error = e
-        others = self._shards.agree(error)  # the ranks load together or not at all: their phases never differ
-        if error is not None:
-            raise error
+            return checked, metrics, fresh
+
+        # the ranks load together or not at all: their phases never differ
+        (checked, metrics, fresh), others = self._attempt(checked_state)
         if others:
             raise ValueError(f"the state was refused on {_ranks(others)}; nothing was loaded on any rank")
         # everything checked, on every rank: now change the recorder
