@@ -444,7 +444,8 @@ class CMDRecorder:
             if not self._warned_swapped_step:
                 self._warned_swapped_step = True
                 warnings.warn("CMDRecorder: optimizer.step() inside swapped(): it changes the CMD weights, which "
-                              "the end of the block replaces by the trained ones, so the step is lost; it is not "
+                              "the end of the block replaces by the trained ones, so the step is lost (during the "
+                              "warm-up, where swapped() keeps the trained weights, it trains them); it is not "
                               "counted for record_every and no record is taken inside the block. Train outside "
                               "swapped()", RuntimeWarning, stacklevel=4)
             return
@@ -484,8 +485,9 @@ class CMDRecorder:
         with self._lock, torch.inference_mode(False), torch.no_grad():
             if self._swapped:
                 raise RuntimeError("record() inside swapped(): the parameters hold the CMD weights, not the trained "
-                                   "ones, and would enter the statistics as a point of the trajectory; record "
-                                   "after the block")
+                                   "ones, and would enter the statistics as a point of the trajectory (during the "
+                                   "warm-up swapped() keeps the trained weights, and still nothing is recorded "
+                                   "inside it); record after the block")
             self._closed = False
             self._warn_if_params_changed()
             weights = self._local_weights()
@@ -1014,7 +1016,8 @@ class CMDRecorder:
         Inside it nothing is recorded: ``record()`` is refused, and an optimizer step (which would train the
         CMD weights, replaced on exit) warns once and is not counted for ``record_every``."""
         if at == -1 and self._fallback("swapped"):
-            yield
+            with self._marked_swapped():  # the trained weights stay; still nothing is recorded inside the block
+                yield
             return
         with self._lock:  # the CMD weights of one state (not the user's block: other threads may record)
             self._require_tracking("swapped")
@@ -1039,6 +1042,22 @@ class CMDRecorder:
             with self._lock:
                 self._swapped -= 1
                 _copy_back(local, saved, model)
+
+    def _mark_swapped(self, on: bool) -> None:
+        """Enter (``on``) or leave a block whose parameters are not to be recorded: :meth:`swapped`, its warm-up
+        fallback, and the framework callbacks' swap."""
+        with self._lock:
+            self._swapped += 1 if on else -1
+            if on:
+                self._warned_swapped_step = False
+
+    @contextlib.contextmanager
+    def _marked_swapped(self) -> Iterator[None]:
+        self._mark_swapped(True)
+        try:
+            yield
+        finally:
+            self._mark_swapped(False)
 
     def _fallback(self, what: str) -> bool:
         """During the warm-up: True, and a one-time notice that ``what`` runs on the trained weights. False once CMD

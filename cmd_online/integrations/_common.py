@@ -295,6 +295,7 @@ class Swap:
 
     def __init__(self):
         self._trained: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._rec: CMDRecorder | None = None  # marked swapped meanwhile: it records nothing (CMDRecorder.swapped)
 
     @property
     def active(self) -> bool:
@@ -305,14 +306,18 @@ class Swap:
             raise RuntimeError("the CMD weights are already swapped in")
         if at == -1 and not rec.ready:  # the warm-up: no CMD weights yet, the trained ones stay (warned once)
             warn("swapped() during the warm-up keeps the trained weights (no CMD weights yet; recorder.ready says when)")
-            self._trained = []
+            rec._mark_swapped(True)
+            self._trained, self._rec = [], rec
             return
-        params = rec.params
-        cmd = rec.cmd_parameters(at)
-        self._trained = [(p, p.detach().clone()) for p in params]
-        with torch.no_grad():
-            for p, value in zip(params, cmd):
-                p.copy_(value)
+        with rec._lock:  # no record between the CMD weights computed and written
+            params = rec.params
+            cmd = rec.cmd_parameters(at)
+            trained = [(p, p.detach().clone()) for p in params]
+            with torch.no_grad():
+                for p, value in zip(params, cmd):
+                    p.copy_(value)
+            rec._mark_swapped(True)
+            self._trained, self._rec = trained, rec
 
     def end(self, keep: bool = False) -> dict[int, torch.Tensor] | None:
         """The trained weights back; with ``keep``, returns id(parameter) → a copy of the CMD value it held
@@ -320,6 +325,7 @@ class Swap:
         pairs, self._trained = self._trained, None
         if pairs is None:
             return None
+        rec, self._rec = self._rec, None
         kept: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             while pairs:
@@ -328,6 +334,8 @@ class Swap:
                     kept[id(p)] = p.detach().clone()
                 p.copy_(value)
                 del value
+        if rec is not None:
+            rec._mark_swapped(False)
         return kept if keep else None
 
     def trained_values(self) -> dict[int, torch.Tensor]:
