@@ -1092,6 +1092,13 @@ class CMDRecorder:
         if dist_utils.is_writer():
             atomic_save(sd, path)
 
+    def _clustered_fit(self) -> tuple[torch.Tensor, ...]:
+        """:meth:`_flat_fit`, after the clustering of the samples that a resumed recorder does again from the kept
+        warm-up history (for the trajectory's ``sample_modes``): both in the ranks' agreed part of a query."""
+        if self.clustering is None:
+            self.clustering = self._cluster()
+        return self._flat_fit()
+
     def _flat_fit(self) -> tuple[torch.Tensor, ...]:
         """a, b and modes of every local weight as flat tensors (a, b float64 if a parameter is), and per
         mode the sum of R² and the number of weights (2 × M) over the weights this process owns."""
@@ -1120,7 +1127,7 @@ class CMDRecorder:
         :meth:`trajectory_state_dict` with torch.distributed.checkpoint instead.
         """
         self._require_tracking("trajectory")
-        a, b, modes, totals = self._agreed("trajectory()", self._flat_fit)
+        a, b, modes, totals = self._agreed("trajectory()", self._clustered_fit)
         meta = self._trajectory_meta(totals)
         a, b, modes = (self._shards.gather_flat(x, self._stats.sizes) for x in (a, b, modes))
         return CMDTrajectory(**meta, a=a, b=b, modes=modes)
@@ -1129,8 +1136,6 @@ class CMDRecorder:
         """What a trajectory holds besides a, b and the modes: references, their indices and flags, and each
         mode's mean R² from ``totals`` (sums of R² and counts per mode, this process's part)."""
         totals = self._shards.all_sum(totals)
-        if self.clustering is None:  # a resumed recorder: the same clustering again, from the kept warm-up history
-            self.clustering = self._cluster()
         T = self.num_records
         return dict(references=self._table.columns(T).clone(),
                     reference_index=self.reference_index.clone(), window_start=self.window_start, layout=self.layout,
@@ -1196,7 +1201,7 @@ class CMDRecorder:
         FSDP2 ``meta`` holds a checksum of a, b and the modes, which ``CMDTrajectory.from_state_dict`` checks.
         """
         self._require_tracking("trajectory_state_dict")
-        a, b, modes, totals = self._agreed("trajectory_state_dict()", self._flat_fit)
+        a, b, modes, totals = self._agreed("trajectory_state_dict()", self._clustered_fit)
         a, b, modes = (self._stats.views(x) for x in (a, b, modes))
         meta = {**self._trajectory_meta(totals), "layout": self.layout.to_dict()}
         shapes = [tuple(s) for s in self._local_shapes]

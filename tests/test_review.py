@@ -52,3 +52,28 @@ def test_the_callbacks_swap_refuses_records_of_the_cmd_weights():
     assert rec.num_records == records
     rec.record()
     assert rec.num_records == records + 1
+
+
+def test_the_clustering_a_resumed_recorder_does_again_for_trajectory_is_agreed_between_the_ranks(monkeypatch):
+    """trajectory() of a resumed recorder clusters the samples again (sample_modes); under FSDP2 a failure there
+    must be agreed before the gathers, or the other ranks go on alone into a collective (hang or abort)."""
+    model, opt, rec = _setup()
+    for _ in range(4):
+        _step(model, opt)
+        rec.record()
+    state = rec.state_dict()
+    model2 = torch.nn.Linear(5, 4)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    resumed = cmdo.CMDRecorder(opt2, model2, modes=2, samples=10, warmup=3)
+    resumed.load_state_dict(state)
+    told = []
+    real_agree = resumed._shards.agree
+    monkeypatch.setattr(resumed._shards, "agree", lambda error: told.append(error) or real_agree(error))
+
+    def failing(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr("cmd_online.recorder.cluster", failing)
+    with pytest.raises(MemoryError):
+        resumed.trajectory()
+    assert any(isinstance(e, MemoryError) for e in told)  # the ranks learnt of it before any gather
