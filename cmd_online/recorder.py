@@ -666,6 +666,7 @@ class CMDRecorder:
         # the same on every rank: the counters agree, and a pending record can change nothing that matters here
         critical = self._shards.sharded and self._is_critical() and (finite is None or bool(finite))
         offload.gate.hold = bool(self.observers)
+        self._submitting()
         offload.submit(weights, values, finite, tracking, self.check_finite)
         taken = True
         if critical:
@@ -675,6 +676,9 @@ class CMDRecorder:
         if error is not None:
             raise error
         return taken
+
+    def _submitting(self) -> None:
+        """Called as a record is handed to the offload worker (in the order the worker applies them)."""
 
     def _may_change(self, pending: int) -> bool:
         """Whether this record or one of the ``pending`` ones may end the warm-up (the values a record gathers

@@ -77,3 +77,30 @@ def test_the_clustering_a_resumed_recorder_does_again_for_trajectory_is_agreed_b
     with pytest.raises(MemoryError):
         resumed.trajectory()
     assert any(isinstance(e, MemoryError) for e in told)  # the ranks learnt of it before any gather
+
+
+def test_an_ignored_record_leaves_the_offloaded_records_steps_in_place():
+    """The callbacks' recorder stamps each record with the trainer's step; with offload the observers are told
+    later, by position among the stamps: a record() that was ignored (right after an automatic one) must not
+    take a stamp, or every later record is logged at the step before its own."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    now, seen = [0], []
+
+    class Steps:
+        def on_record(self, rec, index):
+            seen.append(rec.step_of(index))
+
+    rec = _common.StampedRecorder(opt, model, modes=2, samples=10, warmup=3, offload=True, record_every=1,
+                                  clock=lambda: now[0], callbacks=[Steps()])
+    rec.start_stamps()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(6):
+            now[0] = 10 * k
+            _step(model, opt)
+            if k == 2:
+                assert rec.record() is False  # right after the automatic record: ignored
+        rec.close()
+    assert seen == [0, 10, 20, 30, 40, 50]

@@ -117,6 +117,7 @@ class StampedRecorder(CMDRecorder):
     def __init__(self, *args: Any, clock=None, **kwargs: Any):
         self.clock = clock
         self._stamps: list[int] = []  # the steps of the attempts from the _dropped-th on (those not yet told)
+        self._stamping: list[int] = []  # offload: the steps of the record() calls under way, innermost last
         self._dropped = 0
         self._base = (0, 0)
         super().__init__(*args, **kwargs)
@@ -131,11 +132,21 @@ class StampedRecorder(CMDRecorder):
         return self._dropped + len(self._stamps)
 
     def record(self) -> bool:
-        self._stamps.append(int(self.clock()) if self.clock is not None else self.attempts)
-        if not self.offload and len(self._stamps) > 1:  # told at once: only the last one is asked for
+        stamp = int(self.clock()) if self.clock is not None else self.attempts
+        if self.offload:  # stamped as it is handed to the worker: a record refused or ignored before gets none
+            self._stamping.append(stamp)
+            try:
+                return super().record()
+            finally:
+                self._stamping.pop()
+        self._stamps.append(stamp)
+        if len(self._stamps) > 1:  # told at once: only the last one is asked for
             self._dropped += len(self._stamps) - 1
             del self._stamps[:-1]
         return super().record()
+
+    def _submitting(self) -> None:
+        self._stamps.append(self._stamping[-1])  # the innermost record() (an observer's record nests)
 
     def step_of(self, index: int) -> int:
         """The trainer's step of record ``index``; called by an observer while it is told of that record."""
