@@ -1065,8 +1065,10 @@ class CMDRecorder:
 
     def _fallback(self, what: str) -> bool:
         """During the warm-up: True, and a one-time notice that ``what`` runs on the trained weights. False once CMD
-        weights exist, and when optimizer steps were taken but never a record (the query's error says what to do)."""
-        if self.ready or (self._records() == 0 and self._skipped == 0 and self._steps > 0):
+        weights exist, and when optimizer steps were taken but never a record without ``record_every`` (the
+        query's error says what to do)."""
+        if self.ready or (self._records() == 0 and self._skipped == 0 and self._steps > 0
+                          and self.config.record_every is None):  # record() forgotten (record_every records later)
             return False
         if not self._warned_fallback:
             self._warned_fallback = True

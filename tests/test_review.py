@@ -104,3 +104,13 @@ def test_an_ignored_record_leaves_the_offloaded_records_steps_in_place():
                 assert rec.record() is False  # right after the automatic record: ignored
         rec.close()
     assert seen == [0, 10, 20, 30, 40, 50]
+
+
+def test_swapped_falls_back_before_the_first_automatic_record():
+    """With record_every, an evaluation in swapped() before the k-th step (no record yet, as expected) must fall
+    back to the trained weights, not raise that record() was forgotten."""
+    model, opt, rec = _setup(record_every=4)
+    _step(model, opt)
+    with pytest.warns(UserWarning, match="during the warm-up"):
+        with rec.swapped():
+            pass
