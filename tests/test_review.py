@@ -114,3 +114,20 @@ def test_swapped_falls_back_before_the_first_automatic_record():
     with pytest.warns(UserWarning, match="during the warm-up"):
         with rec.swapped():
             pass
+
+
+def test_the_export_at_the_end_of_training_warns_when_the_parameters_were_replaced(tmp_path):
+    """The callbacks' export at the end of training must not fail the finished training: the refusal of
+    parameters replaced after the recorder was built (a ValueError) becomes a warning, as a failed write does."""
+    model, opt, rec = _setup()
+    for _ in range(4):
+        _step(model, opt)
+        rec.record()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    target = tmp_path / "cmd_model.pt"
+    with pytest.warns(RuntimeWarning, match="could not write the CMD model.*no longer the tensors recorded"):
+        _common.export_at_end(rec, str(target), True,
+                              lambda: torch.save(_common.export_state_dict(rec), target))
+    assert not target.exists()

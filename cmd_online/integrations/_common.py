@@ -394,7 +394,7 @@ def export_at_end(rec: CMDRecorder, target: str, may_write: bool, write) -> None
         try:
             write()
             LOG.info("CMDCallback: wrote the CMD model of record %d to %s", rec.num_records - 1, target)
-        except OSError as e:
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. parameters replaced after the recorder was built
             warn(f"could not write the CMD model to {target}: {e}")
 
 

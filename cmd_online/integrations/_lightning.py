@@ -362,6 +362,7 @@ class LightningCMDHooks(_common.CMDAccess):
                           "pytorch-lightning_version": _version(trainer), "state_dict": pl_module.state_dict()}
             if pl_module.hparams:
                 checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+        rec._refuse_if_replaced("cmd_checkpoint")  # matched by identity below: a replaced one would stay trained
         cmd = {id(p): value for p, value in zip(rec.params, rec.cmd_parameters(at))}
         weights = checkpoint["state_dict"]
         for key, value in pl_module.state_dict(keep_vars=True).items():
