@@ -142,7 +142,8 @@ def trajectory_of_state(state: Mapping):
     finally:
         rec.close()
     return CMDTrajectory(traj.references, traj.reference_index, traj.a, traj.b, traj.modes, traj.window_start,
-                         layout, traj.mode_r2, traj.set_aside)
+                         layout, traj.mode_r2, traj.set_aside, sample_index=traj.sample_index,
+                         sample_history=traj.sample_history, sample_modes=traj.sample_modes, metrics=traj.metrics)
 
 
 # ------------------------------------------------------------------------------------------ exports

@@ -131,3 +131,18 @@ def test_the_export_at_the_end_of_training_warns_when_the_parameters_were_replac
         _common.export_at_end(rec, str(target), True,
                               lambda: torch.save(_common.export_state_dict(rec), target))
     assert not target.exists()
+
+
+def test_the_trajectory_of_a_stored_recorder_state_keeps_its_metrics_and_samples():
+    """inspect/export/report of a Lightning checkpoint or Trainer folder read the recorder state through
+    saved.trajectory_of_state: the metrics kept in the state and the clustered samples must reach the report."""
+    from cmd_online import saved
+
+    model, opt, rec = _setup()
+    for _ in range(4):
+        _step(model, opt)
+        rec.record()
+        rec.add_metrics({"acc/trained": 0.5})
+    traj = saved.trajectory_of_state(rec.state_dict())
+    assert traj.metrics is not None and torch.equal(traj.metrics["acc/trained"], rec.trajectory().metrics["acc/trained"])
+    assert traj.sample_index is not None and torch.equal(traj.sample_modes, rec.trajectory().sample_modes)
