@@ -1047,9 +1047,11 @@ class CMDRecorder:
                 self._swapped -= 1
                 _copy_back(local, saved, model)
 
-    def _mark_swapped(self, on: bool) -> None:
-        """Enter (``on``) or leave a block whose parameters are not to be recorded: :meth:`swapped`, its warm-up
-        fallback, and the framework callbacks' swap."""
+    def mark_swapped(self, on: bool = True) -> None:
+        """Enter (``on``) or leave (``on=False``) a span in which the parameters hold other weights than the
+        trained ones, as inside :meth:`swapped` (which marks itself): ``record()`` is refused and optimizer
+        steps are not counted meanwhile. For code that writes CMD weights into the parameters itself (the
+        framework callbacks' swap); calls nest and must pair up."""
         with self._lock:
             self._swapped += 1 if on else -1
             if on:
@@ -1057,11 +1059,11 @@ class CMDRecorder:
 
     @contextlib.contextmanager
     def _marked_swapped(self) -> Iterator[None]:
-        self._mark_swapped(True)
+        self.mark_swapped(True)
         try:
             yield
         finally:
-            self._mark_swapped(False)
+            self.mark_swapped(False)
 
     def _fallback(self, what: str) -> bool:
         """During the warm-up: True, and a one-time notice that ``what`` runs on the trained weights. False once CMD

@@ -317,18 +317,21 @@ class Swap:
             raise RuntimeError("the CMD weights are already swapped in")
         if at == -1 and not rec.ready:  # the warm-up: no CMD weights yet, the trained ones stay (warned once)
             warn("swapped() during the warm-up keeps the trained weights (no CMD weights yet; recorder.ready says when)")
-            rec._mark_swapped(True)
+            rec.mark_swapped(True)
             self._trained, self._rec = [], rec
             return
-        with rec._lock:  # no record between the CMD weights computed and written
+        rec.mark_swapped(True)  # first: no record (another thread's) of the CMD weights while they are written
+        try:
             params = rec.params
             cmd = rec.cmd_parameters(at)
             trained = [(p, p.detach().clone()) for p in params]
             with torch.no_grad():
                 for p, value in zip(params, cmd):
                     p.copy_(value)
-            rec._mark_swapped(True)
-            self._trained, self._rec = trained, rec
+        except BaseException:
+            rec.mark_swapped(False)
+            raise
+        self._trained, self._rec = trained, rec
 
     def end(self, keep: bool = False) -> dict[int, torch.Tensor] | None:
         """The trained weights back; with ``keep``, returns id(parameter) → a copy of the CMD value it held
@@ -346,7 +349,7 @@ class Swap:
                 p.copy_(value)
                 del value
         if rec is not None:
-            rec._mark_swapped(False)
+            rec.mark_swapped(False)
         return kept if keep else None
 
     def trained_values(self) -> dict[int, torch.Tensor]:

@@ -362,7 +362,12 @@ class LightningCMDHooks(_common.CMDAccess):
                           "pytorch-lightning_version": _version(trainer), "state_dict": pl_module.state_dict()}
             if pl_module.hparams:
                 checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-        rec._refuse_if_replaced("cmd_checkpoint")  # matched by identity below: a replaced one would stay trained
+        held = {id(p) for p in pl_module.parameters()}  # matched by identity below: a replaced one would stay trained
+        gone = [name for name, p in zip(rec.layout.names, rec.params) if id(p) not in held]
+        if gone:
+            raise ValueError(f"cmd_checkpoint: parameter(s) {', '.join(map(repr, gone[:5]))} of the LightningModule are "
+                             f"no longer the tensors recorded (replaced after the recorder was built), so their CMD "
+                             f"weights would not reach the checkpoint; build a new recorder for the new parameters")
         cmd = {id(p): value for p, value in zip(rec.params, rec.cmd_parameters(at))}
         weights = checkpoint["state_dict"]
         for key, value in pl_module.state_dict(keep_vars=True).items():
