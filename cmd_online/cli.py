@@ -306,6 +306,10 @@ def _export(args) -> None:
     record = args.at % traj.num_records
     what = f"CMD weights at record {record} of {traj.num_records} ({len(state)} tensors, {traj.num_weights:,} weights)"
     source, output = Path(args.trajectory), str(args.output)
+    target = Path(output).resolve()
+    if target == source.resolve() or target in source.resolve().parents:
+        raise ValueError(f"-o {output!r} would replace {str(source)!r}, the file or folder the CMD model is read from "
+                         f"(and the training state in it): write the export elsewhere")
     plain = output.endswith((".pt", ".pth"))  # a state_dict file, whatever the source
     if source.is_dir() and not plain:
         _export_model_folder(source, state, output)

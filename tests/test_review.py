@@ -146,3 +146,24 @@ def test_the_trajectory_of_a_stored_recorder_state_keeps_its_metrics_and_samples
     traj = saved.trajectory_of_state(rec.state_dict())
     assert traj.metrics is not None and torch.equal(traj.metrics["acc/trained"], rec.trajectory().metrics["acc/trained"])
     assert traj.sample_index is not None and torch.equal(traj.sample_modes, rec.trajectory().sample_modes)
+
+
+def test_export_refuses_to_overwrite_the_file_or_folder_it_reads(tmp_path, capsys):
+    """`cmd-online export` now reads Lightning checkpoints and Trainer checkpoint folders: -o naming the source
+    (or a folder holding it) replaced the training checkpoint, CMD state included, by the CMD model."""
+    from cmd_online.cli import main
+
+    model, opt, rec = _setup()
+    for _ in range(4):
+        _step(model, opt)
+        rec.record()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    source = folder / "traj.pt"
+    rec.trajectory().save(source)
+    before = source.read_bytes()
+    assert main(["export", str(source), "-o", str(source)]) != 0
+    assert main(["export", str(source), "-o", str(folder)]) != 0
+    assert "would replace" in capsys.readouterr().err
+    assert source.read_bytes() == before
+    assert main(["export", str(source), "-o", str(tmp_path / "cmd.pt")]) == 0
