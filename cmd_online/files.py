@@ -157,9 +157,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return path
 
 
+_TRAINING_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "cmd_recorder.pt")  # not a model folder's
+
+
 def replace_folder(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
     """Fill a new folder beside ``path`` and rename it into place: ``path`` never holds a partly written model."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):  # a model folder is replaced whole: never a run's output or a checkpoint folder
+        held = sorted(name for name in os.listdir(path) if name in _TRAINING_STATE or re.fullmatch(r"checkpoint-\d+", name))
+        if held:
+            raise ValueError(f"{path!r} holds {', '.join(held[:3])}{' …' if len(held) > 3 else ''}: a training run's "
+                             f"output or checkpoint folder, which writing a model folder there would replace whole; "
+                             f"write the model to a folder of its own")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)

@@ -167,3 +167,22 @@ def test_export_refuses_to_overwrite_the_file_or_folder_it_reads(tmp_path, capsy
     assert "would replace" in capsys.readouterr().err
     assert source.read_bytes() == before
     assert main(["export", str(source), "-o", str(tmp_path / "cmd.pt")]) == 0
+
+
+def test_a_model_folder_is_never_written_over_a_training_runs_folder(tmp_path):
+    """replace_folder (the HF callback's export, cmd-online export to a folder) replaces its target whole: an
+    export_dir or -o naming the run's output folder deleted every checkpoint in it, CMD states included."""
+    from cmd_online.files import replace_folder
+
+    run = tmp_path / "out"
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "cmd_recorder.pt").write_bytes(b"state")
+    with pytest.raises(ValueError, match="checkpoint-5"):
+        replace_folder(run, lambda folder: None)
+    with pytest.raises(ValueError, match="cmd_recorder.pt"):
+        replace_folder(run / "checkpoint-5", lambda folder: None)
+    assert (run / "checkpoint-5" / "cmd_recorder.pt").read_bytes() == b"state"
+    model = tmp_path / "cmd_model"
+    for _ in range(2):  # an earlier export is replaced
+        replace_folder(model, lambda folder: open(f"{folder}/config.json", "w").close())
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
