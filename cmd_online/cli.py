@@ -402,6 +402,11 @@ def _decompose(args) -> None:
     CMDConfig(modes=args.modes, threshold=args.threshold, samples=args.samples, seed=args.seed, warmup=args.warmup,
               distance=args.distance, max_modes=args.max_modes)
     paths, skipped = _checkpoint_paths(args.checkpoints)
+    target = Path(args.output).resolve()
+    overwritten = [str(p) for p in paths if Path(p).resolve() == target or target in Path(p).resolve().parents]
+    if overwritten:
+        raise ValueError(f"-o {str(args.output)!r} would replace the checkpoint {overwritten[0]!r} it reads: write the "
+                         f"trajectory elsewhere")
     if len(args.checkpoints) == 1:  # a folder: say which of its entries are the records
         print(textwrap.fill(f"records: {len(paths)} checkpoints, in this order: {', '.join(p.name for p in paths)}",
                             width=100, subsequent_indent="  "))

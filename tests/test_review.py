@@ -186,3 +186,16 @@ def test_a_model_folder_is_never_written_over_a_training_runs_folder(tmp_path):
     for _ in range(2):  # an earlier export is replaced
         replace_folder(model, lambda folder: open(f"{folder}/config.json", "w").close())
     assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+
+
+def test_decompose_refuses_to_write_over_a_checkpoint_it_reads(tmp_path, capsys):
+    from cmd_online.cli import main
+
+    paths = []
+    for t in range(3):
+        paths.append(tmp_path / f"epoch_{t}.pt")
+        torch.save({"w": torch.randn(30) + t}, paths[-1])
+    before = paths[0].read_bytes()
+    assert main(["decompose", *map(str, paths), "--modes", "1", "--samples", "10", "-o", str(paths[0])]) != 0
+    assert "would replace the checkpoint" in capsys.readouterr().err
+    assert paths[0].read_bytes() == before
