@@ -199,6 +199,7 @@ class CMDRecorder:
         self._warned_duplicate = self._warned_fallback = False
         self._metrics: dict[str, dict[int, float]] = {}  # add_metrics: name → {record: value}
         self.clustering: Clustering | None = None
+        self._foreign_clustering = False  # a resumed state whose references another clustering picked
         self.reference_index: torch.Tensor | None = None
         self._ref_plan: GatherPlan | None = None
         self._slots: ReferenceSlots | None = None
@@ -1103,8 +1104,14 @@ class CMDRecorder:
     def _clustered_fit(self) -> tuple[torch.Tensor, ...]:
         """:meth:`_flat_fit`, after the clustering of the samples that a resumed recorder does again from the kept
         warm-up history (for the trajectory's ``sample_modes``): both in the ranks' agreed part of a query."""
-        if self.clustering is None:
-            self.clustering = self._cluster()
+        if self.clustering is None and not self._foreign_clustering:
+            found = self._cluster()
+            # the same clustering as the state's if it picks the same references (a state of an earlier version
+            # may have clustered otherwise: its modes are not these labels' modes)
+            if torch.equal(self.sample_index[torch.from_numpy(found.reference).long()].cpu(), self.reference_index.cpu()):
+                self.clustering = found
+            else:
+                self._foreign_clustering = True
         return self._flat_fit()
 
     def _flat_fit(self) -> tuple[torch.Tensor, ...]:
@@ -1145,11 +1152,14 @@ class CMDRecorder:
         mode's mean R² from ``totals`` (sums of R² and counts per mode, this process's part)."""
         totals = self._shards.all_sum(totals)
         T = self.num_records
+        c = self.clustering  # None: a resumed state whose clustering is not this one (its samples are left out)
         return dict(references=self._table.columns(T).clone(),
                     reference_index=self.reference_index.clone(), window_start=self.window_start, layout=self.layout,
                     mode_r2=(totals[0] / totals[1].clamp_min(1)).float(),
-                    set_aside=~self._stats.resolved_references(), sample_index=self.sample_index.clone(),
-                    sample_history=self._history.cpu().clone(), sample_modes=torch.from_numpy(self.clustering.labels).clone(),
+                    set_aside=~self._stats.resolved_references(),
+                    sample_index=None if c is None else self.sample_index.clone(),
+                    sample_history=None if c is None else self._history.cpu().clone(),
+                    sample_modes=None if c is None else torch.from_numpy(c.labels).clone(),
                     metrics=self._metric_table(T))
 
     @_serialised
@@ -1360,6 +1370,7 @@ class CMDRecorder:
         self._steps = checked.steps
         self._skipped = self._skips_reported = checked.skipped_records
         self.clustering = None  # the sample correlations are not part of a state
+        self._foreign_clustering = False
         self._metrics = metrics
         self._after_auto = False
         if checked.reference_index is None:

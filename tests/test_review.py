@@ -199,3 +199,25 @@ def test_decompose_refuses_to_write_over_a_checkpoint_it_reads(tmp_path, capsys)
     assert main(["decompose", *map(str, paths), "--modes", "1", "--samples", "10", "-o", str(paths[0])]) != 0
     assert "would replace the checkpoint" in capsys.readouterr().err
     assert paths[0].read_bytes() == before
+
+
+def test_trajectory_of_a_state_clustered_otherwise_leaves_its_samples_out(monkeypatch):
+    """trajectory() of a resumed recorder clusters the kept samples again for sample_modes; where that clustering
+    is not the state's (a state of an earlier cmd_online, whose cut differed), the labels do not belong to the
+    state's modes: trajectory() raised (sample_modes out of range) or would mislabel them. The samples are left
+    out instead."""
+    import cmd_online.recorder as recorder_module
+
+    model, opt, rec = _setup()
+    for _ in range(4):
+        _step(model, opt)
+        rec.record()
+    resumed = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=10, warmup=3)
+    resumed.load_state_dict(rec.state_dict())
+    real = recorder_module.cluster
+    monkeypatch.setattr(recorder_module, "cluster", lambda history, modes, *a: real(history, 3, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traj = resumed.trajectory()
+    assert traj.sample_modes is None and traj.num_modes == rec.num_modes
+    assert torch.equal(traj.a, rec.trajectory().a)
