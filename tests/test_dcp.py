@@ -8,9 +8,7 @@ an uninterrupted single-process run, bit for bit.
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
-import time
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # the worker module must be importable by the children
 import _dcp_workers as workers  # noqa: E402
+from _spawn import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -28,17 +27,9 @@ def launch(step: str, world_size: int, out, stop: int, kwargs: dict) -> None:
     if world_size == 1:  # a plain single process: no process group, plain tensors
         workers.phase(step, 1, out, stop, kwargs)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     store = out / f"store_{step}"
-    ctx = torch.multiprocessing.start_processes(
-        workers.run, args=(world_size, f"file://{store}", str(out), step, stop, kwargs), nprocs=world_size,
-        join=False, start_method=method)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"{step} on {world_size} ranks did not finish within 120 s")
+    run_ranks(workers.run, (world_size, f"file://{store}", str(out), step, stop, kwargs), world_size, 120,
+              f"{step} on {world_size} ranks")
     for rank in range(world_size):
         error = out / f"{step}_rank{rank}.error"
         if error.exists():

@@ -6,9 +6,7 @@ behaviour of their output against the single-process run on the same global batc
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
-import time
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from cmd_online.distributed import ShardInfo, is_writer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # the worker module must be importable by the children
 import _dist_workers as workers  # noqa: E402
+from _spawn import run_ranks  # noqa: E402
 from _states import leaves  # noqa: E402
 from cmd_online.checkpoint import read_meta  # noqa: E402
 
@@ -34,17 +33,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def out(tmp_path_factory):
     """Run every scenario on 2 gloo processes; the directory of what each rank wrote."""
     out = tmp_path_factory.mktemp("distributed")
-    # fork: the children inherit the imported torch; spawn re-imports it (about 10 s here)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = torch.multiprocessing.start_processes(
-        workers.run, args=(WORLD, f"file://{out}/store", str(out), list(workers.SCENARIOS)),
-        nprocs=WORLD, join=False, start_method=method)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("distributed workers did not finish within 240 s")
+    run_ranks(workers.run, (WORLD, f"file://{out}/store", str(out), list(workers.SCENARIOS)), WORLD, 240,
+              "the distributed workers")
     return out
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import multiprocessing
 import pickle
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 import cmd_online as cmdo
 import cmd_online.recorder as recorder_module
+from _spawn import run_ranks
 from _states import assert_same, leaves
 from cmd_online.offload import OffloadError
 from cmd_online.stats import StreamingMoments
@@ -544,21 +544,8 @@ def ranks(tmp_path_factory):
     import _dist_workers as workers
 
     out = tmp_path_factory.mktemp("agree")
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = torch.multiprocessing.start_processes(
-        workers.run, args=(WORLD, f"file://{out}/store", str(out), list(workers.LIFECYCLE)),
-        nprocs=WORLD, join=False, start_method=method)
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed workers did not finish within 240 s (a collective mismatch hangs)")
-    except Exception as e:  # a rank that died (gloo aborts on a collective mismatch)
-        pytest.fail(f"a rank died: {e}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_ranks(workers.run, (WORLD, f"file://{out}/store", str(out), list(workers.LIFECYCLE)), WORLD, 240,
+              "the distributed workers (a collective mismatch hangs)")
     return out
 
 
