@@ -216,12 +216,12 @@ def safe_load(path: str | os.PathLike, what: str, map_location: Any = "cpu",
         raise ValueError(f"{str(path)!r} is a directory, not a {what} file")
     try:
         if own_checksum is None:
-            _verify_checksums(path)
+            _verify_zip_members(path)
         with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: not news to the user
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
         if own_checksum is not None and not own_checksum(obj):
-            _verify_checksums(path)
+            _verify_zip_members(path)
         return obj
     except pickle.UnpicklingError as e:
         raise ValueError(f"{str(path)!r} is not a {what} file, or holds objects that are refused "
@@ -363,12 +363,9 @@ def read_checkpoint(item: Any, what: str = "checkpoint") -> Mapping:
     return item
 
 
-def _verify_checksums(path: Path) -> None:
-    """Read every member of a zip file through its CRC-32: torch.load does not, so a flipped byte loads silently."""
-    _verify_zip_members(path)
-
-
 def _verify_zip_members(file) -> None:
+    """Read every member of a zip file (a path or a binary file object) through its CRC-32: torch.load does
+    not, so a flipped byte loads silently."""
     if not zipfile.is_zipfile(file):
         return
     with zipfile.ZipFile(file) as archive:

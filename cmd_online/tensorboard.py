@@ -34,6 +34,7 @@ is initialised only rank 0 writes; under FSDP its statistics are those of its ow
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -57,7 +58,7 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class _StatisticsLog:
+class _StatisticsLog(abc.ABC):
     """What a logger of the mode statistics logs, and when; where it goes is the subclass's.
 
     Per record: the reference values and the recorder's memory. Every ``every`` records from the third
@@ -179,8 +180,9 @@ class _StatisticsLog:
                      rec.references[:, :F].cpu().numpy(), step)
 
     # ------------------------------------------------------------------------- where it goes
+    @abc.abstractmethod
     def _scalars(self, items: list[tuple[str, float]], step: int) -> None:
-        raise NotImplementedError
+        """Scalars (tag, value) at ``step``: every logger takes them."""
 
     def _histograms(self, summary: dict, step: int) -> None:
         """Histograms of a and R² (a logger that takes none drops them)."""
