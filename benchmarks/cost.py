@@ -29,6 +29,7 @@ Memory, in float32 per weight (4·N bytes), from the peak RSS (``VmHWM``, reset 
     python benchmarks/cost.py --cases 4e6:10,1e7:10 --repeats 1 --out-name cost_large
     python benchmarks/cost.py --headline --flush   # every timed operation starting from memory
     python benchmarks/cost.py --profile            # torch.profiler tables of records and queries
+    python benchmarks/cost.py --summary            # default vs full form at N = 1e6, 1e7 + the transformer LM
 """
 
 from __future__ import annotations
@@ -238,8 +239,8 @@ def _steady_recorder(out: dict, params, model, M: int, form: str, kernel: str, r
     base_rss, base_alloc = base
     per_weight = lambda nbytes: nbytes / (4 * N)  # noqa: E731
     kwargs = dict(modes=M, samples=min(1000, N), warmup=warmup, kernel=kernel)
-    if form == "compact":
-        kwargs["freeze_modes_after"] = FREEZE_AFTER
+    if form != "default":  # "default": the library's own default form
+        kwargs["freeze_modes_after"] = FREEZE_AFTER if form == "compact" else None
     rec = CMDRecorder(torch.optim.SGD(params, lr=0.0), model, **kwargs)  # lr 0: timed steps leave the weights
     for t in range(warmup):
         perturb(params, t)
@@ -248,12 +249,17 @@ def _steady_recorder(out: dict, params, model, M: int, form: str, kernel: str, r
     out["kernel"], out["kernel_is_default"] = rec.moments.kernel, kernel is None
     out["setup_peak_f32_per_weight"] = per_weight(peak_bytes() - base_rss)  # the clustering of the K × F history
     out["hwm_reset"] = reset_peak()
+    held = []  # what the recorder holds after every record from the end of the warm-up on
     out["first_records_s"] = [timed(rec.record, device)]  # record 2 of the window (a compile happens here)
+    held.append(rec.nbytes()["total"])
+    out["first_tracking_peak_f32_per_weight"] = per_weight(peak_bytes() - base_rss)
     reset_peak()
-    out["first_records_s"].append(timed(rec.record, device))  # record 3: a full-form record in either form
+    out["first_records_s"].append(timed(rec.record, device))  # record 3: the default form freezes here
+    held.append(rec.nbytes()["total"])
     out["full_steady_peak_f32_per_weight"] = per_weight(peak_bytes() - base_rss)
     reset_peak()
     out["first_records_s"].append(timed(rec.record, device))  # record 4: the compact form freezes here
+    held.append(rec.nbytes()["total"])
     if form == "compact":
         out["freeze_peak_f32_per_weight"] = per_weight(peak_bytes() - base_rss)
         out["freeze_excess_f32_per_weight"] = out["freeze_peak_f32_per_weight"] - out["full_steady_peak_f32_per_weight"]
@@ -263,9 +269,16 @@ def _steady_recorder(out: dict, params, model, M: int, form: str, kernel: str, r
     if device == "cuda":  # the allocator's peak: the records' own from here on
         out["cuda_setup_peak_f32_per_weight"] = per_weight(torch.cuda.max_memory_allocated() - base_alloc)
         torch.cuda.reset_peak_memory_stats()
+    held.append(rec.nbytes()["total"])
     reset_peak()
     rec_times = [timed(rec.record, device) for _ in range(max(3, rounds // 2))]
     out["peak_f32_per_weight"] = per_weight(peak_bytes() - base_rss)
+    held.append(rec.nbytes()["total"])
+    out["held_max_f32_per_weight"] = per_weight(max(held))
+    out["after_warmup_peak_f32_per_weight"] = max(out[k] for k in ("first_tracking_peak_f32_per_weight", "full_steady_peak_f32_per_weight",
+                                                                  "freeze_peak_f32_per_weight", "peak_f32_per_weight")
+                                                  if k in out)
+    out.update(_state_size(rec, N))
     if device == "cuda":
         out["cuda_peak_f32_per_weight"] = per_weight(torch.cuda.max_memory_allocated() - base_alloc)
     nb = rec.nbytes()
@@ -274,6 +287,31 @@ def _steady_recorder(out: dict, params, model, M: int, form: str, kernel: str, r
     out["held_f32_per_weight"] = per_weight(nb["statistics"] + nb["scratch"])
     out["recorder_f32_per_weight"] = per_weight(nb["total"])
     return rec, rec_times
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a nested state (DTensors by their local part) plus packed bytes."""
+    if isinstance(value, torch.Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        return local.numel() * local.element_size()
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _state_size(rec, N: int) -> dict:
+    """The recorder's ``state_dict()``: its bytes in memory and as a ``torch.save`` file, against the float32 model's."""
+    state = rec.state_dict()
+    with tempfile.TemporaryDirectory(dir=_scratch_dir()) as d:
+        path = os.path.join(d, "state.pt")
+        torch.save(state, path)
+        file_bytes = os.path.getsize(path)
+    return {"state_bytes": _tensor_bytes(state), "state_file_bytes": file_bytes, "model_bytes": 4 * N,
+            "state_over_model": _tensor_bytes(state) / (4 * N), "state_file_over_model": file_bytes / (4 * N)}
 
 
 def _output_bytes(name: str, result, params) -> int:
@@ -310,7 +348,7 @@ def _comparison_ops(rec, params, device: str, form: str, queries: dict) -> list[
     """The operations of one round, in order; those besides the recorder's are allocated only now, so that
     they do not count in its memory. Every query comes right after a record."""
     N = sum(p.numel() for p in params)
-    floor_buf = torch.zeros(N * (rec.num_modes + 3 if form == "full" else 3), device=device)
+    floor_buf = torch.zeros(N * (3 if rec.moments.compact else rec.num_modes + 3), device=device)
     ema = [p.detach().clone() for p in params]
     sgd = torch.optim.SGD(params, lr=0.0, momentum=0.9, foreach=True)
     adam = torch.optim.Adam(params, lr=0.0, foreach=True)
@@ -449,6 +487,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: N = 1e4, M = 2, few rounds, in process")
     p.add_argument("--headline", action="store_true", help="N = 1e6, M = 10 only, --repeats processes each form")
+    p.add_argument("--summary", action="store_true",
+                   help="the adoption figures: memory and state size of the default and the full form at "
+                        "--sizes, and the per-step overhead on a small transformer LM against an EMA")
+    p.add_argument("--sizes", default="1e6,1e7", help="--summary: the N to measure (default 1e6,1e7)")
     p.add_argument("--cases", default=None, help="N:M pairs, e.g. 4e6:10,1e7:10 (default: the grid)")
     p.add_argument("--forms", default="full,compact", help="forms to measure (default full,compact)")
     p.add_argument("--kernels", default="default",
@@ -512,6 +554,8 @@ def main(argv=None):
         return rows
     if a.profile:
         return profile(a)
+    if a.summary:
+        return summary(a)
     kernels = a.kernels.split(",") + (["compiled"] if a.compile and "compiled" not in a.kernels else [])
     forms = a.forms.split(",")
     grid, naive, repeats = plan(a)
@@ -545,6 +589,50 @@ def main(argv=None):
     common.write_json(name + ".json", dict(settings=settings, env={**common.environment(), **provenance()}, runs=rows,
                                            ns_per_element=linearity(rows)), a.out)
     return rows
+
+
+def summary(a):
+    """The figures of issue 23 in one run: for the default and the full form (M = 10), the most the recorder
+    holds after any record past the warm-up (``nbytes()``), its peak RSS above the model's over those records,
+    its ``state_dict()`` against the model's bytes, a record against its byte floor; then the per-step overhead
+    on a small transformer LM of the default, the full form and an ``AveragedModel`` EMA
+    (``benchmarks/lm_overhead.py``), each in a fresh process."""
+    started, rows = time.time(), []
+    for N in (int(float(n)) for n in a.sizes.split(",")):
+        for form in ("default", "full"):
+            rounds = a.rounds or (9 if N <= 1e6 else 5)
+            r = spawn([str(N), "10", form, str(rounds), "--device", a.device, "--threads", str(a.threads),
+                       "--no-queries"])
+            rows.append(r)
+            print(f"N={N:.0e} {form}: held ≤ {r['held_max_f32_per_weight']:.2f}, peak after the warm-up "
+                  f"{r['after_warmup_peak_f32_per_weight']:.2f} f32/weight, state {r['state_over_model']:.2f}× the "
+                  f"model [{time.time() - started:.0f} s]", flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p]))
+    lm_cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "lm_overhead.py"), "--json", "--threads",
+              str(a.threads)] + (["--rounds", str(a.rounds)] if a.rounds else [])
+    res = subprocess.run(lm_cmd, capture_output=True, text=True, check=False, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"lm_overhead failed:\n{res.stderr[-3000:]}")
+    lm = json.loads(res.stdout.strip().splitlines()[-1])
+    import lm_overhead  # noqa: E402 - beside this file
+
+    lines = ["| N | form | held f32/weight, most after the warm-up | peak f32/weight after the warm-up (RSS) | "
+             "state_dict / model bytes (file) | record ms | record / its byte floor |", "|" + "---|" * 7]
+    for r in rows:
+        q = r["ratios"]["record/add_floor"]
+        lines.append(f"| {r['N']:.0e} | {r['form']} | {r['held_max_f32_per_weight']:.2f} | "
+                     f"{r['after_warmup_peak_f32_per_weight']:.2f} | {r['state_over_model']:.2f} "
+                     f"({r['state_file_over_model']:.2f}) | {1e3 * r['times_s']['record']['median']:.3g} | "
+                     f"{q['median']:.2f} [{q['q1']:.2f}, {q['q3']:.2f}] |")
+    text = "\n".join(lines) + "\n\n" + lm_overhead.table(lm)
+    print(text)
+    print(f"wall time {time.time() - started:.0f} s")
+    settings = dict(threads=a.threads, device=a.device, sizes=a.sizes, argv=sys.argv[1:],
+                    wall_s=round(time.time() - started), load_average=os.getloadavg())
+    common.write_json((a.out_name or "cost_summary") + ".json",
+                      dict(settings=settings, env={**common.environment(), **provenance()}, runs=rows, lm=lm), a.out)
+    return rows, lm
 
 
 def profile(a):

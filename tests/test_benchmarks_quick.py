@@ -80,6 +80,11 @@ def test_cost_quick_measures_records_queries_and_memory(tmp_path, capsys):
             # what the query returns or holds on purpose: the CMD weights (1 f32/weight); trajectory: a, b, modes
             assert m["output_f32_per_weight"] == pytest.approx(3.0 if name == "trajectory" else 1.0, abs=0.01)
             assert math.isfinite(m["extra_peak_f32_per_weight"])
+    for r in (full, compact):  # the adoption figures (--summary): the most held after the warm-up, the state
+        assert r["held_max_f32_per_weight"] >= r["held_f32_per_weight"]
+        assert r["after_warmup_peak_f32_per_weight"] >= r["peak_f32_per_weight"]
+        assert r["model_bytes"] == 4 * N and r["state_bytes"] > r["stats_f32_per_weight"] * 4 * N
+        assert r["state_file_bytes"] >= r["state_bytes"] * 0.9
     assert naive["records_kept"] == 20 and naive["posthoc_fit_s"] > 0
     saved = json.loads((tmp_path / "cost_quick.json").read_text())
     assert saved["runs"][0]["N"] == N and saved["env"]["cmd_online"].endswith("cmd_online")
@@ -104,3 +109,12 @@ def test_guidance_sweep_quick_reports_per_epoch_and_per_step(tmp_path):
     assert all(0 <= e < 1 for e in step["err_window"])
     saved = tmp_path / "guidance_sweep_quick.json"
     assert load("guidance_sweep").main(["--render", str(saved)]) == json.loads(saved.read_text())["table"]
+
+
+def test_lm_overhead_quick_times_every_variant():
+    result = load("lm_overhead").run(rounds=3, burn_in=26, batch=2, quick=True)
+    assert set(result["overhead"]) == {"default", "full", "EMA"}
+    assert all(math.isfinite(o["median"]) for o in result["overhead"].values())
+    assert tuple(result["phase_compact"]["full"]) == ("tracking", False)
+    assert result["held_f32_per_weight"]["EMA"] == pytest.approx(1.0, abs=0.01)
+    assert result["held_f32_per_weight"]["full"] > result["held_f32_per_weight"]["EMA"]
