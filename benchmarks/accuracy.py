@@ -1,5 +1,9 @@
 """Accuracy table in the shape of the CMD paper's Table 2: trained / EMA / SWA / online CMD / post-hoc CMD.
 
+Online CMD twice, from the same records: the recorder's default (modes fixed after ``freeze_modes_after``
+window records, the compact form) and the full form (``freeze_modes_after=None``, modes chosen over the
+whole window at the query).
+
 One training run per (task, optimizer, seed) gives all five columns, so every method sees the same data,
 split, augmentation and budget. Choices are made on the validation split, never on test:
 EMA decay ∈ {0.9, 0.99, 0.999} (updated every step, ``get_ema_multi_avg_fn``, buffers averaged) and
@@ -28,7 +32,7 @@ import common  # noqa: E402
 
 import cmd_online as cmdo  # noqa: E402
 
-COLUMNS = ["trained", "EMA", "SWA", "online CMD", "post-hoc CMD"]
+COLUMNS = ["trained", "EMA", "SWA", "online CMD", "online CMD, full form", "post-hoc CMD"]
 PAPER = {  # ResNet18 / CIFAR-10, the paper's Table 2 (test accuracy %)
     "SGD": [90.68, 92.02, 92.09, 92.26, None],
     "Adam": [89.59, 91.43, 91.65, 91.70, None],
@@ -56,10 +60,10 @@ def one_run(task, optimizer: str, seed: int, epochs: int, modes: int, samples: i
                 else:
                     swas[f].update_parameters(model)
 
-    run = common.train(task, optimizer, seed, epochs, recorders=[dict(modes=modes, samples=samples, warmup=warmup,
-                                                                      seed=seed)],
+    settings = dict(modes=modes, samples=samples, warmup=warmup, seed=seed)
+    run = common.train(task, optimizer, seed, epochs, recorders=[settings, dict(settings, freeze_modes_after=None)],
                        on_step=on_step, on_epoch=on_epoch)
-    model, rec = run.model, run.recorders[0]
+    model, (rec, full) = run.model, run.recorders
     out = {"task": task.name, "optimizer": optimizer, "seed": seed, "train_seconds": run.seconds}
     test = lambda m: common.accuracy(m, task.x_test, task.y_test)  # noqa: E731
     val = lambda m: common.accuracy(m, task.x_val, task.y_val)  # noqa: E731
@@ -79,6 +83,7 @@ def one_run(task, optimizer: str, seed: int, epochs: int, modes: int, samples: i
 
     start = time.perf_counter()
     out["online CMD"] = common.evaluate_weights(model, rec.cmd_state_dict(-1), task)
+    out["online CMD, full form"] = common.evaluate_weights(model, full.cmd_state_dict(-1), task)
     traj = cmdo.decompose(run.snapshots, modes=modes, samples=samples, seed=seed, layout=rec.layout)
     post = common.weights_state(model, traj.reconstruct(-1))
     out["post-hoc CMD"] = common.evaluate_weights(model, post, task)

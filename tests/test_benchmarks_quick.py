@@ -34,7 +34,7 @@ def test_accuracy_quick_fills_every_column(tmp_path):
     saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
     assert {ln["task"] for ln in lines} == {"digits", "mnist1d"}
     for run in saved["runs"]:
-        for column in ("trained", "EMA", "SWA", "online CMD", "post-hoc CMD"):
+        for column in ("trained", "EMA", "SWA", "online CMD", "online CMD, full form", "post-hoc CMD"):
             assert 0.0 <= run[column] <= 100.0
         assert run["ema_decay"] in (0.9, 0.99, 0.999) and run["swa_start"] in (0.5, 0.75)
     assert (tmp_path / "accuracy_quick.csv").read_text().startswith("task,optimizer,seeds")
