@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, Iterator
 
 import numpy as np
 
 DISTANCES = ("correlation", "euclidean")
+KERNELS = ("blocks", "flat", "compiled")  # the statistics kernels (cmd_online.stats); RunOptions checks the choice
 DEFAULT_SAMPLES = 1000  # samples K by default; on a model of fewer weights it becomes N (CMDConfig.for_weights)
 
 
@@ -211,8 +213,53 @@ class CMDConfig(Mapping):
             value = getattr(self, name)
             if value is not None and value > N:
                 raise ValueError(f"{name} ({value}) must be ≤ the number of weights N = {N}")
-        import warnings
-
         warnings.warn(f"{who}: samples={self.samples} (the default) is more than the N = {N} weights; clustering "
                       f"all of them (samples={N})", UserWarning, stacklevel=3)
         return dataclasses.replace(self, samples=N)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a recording runs, as opposed to what it computes (:class:`CMDConfig`); validated once, here.
+
+    ``CMDRecorder`` builds one from its keyword arguments (``rec.run_options``) and both framework callbacks
+    check theirs with it when they are created; none of these options is part of a state.
+
+    Args:
+        check_finite (bool): skip (with a warning) records whose weights hold NaN/Inf (default True).
+        kernel (str): the statistics kernel, ``"blocks"``, ``"flat"`` or ``"compiled"``; None picks by
+            device (default None).
+        offload (bool): keep the statistics in host memory and update them on a worker thread; not with
+            ``kernel="flat"``, which keeps them on the parameters' device (default False).
+    """
+
+    check_finite: bool = True
+    kernel: str | None = None
+    offload: bool = False
+
+    def __post_init__(self):
+        check_bool("check_finite", self.check_finite)
+        if self.kernel is not None:
+            check_choice("kernel", self.kernel, KERNELS)
+        if check_bool("offload", self.offload) and self.kernel == "flat":
+            raise ValueError("kernel='flat' keeps the statistics on the parameters' device; offload=True keeps them "
+                             "in host memory (kernel 'blocks' or 'compiled')")
+        object.__setattr__(self, "check_finite", bool(self.check_finite))
+        object.__setattr__(self, "offload", bool(self.offload))
+
+    @classmethod
+    def of(cls, *, check_finite: bool = True, kernel: str | None = None, offload: bool = False,
+           compile_update: bool = False, stacklevel: int = 3) -> "RunOptions":
+        """The options from a recorder's keyword arguments: the deprecated ``compile_update=True`` is
+        ``kernel="compiled"``, with a FutureWarning (another ``kernel`` with it is a ValueError)."""
+        if check_bool("compile_update", compile_update):
+            if kernel not in (None, "compiled"):
+                raise ValueError(f"compile_update=True asks for kernel='compiled'; got kernel={kernel!r}")
+            warnings.warn("compile_update=True is deprecated and will be removed: pass kernel='compiled'",
+                          FutureWarning, stacklevel=stacklevel)
+            kernel = "compiled"
+        return cls(check_finite=check_finite, kernel=kernel, offload=offload)
+
+    def replace(self, **changes: Any) -> "RunOptions":
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)

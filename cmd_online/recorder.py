@@ -23,7 +23,7 @@ import torch
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter, stats_checked
 from .clustering import Clustering, cluster
-from .config import CMDConfig, check_bool, check_choice, check_int
+from .config import CMDConfig, RunOptions, check_bool, check_int
 from .files import atomic_save, checksum, pack, unpack
 from .layout import RECORDABLE_DTYPES, GatherPlan, Layout
 from .observers import check_observers, flush_writers, notify, tensorboard_logger
@@ -31,7 +31,7 @@ from .offload import EXIT_WAIT, AfterRecordError, Job, Offload, OffloadError
 from .progress import LOG
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
-from .stats import KERNELS, AffineFit, StreamingMoments, mode_dtype, pin_references
+from .stats import AffineFit, StreamingMoments, mode_dtype, pin_references
 from .trajectory import CMDTrajectory, normalize_at, parts_checked, reconstruct
 
 
@@ -130,11 +130,13 @@ class CMDRecorder:
         callbacks (list): observers told about the records (``cmd_online.observers``; default none).
         seed (int): seed of the sampling (default 0).
         check_finite (bool): skip (with a warning) records whose weights hold NaN/Inf (default True).
-        compile_update (bool): the statistics update through ``torch.compile`` (``kernel="compiled"``;
-            default False).
+        compile_update (bool): deprecated spelling of ``kernel="compiled"`` (a FutureWarning; default False).
         kernel (str): the statistics kernel: ``"blocks"`` (CPU default), ``"flat"`` (accelerator
             default; the finite check and record count stay on the device, so a record after the
-            warm-up never synchronises), ``"compiled"``; None picks by device (default None).
+            warm-up never synchronises), ``"compiled"`` (the update through ``torch.compile``); None picks by
+            device (default None).
+        offload (bool): keep the statistics in host memory, updated on a worker thread (default False).
+        check_finite, kernel and offload are held, validated, as ``rec.run_options`` (:class:`RunOptions`).
     """
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,
@@ -150,17 +152,9 @@ class CMDRecorder:
         self.config = CMDConfig(modes=modes, threshold=threshold, samples=samples, warmup=warmup,
                                 record_every=record_every, freeze_modes_after=freeze_modes_after, seed=seed,
                                 distance=distance, max_modes=max_modes)
-        self.check_finite = check_bool("check_finite", check_finite)
-        self.compile_update = check_bool("compile_update", compile_update)
-        if kernel is not None:
-            check_choice("kernel", kernel, KERNELS)
-            if self.compile_update and kernel != "compiled":
-                raise ValueError(f"compile_update=True asks for kernel='compiled'; got kernel={kernel!r}")
-        self._kernel = "compiled" if self.compile_update else kernel
-        self.offload = check_bool("offload", offload)
-        if self.offload and self._kernel == "flat":
-            raise ValueError("kernel='flat' keeps the statistics on the parameters' device; offload=True keeps them "
-                             "in host memory (kernel 'blocks' or 'compiled')")
+        self.run_options = RunOptions.of(check_finite=check_finite, kernel=kernel, offload=offload,
+                                         compile_update=compile_update)
+        self._kernel = self.run_options.kernel
         log_every = check_int("log_every", log_every, 1)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
@@ -341,6 +335,25 @@ class CMDRecorder:
             raise RuntimeError("the parameters recorded by this CMDRecorder have been deleted (model and optimizer "
                                "dropped); cmd_parameters(), trajectory(), state_dict() and nbytes() still work")
         return params
+
+    @property
+    def check_finite(self) -> bool:
+        """Skip records whose weights hold NaN/Inf (``run_options.check_finite``); may be set between records."""
+        return self.run_options.check_finite
+
+    @check_finite.setter
+    def check_finite(self, on: bool) -> None:
+        self.run_options = self.run_options.replace(check_finite=check_bool("check_finite", on))
+
+    @property
+    def offload(self) -> bool:
+        """Whether the statistics live in host memory, updated on a worker thread (``run_options.offload``)."""
+        return self.run_options.offload
+
+    @property
+    def compile_update(self) -> bool:
+        """Deprecated: ``run_options.kernel == "compiled"``."""
+        return self.run_options.kernel == "compiled"
 
     @property
     def writer(self):

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import KERNELS
+
 # Weights per block of the CPU record path and of a fit: the block's temporaries stay in cache, and a
 # query's extra memory is a few blocks, whatever N (benchmarks/cost.py measures the choice).
 BLOCK = 1 << 17
@@ -324,7 +326,6 @@ _STEPS = {
     ("flat", False): _full_flat, ("flat", True): _compact_flat,
     ("compiled", False): _full_compiled, ("compiled", True): _compact_compiled,
 }
-KERNELS = ("blocks", "flat", "compiled")
 
 
 def _foreach_copy_(dst: list[torch.Tensor], src: Sequence[torch.Tensor]) -> None:

@@ -348,7 +348,7 @@ def test_swap_for_validation_and_evaluate_cmd_are_refused_together():
 
 # ------------------------------------------------------------------------------------------ recorder options
 OPTIONS = [dict(modes=None, threshold=0.5, max_modes=2), dict(distance="euclidean"), dict(kernel="flat"),
-           dict(offload=True)]
+           dict(offload=True), dict(modes=None, threshold=0.5, max_modes=2, offload=True, distance="euclidean")]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))

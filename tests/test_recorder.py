@@ -521,7 +521,7 @@ def test_compiled_update_equals_the_eager_one(compact, device):
         params = [torch.nn.Parameter(torch.randn(40, 30, device=device)),
                   torch.nn.Parameter(torch.randn(70, device=device))]
         rec = cmdo.CMDRecorder(torch.optim.SGD(params, lr=0.1), modes=3, samples=100, warmup=3,
-                               freeze_modes_after=compact, compile_update=compiled)
+                               freeze_modes_after=compact, kernel="compiled" if compiled else None)
         g = torch.Generator().manual_seed(1)
         for _ in range(8):
             with torch.no_grad():

@@ -435,7 +435,7 @@ def test_evaluate_cmd_metrics_exist_from_the_warm_up_on_and_can_pick_the_best_mo
 
 
 OPTIONS = [dict(modes=None, threshold=0.5, max_modes=2), dict(distance="euclidean"), dict(kernel="flat"),
-           dict(offload=True)]
+           dict(offload=True), dict(modes=None, threshold=0.5, max_modes=2, offload=True, distance="euclidean")]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))

@@ -20,13 +20,12 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import CMDConfig, check_bool, check_choice, check_int
+from ..config import CMDConfig, RunOptions, check_int
 from ..files import atomic_save, check_format, safe_load
 from ..layout import Layout
 from ..observers import check_observers
 from ..progress import LOG
 from ..recorder import CMDRecorder
-from ..stats import KERNELS
 from ..trajectory import CMDTrajectory
 
 STATE_FORMAT = "cmd_online.integrations.CMDCallback"
@@ -43,46 +42,51 @@ def check_path(name: str, value: Any) -> str | None:
     return os.fspath(value)
 
 
+def check_writer(writer: Any) -> Any:
+    """A callback's ``writer=``: a SummaryWriter (anything with ``add_scalar``) or None."""
+    if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(f"writer must be a SummaryWriter (an object with add_scalar) or None; got {writer!r}")
+    return writer
+
+
 # The CMDRecorder arguments a callback sets itself, and what to use instead.
 _RESERVED = {"optimizer": "the callback records the trainer's optimizer",
              "model": "the callback records the trainer's model",
              "record_every": "use record_every_n_steps",
-             "writer": "the callback logs through the trainer's loggers",
+             "writer": "it is the callback's own argument (logged at the trainer's steps)",
              "log_every": "it is the callback's own argument"}
 
 
 def recorder_arguments(recorder: dict[str, Any], reserved: dict[str, str] = _RESERVED) -> tuple[CMDConfig, dict[str, Any]]:
     """The CMDRecorder keyword arguments a callback passes through (as Lightning's ``WeightAveraging`` passes
-    its ``**kwargs`` to ``AveragedModel``), checked now, when the callback is created: the configuration
-    (modes, threshold, max_modes, samples, warmup, freeze_modes_after, seed, distance) as a CMDConfig, and
-    the others (offload, kernel, check_finite, compile_update, callbacks) as given."""
-    accepted = [name for name, p in inspect.signature(CMDRecorder.__init__).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    its ``**kwargs`` to ``AveragedModel``), checked now, when the callback is created, by the recorder's own
+    rules: the configuration (modes, threshold, max_modes, samples, warmup, freeze_modes_after, seed,
+    distance) as a CMDConfig, the run options (check_finite, kernel, offload; ``compile_update`` folded into
+    ``kernel``) by :class:`RunOptions`, and the observers (``callbacks``). What is not given takes the
+    default of the recorder's signature."""
+    accepted = recorder_keywords()
     for name in recorder:
         if name in reserved:
             raise TypeError(f"CMDCallback sets the recorder's {name!r} itself: {reserved[name]}")
         if name not in accepted:
             raise TypeError(f"CMDCallback got an unexpected keyword argument {name!r}; it passes CMDRecorder's "
                             f"arguments through: {', '.join(n for n in accepted if n not in reserved)}")
+    given = {**{name: accepted[name] for name in accepted if name not in reserved}, **recorder}
     fields = set(CMDConfig().to_dict())
-    config = CMDConfig(**{k: v for k, v in recorder.items() if k in fields and k != "record_every"})
+    config = CMDConfig(**{k: v for k, v in given.items() if k in fields})
     if config.warmup is None:
         raise TypeError("warmup must be an int ≥ 2; got NoneType")
-    rest = {k: v for k, v in recorder.items() if k not in fields}
-    for name in ("check_finite", "compile_update", "offload"):
-        if name in rest:
-            rest[name] = check_bool(name, rest[name])
-    kernel = rest.get("kernel")
-    if kernel is not None:
-        check_choice("kernel", kernel, KERNELS)
-        if rest.get("compile_update") and kernel != "compiled":
-            raise ValueError(f"compile_update=True asks for kernel='compiled'; got kernel={kernel!r}")
-        if rest.get("offload") and kernel == "flat":
-            raise ValueError("kernel='flat' keeps the statistics on the parameters' device; offload=True keeps them "
-                             "in host memory (kernel 'blocks' or 'compiled')")
-    if "callbacks" in rest:
-        rest["callbacks"] = check_observers(rest["callbacks"])
+    run = RunOptions.of(**{k: given[k] for k in ("check_finite", "kernel", "offload", "compile_update")},
+                        stacklevel=5)
+    rest = {"check_finite": run.check_finite, "kernel": run.kernel, "offload": run.offload,
+            "callbacks": check_observers(given["callbacks"])}
     return config, rest
+
+
+def recorder_keywords() -> dict[str, Any]:
+    """CMDRecorder's keyword arguments and their defaults, read from its signature."""
+    return {name: p.default for name, p in inspect.signature(CMDRecorder.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 @dataclass(frozen=True)

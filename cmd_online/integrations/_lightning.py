@@ -54,6 +54,8 @@ class LightningCMDHooks(_common.CMDAccess):
             exists, ``cmd/`` metrics are the trained weights' (default False).
         export_path (str or path): at the end of ``fit``, write the CMD model there as a Lightning checkpoint
             (``LitModel.load_from_checkpoint`` loads it), on global rank 0, atomically (default None: no file).
+        writer (SummaryWriter): also log the mode statistics there, with histograms and figures, at the trainer's
+            global step (global rank 0 only); it must have ``add_scalar`` (default None).
         log_every (int): log the mode statistics to every logger of the trainer every this many records (reference
             values every record); None: no logging (default 10).
         optimizer_index (int): which of the LightningModule's optimizers to record; needed when it has
@@ -73,7 +75,7 @@ class LightningCMDHooks(_common.CMDAccess):
 
     def __init__(self, *, record_every_n_steps: int | None = None, swap_for_validation: bool = False,
                  evaluate_cmd: bool = False, export_path: str | os.PathLike | None = None,
-                 log_every: int | None = 10, optimizer_index: int | None = None, resume: bool = True, **recorder: Any):
+                 writer=None, log_every: int | None = 10, optimizer_index: int | None = None, resume: bool = True, **recorder: Any):
         self.options = Options.of(record_every_n_steps=record_every_n_steps, log_every=log_every, **recorder)
         self.swap_for_validation = check_bool("swap_for_validation", swap_for_validation)
         self.evaluate_cmd = check_bool("evaluate_cmd", evaluate_cmd)
@@ -81,6 +83,7 @@ class LightningCMDHooks(_common.CMDAccess):
             raise ValueError("swap_for_validation=True validates the CMD weights in place of the trained ones, "
                              "evaluate_cmd=True validates both (the CMD weights' metrics under cmd/): choose one")
         self.export_path = _common.check_path("export_path", export_path)
+        self.writer = _common.check_writer(writer)
         self.optimizer_index = check_int("optimizer_index", optimizer_index, 0, allow_none=True)
         self.resume = check_bool("resume", resume)
         self.recorder: CMDRecorder | None = None
@@ -190,6 +193,8 @@ class LightningCMDHooks(_common.CMDAccess):
                 image = None if not callable(log_image) else (
                     lambda tag, array, at, log_image=log_image: log_image(key=tag, images=[array], step=at))
                 observers.append(MetricsLogger(logger.log_metrics, every=every, step=step, image=image))
+        if self.writer is not None:
+            observers.append(TensorBoardLogger(self.writer, every=every, step=step))
         return observers
 
     # ------------------------------------------------------------------------------------- recording

@@ -81,9 +81,7 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
         self.options = Options.of(record_every_n_steps=record_every_n_steps, log_every=log_every, **recorder)
         self.evaluate_cmd = check_bool("evaluate_cmd", evaluate_cmd)
         self.export_dir = _common.check_path("export_dir", export_dir)
-        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
-            raise TypeError(f"writer must be a SummaryWriter (an object with add_scalar) or None; got {writer!r}")
-        self.writer = writer
+        self.writer = _common.check_writer(writer)
         self.resume = check_bool("resume", resume)
         self.recorder: CMDRecorder | None = None
         self._model: weakref.ref | None = None

@@ -1,0 +1,106 @@
+"""The recorder's façade (issue 21): run options, the callbacks' pass-through of the recorder's arguments,
+the swap primitives, and the read-only summary observers see."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import cmd_online as cmdo
+from cmd_online.config import RunOptions
+from _digits import flat, small_cnn, train_epoch
+
+
+def small_recorder(**options):
+    model = small_cnn(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, cmdo.CMDRecorder(opt, model, **(dict(modes=3, samples=100, warmup=3) | options))
+
+
+def train_records(model, opt, rec, records: int, seed: int = 0) -> list[torch.Tensor]:
+    """``records`` epochs of real training on digits, a record after each; the flat weights recorded."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    for _ in range(records):
+        train_epoch(model, opt, gen)
+        rec.record()
+        out.append(flat(model))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ run options
+def test_run_options_are_validated_once_naming_the_argument():
+    assert RunOptions() == RunOptions(check_finite=True, kernel=None, offload=False)
+    with pytest.raises(TypeError, match="check_finite"):
+        RunOptions(check_finite=1)
+    with pytest.raises(ValueError, match="kernel must be one of 'blocks', 'flat', 'compiled'; got 'fast'"):
+        RunOptions(kernel="fast")
+    with pytest.raises(TypeError, match="offload"):
+        RunOptions(offload="yes")
+    with pytest.raises(ValueError, match="kernel='flat'.*offload=True"):
+        RunOptions(kernel="flat", offload=True)
+    with pytest.raises(ValueError, match="compile_update=True asks for kernel='compiled'; got kernel='blocks'"):
+        RunOptions.of(compile_update=True, kernel="blocks")
+    options = RunOptions(kernel="blocks")
+    with pytest.raises(AttributeError):
+        options.kernel = "flat"  # frozen
+    assert options.replace(check_finite=False) == RunOptions(check_finite=False, kernel="blocks")
+
+
+def test_compile_update_still_works_with_a_future_warning():
+    with pytest.warns(FutureWarning, match="compile_update=True is deprecated.*kernel='compiled'"):
+        _, _, rec = small_recorder(compile_update=True)
+    assert rec.run_options.kernel == "compiled" and rec.compile_update
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling warns of nothing
+        _, _, rec = small_recorder(kernel="compiled")
+    assert rec.run_options == RunOptions(kernel="compiled") and rec.compile_update
+
+
+def test_check_finite_may_change_between_records_and_the_others_are_read_only():
+    model, opt, rec = small_recorder()
+    rec.check_finite = False
+    assert rec.run_options.check_finite is False
+    with pytest.raises(TypeError, match="check_finite"):
+        rec.check_finite = "no"
+    with pytest.raises(AttributeError):
+        rec.offload = True
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    train_records(model, opt, rec, 1)  # taken although its weights hold NaN: the check is off
+    assert rec.num_records == 1 and rec.skipped_records == 0
+
+
+def test_the_callbacks_check_their_recorder_options_with_the_recorders_rules():
+    pytest.importorskip("lightning")
+    from cmd_online.integrations._common import Options, recorder_keywords
+
+    options = Options.of(record_every_n_steps=None, log_every=10)
+    defaults = recorder_keywords()
+    assert options.config.samples == defaults["samples"] and options.config.warmup == defaults["warmup"]
+    assert options.recorder == dict(check_finite=True, kernel=None, offload=False, callbacks=[])
+    with pytest.warns(FutureWarning, match="compile_update"):
+        options = Options.of(record_every_n_steps=None, log_every=10, compile_update=True)
+    assert options.recorder["kernel"] == "compiled" and "compile_update" not in options.recorder
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_mode'"):
+        Options.of(record_every_n_steps=None, log_every=10, max_mode=3)
+
+
+def test_the_lightning_callback_logs_to_a_writer_at_the_trainers_global_steps(tmp_path):
+    pytest.importorskip("lightning")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from _lightning_setup import Digits, train_loader, trainer
+    from cmd_online.integrations.lightning import CMDCallback
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    cmd = CMDCallback(modes=3, samples=300, warmup=3, record_every_n_steps=8, log_every=1, writer=writer)
+    trainer(max_epochs=2, callbacks=[cmd]).fit(Digits(), train_loader())
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("cmd/reference/mode_00")] == [24, 32, 40, 48]
+    with pytest.raises(TypeError, match="writer must be a SummaryWriter"):
+        CMDCallback(writer="runs/cmd")
