@@ -389,7 +389,7 @@ def load_trajectory(checkpoint_id, key: str = "trajectory"):
     dcp.load(header, checkpoint_id=checkpoint_id)
     meta = unpack(header[key]["meta"])
     layout = Layout.from_dict(meta["layout"])
-    dtype = torch.float64 if torch.float64 in layout.dtypes else torch.float32
+    dtype = layout.coefficient_dtype
     template = {"meta": b""}
     for name, kind in (("a", dtype), ("b", dtype), ("modes", torch.int32)):
         template[name] = {n: torch.empty(shape, dtype=kind) for n, shape in zip(layout.names, layout.shapes)}

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .layout import GatherPlan, Layout
+from .layout import GatherPlan, Layout, coefficient_dtype
 from .references import ReferenceSlots
 
 
@@ -199,7 +199,7 @@ class _ShardPlan:
         self.device = device
 
     def __call__(self, flat_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat_tensors) else torch.float32
+        dtype = coefficient_dtype(t.dtype for t in flat_tensors)
         out = torch.zeros(self.size, dtype=dtype, device=self.device)  # the same dtype on every rank
         if self.positions is not None:
             values = torch.cat([flat_tensors[t].index_select(0, idx) for t, idx, _ in self.parts])

@@ -37,6 +37,12 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def coefficient_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype of the fit's coefficients a and b (and of the statistics' shifts) for parameters of these dtypes:
+    float64 if one of them is (its weights then come back exactly), else float32. The one home of this rule."""
+    return torch.float64 if torch.float64 in tuple(dtypes) else torch.float32
+
+
 @dataclass(frozen=True)
 class Layout:
     """Names, shapes and dtypes of the tensors that make up the flat vector, in order."""
@@ -59,6 +65,11 @@ class Layout:
     @classmethod
     def flat(cls, numel: int, dtype: torch.dtype = torch.float32) -> "Layout":
         return cls(("weights",), ((numel,),), (dtype,))
+
+    @property
+    def coefficient_dtype(self) -> torch.dtype:
+        """:func:`coefficient_dtype` of this layout's parameters."""
+        return coefficient_dtype(self.dtypes)
 
     @property
     def sizes(self) -> list[int]:

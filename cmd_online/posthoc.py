@@ -13,7 +13,7 @@ import torch
 from .clustering import cluster
 from .config import CMDConfig, check_bool, check_int
 from .files import read_checkpoint
-from .layout import Layout, core_name
+from .layout import Layout, coefficient_dtype, core_name
 from .progress import LOG, bar
 from .sampling import sample_indices
 from .stats import AffineFit, affine_fit, mode_means, pin_references, resolved_references
@@ -45,7 +45,7 @@ def _as_matrix(W) -> torch.Tensor:
 
 
 def _result_dtype(W: torch.Tensor) -> torch.dtype:
-    return torch.float64 if W.dtype == torch.float64 else torch.float32
+    return coefficient_dtype([W.dtype])
 
 
 def _reference_index(reference_index, N: int) -> torch.Tensor:

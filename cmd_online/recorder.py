@@ -207,6 +207,7 @@ class CMDRecorder:
         self._loggers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # for log(writer)
         self._lock = threading.RLock()  # records, queries and state changes happen one at a time
         self._swapped = 0  # swapped() blocks open: the parameters hold CMD weights
+        self._stored: list[torch.Tensor] | None = None  # store(): the trained weights (local shards), until restore()
         self._warned_swapped_step = False
         self._warned_replaced = False
         self._offload: Offload | None = None
@@ -967,7 +968,7 @@ class CMDRecorder:
     @property
     def _coefficient_dtype(self) -> torch.dtype:
         """dtype of a and b: float32, or float64 if a parameter is (its weights then come back exactly)."""
-        return torch.float64 if torch.float64 in self.layout.dtypes else torch.float32
+        return self.layout.coefficient_dtype
 
     def _output_dtypes(self) -> list[torch.dtype]:
         """Each parameter's current dtype (the recorded one once the parameters are gone)."""
@@ -1022,9 +1023,86 @@ class CMDRecorder:
         return {k: by_id[id(v)] if id(v) in by_id else dist_utils.whole(v) if isinstance(v, torch.Tensor) else v
                 for k, v in sd.items()}
 
+    # ----------------------------------------------------------------------------- swap (torch_ema's primitives)
+    @_serialised
+    def store(self) -> None:
+        """Keep a copy of the trained weights (this process's shards under FSDP2), to be put back by :meth:`restore`.
+
+        From ``store()`` to ``restore()`` the parameters count as swapped, as inside :meth:`swapped`: ``record()``
+        is refused and optimizer steps are not counted. One copy at a time: a second ``store()`` before
+        ``restore()`` raises a RuntimeError."""
+        if self._stored is not None:
+            raise RuntimeError("store(): the trained weights are stored already; restore() them first")
+        self._sharded_model()  # under FSDP2 the swap needs the model: refused before anything changes
+        self._stored = [p.detach().clone() for p in self._shards.local(self.params)]
+        self.mark_swapped(True)
+
+    @_serialised
+    def copy_to(self, at: int = -1) -> None:
+        """Write the CMD weights at record ``at`` into the parameters, after :meth:`store` (a RuntimeError
+        otherwise: the trained weights would be lost). Under FSDP2 it needs ``model`` and reshards its FSDP
+        modules. During the warm-up, ``at=-1`` leaves the trained weights in place (a UserWarning, once), as
+        :meth:`swapped` does. On an error the stored weights are put back and the error is raised."""
+        if self._stored is None:
+            raise RuntimeError("copy_to() overwrites the trained weights: call store() first (or use swapped())")
+        if at == -1 and self._fallback("copy_to"):
+            return
+        self._require_tracking("copy_to")
+        self._refuse_if_replaced("copy_to")
+        model = self._sharded_model()
+        local = self._shards.local(self.params)
+        try:
+            with torch.no_grad():
+                for i, value in self._cmd_tensors(at):
+                    local[i].copy_(value)
+        except BaseException:
+            _copy_back(local, self._stored, model)
+            raise
+        if model is not None:
+            dist_utils.reshard(model)  # FSDP2's unsharded copies of the trained weights must go
+
+    @_serialised
+    def restore(self, keep: bool = False) -> list[torch.Tensor] | None:
+        """Put the weights :meth:`store` kept back into the parameters, and end the swap.
+
+        With ``keep``, returns a copy of what each parameter held before (the CMD weights of :meth:`copy_to`), in
+        the order of ``params``, copied one parameter at a time (no more memory than the swap itself); else None.
+        A RuntimeError if nothing is stored."""
+        if self._stored is None:
+            raise RuntimeError("restore(): nothing is stored; call store() (and copy_to()) first")
+        saved, self._stored = self._stored, None
+        local = self._shards.local(self.params)
+        kept: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for p in reversed(local):  # each stored copy is freed once it is back
+                    value = saved.pop()
+                    if keep:
+                        kept.append(p.detach().clone())
+                    p.copy_(value)
+                    del value
+            model = self._sharded_model()
+            if model is not None:  # FSDP2: no unsharded copy of the CMD weights may outlive the swap
+                dist_utils.reshard(model)
+        finally:
+            self.mark_swapped(False)
+        return kept[::-1] if keep else None
+
+    @property
+    def stored_parameters(self) -> list[torch.Tensor] | None:
+        """The trained weights :meth:`store` kept, in the order of ``params`` (a view: do not modify), or None."""
+        return self._stored
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the parameters count as swapped now: inside :meth:`swapped`, between :meth:`store` and
+        :meth:`restore`, or between ``mark_swapped(True)`` and ``mark_swapped(False)``."""
+        return self._swapped > 0
+
     @contextlib.contextmanager
     def swapped(self, at: int = -1) -> Iterator[None]:
         """Context manager: CMD weights live in the parameters inside it; the trained ones come back on exit.
+        It is :meth:`store`, :meth:`copy_to` and :meth:`restore`.
 
         During the warm-up (no CMD weights yet) ``swapped()`` with the default ``at=-1`` leaves the
         trained weights in place, so that an evaluation loop needs no guard, and says so once in a
@@ -1037,29 +1115,12 @@ class CMDRecorder:
             with self._marked_swapped():  # the trained weights stay; still nothing is recorded inside the block
                 yield
             return
-        with self._lock:  # the CMD weights of one state (not the user's block: other threads may record)
-            self._require_tracking("swapped")
-            self._refuse_if_replaced("swapped")
-            model = self._sharded_model()
-            local = self._shards.local(self.params)
-            saved = [p.detach().clone() for p in local]
-            try:
-                with torch.no_grad():
-                    for i, value in self._cmd_tensors(at):
-                        local[i].copy_(value)
-            except BaseException:
-                _copy_back(local, saved, model)
-                raise
-            if model is not None:
-                dist_utils.reshard(model)  # FSDP2's unsharded copies of the trained weights must go
-            self._swapped += 1
-            self._warned_swapped_step = False
+        self.store()
         try:
+            self.copy_to(at)
             yield
         finally:
-            with self._lock:
-                self._swapped -= 1
-                _copy_back(local, saved, model)
+            self.restore()
 
     def mark_swapped(self, on: bool = True) -> None:
         """Enter (``on``) or leave (``on=False``) a span in which the parameters hold other weights than the

@@ -39,8 +39,8 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from .distributed import is_writer
 from .figures import (correlation_figure, heatmap_image, lines_image,  # noqa: F401 (heatmap_image, lines_image:
                       mode_by_layer_figure, references_figure)  # kept importable from here)
 
@@ -52,10 +52,6 @@ QUANTILE_SAMPLES = 4096  # weights whose slopes set the range of the a-histogram
 
 def _mode_tag(kind: str, m: int, num_modes: int) -> str:
     return f"{TAG}/{kind}/mode_{m:0{max(2, len(str(num_modes - 1)))}d}"
-
-
-def _is_writer() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class _StatisticsLog(abc.ABC):
@@ -86,17 +82,17 @@ class _StatisticsLog(abc.ABC):
 
     # ------------------------------------------------------------------------- observer events
     def on_tracking_start(self, rec) -> None:
-        if _is_writer():
+        if is_writer():
             self._started = True  # once, even if a figure fails: the records' own logs must go on
             self._log_warmup_end(rec, self._at(rec.num_records - 1))
 
     def on_record(self, rec, index: int) -> None:
-        if _is_writer() and rec.phase == "tracking":
+        if is_writer() and rec.phase == "tracking":
             self.log(rec, self._at(index))
 
     def on_close(self, rec) -> None:
         """The mode statistics at the last record (unless the last record logged them), then flush."""
-        if not _is_writer():
+        if not is_writer():
             return
         if rec.phase == "tracking" and rec.moments.window_count() >= 2:
             record = rec.num_records - 1

@@ -104,3 +104,63 @@ def test_the_lightning_callback_logs_to_a_writer_at_the_trainers_global_steps(tm
     assert [e.step for e in events.Scalars("cmd/reference/mode_00")] == [24, 32, 40, 48]
     with pytest.raises(TypeError, match="writer must be a SummaryWriter"):
         CMDCallback(writer="runs/cmd")
+
+
+# ------------------------------------------------------------------------------------------ swap primitives
+def test_store_copy_to_restore_swap_the_cmd_weights_in_and_the_trained_ones_back():
+    model, opt, rec = small_recorder()
+    train_records(model, opt, rec, 5)
+    trained = [p.detach().clone() for p in model.parameters()]
+    assert rec.stored_parameters is None and not rec.is_swapped
+    rec.store()
+    assert rec.is_swapped and all(torch.equal(s, t) for s, t in zip(rec.stored_parameters, trained))
+    rec.copy_to(at=2)
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), rec.cmd_parameters(2)))
+    rec.copy_to()  # another record, still over the same stored weights
+    cmd = rec.cmd_parameters()
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), cmd))
+    kept = rec.restore(keep=True)
+    assert all(torch.equal(k, c) for k, c in zip(kept, cmd))  # what the parameters held, in params order
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    assert rec.stored_parameters is None and not rec.is_swapped
+    rec.store()
+    assert rec.restore() is None  # store then restore without copy_to: the trained weights, unchanged
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    train_records(model, opt, rec, 1, seed=1)  # recording goes on after the swap
+    assert rec.num_records == 6
+
+
+def test_the_swap_primitives_refuse_what_would_lose_the_trained_weights():
+    model, opt, rec = small_recorder()
+    train_records(model, opt, rec, 4)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"copy_to\(\) overwrites the trained weights: call store\(\) first"):
+        rec.copy_to()
+    with pytest.raises(RuntimeError, match=r"restore\(\): nothing is stored"):
+        rec.restore()
+    rec.store()
+    with pytest.raises(RuntimeError, match=r"stored already; restore\(\) them first"):
+        rec.store()
+    with pytest.raises(RuntimeError, match=r"stored already"):
+        with rec.swapped():  # a swapped() block inside a store: refused, the stored weights kept
+            pass
+    with pytest.raises(ValueError, match="at=9 is out of range"):
+        rec.copy_to(at=9)
+    assert rec.is_swapped and all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    with pytest.raises(RuntimeError, match=r"record\(\) inside swapped\(\)"):
+        rec.record()
+    rec.restore()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
+def test_swapped_is_the_primitives_and_puts_the_trained_weights_back_on_error():
+    model, opt, rec = small_recorder()
+    train_records(model, opt, rec, 4)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(KeyError):
+        with rec.swapped(at=1):
+            assert rec.is_swapped and all(torch.equal(s, t) for s, t in zip(rec.stored_parameters, trained))
+            assert all(torch.equal(p, c) for p, c in zip(model.parameters(), rec.cmd_parameters(1)))
+            raise KeyError("inside")
+    assert not rec.is_swapped and rec.stored_parameters is None
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))

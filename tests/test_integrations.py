@@ -44,13 +44,12 @@ def test_an_epoch_is_recorded_once_and_a_swap_gives_the_trained_weights_back_on_
         epochs.record(rec, epoch)
     assert rec.num_records == 4
     trained = model.weight.detach().clone()
-    swap = _common.Swap()
     with pytest.raises(KeyError):
-        with swap.around(rec, at=0):
-            assert not torch.equal(model.weight, trained) and swap.active
-            assert torch.equal(swap.trained_values()[id(model.weight)], trained)
+        with rec.swapped(at=0):
+            assert not torch.equal(model.weight, trained) and rec.is_swapped
+            assert torch.equal(rec.stored_parameters[0], trained)
             raise KeyError("inside")
-    assert torch.equal(model.weight, trained) and not swap.active
+    assert torch.equal(model.weight, trained) and not rec.is_swapped and rec.stored_parameters is None
     rec.close()
 
 

@@ -166,17 +166,19 @@ def test_ready_and_swapped_fall_back_to_the_trained_weights_during_the_warm_up()
             assert any(not torch.equal(p, t) for p, t in zip(model.parameters(), trained))
 
 
-def test_the_callbacks_swap_falls_back_during_the_warm_up():
+def test_copy_to_falls_back_during_the_warm_up():
     model, opt = _model_and_optimizer()
     rec = cmdo.CMDRecorder(opt, model, modes=2, samples=30, warmup=3)
     _step(model, opt)
     rec.record()
-    swap = _common.Swap()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match=r"CMDCallback: swapped\(\) during the warm-up keeps the trained weights"):
-        with swap.around(rec):
-            assert swap.active and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert not swap.active
+    rec.store()
+    with pytest.warns(UserWarning, match=r"CMDRecorder: copy_to\(\) during the warm-up \(2 more record\(s\) until "
+                                         r"CMD weights exist\) keeps the trained weights"):
+        rec.copy_to()
+    assert rec.is_swapped and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    rec.restore()
+    assert not rec.is_swapped
 
 
 # ------------------------------------------------------------------------------------------- mistakes

@@ -37,18 +37,20 @@ def test_record_inside_the_warm_up_fallback_of_swapped_is_refused_as_inside_swap
     assert rec.num_records == 2
 
 
-def test_the_callbacks_swap_refuses_records_of_the_cmd_weights():
-    """The callbacks' Swap writes the CMD weights into the parameters as swapped() does: a record meanwhile
-    would enter the CMD weights into the statistics as a trajectory point."""
+def test_the_swap_primitives_refuse_records_of_the_cmd_weights():
+    """store() and copy_to() (the callbacks' swap) write the CMD weights into the parameters as swapped() does: a
+    record meanwhile would enter the CMD weights into the statistics as a trajectory point."""
     model, opt, rec = _setup()
     for _ in range(4):
         _step(model, opt)
         rec.record()
     assert rec.ready
     records = rec.num_records
-    with _common.Swap().around(rec):
-        with pytest.raises(RuntimeError, match=r"record\(\) inside swapped\(\)"):
-            rec.record()
+    rec.store()
+    rec.copy_to()
+    with pytest.raises(RuntimeError, match=r"record\(\) inside swapped\(\)"):
+        rec.record()
+    rec.restore()
     assert rec.num_records == records
     rec.record()
     assert rec.num_records == records + 1

@@ -3,7 +3,7 @@
 Argument checks (the recorder's own arguments pass through), the one function that builds the
 recorder and the trainer's step of each of its records (for logging), finding the torch optimizer
 inside a framework's wrapper, the names the user sees (no ``_orig_mod.``), when to record (once per
-epoch, or every k optimizer steps that really happen), swapping the CMD weights in and out, and the
+epoch, or every k optimizer steps that really happen), the start-up when training starts, and the
 callback's state (in a framework checkpoint or in a file of its own). Nothing here imports a framework.
 """
 
@@ -302,73 +302,6 @@ class Schedule:
             self.epochs.record(rec, epoch)
 
 
-class Swap:
-    """CMD weights in the recorded parameters and the trained ones back (torch_ema's store / copy_to / restore).
-
-    The trained values stay available while swapped, so a checkpoint written meanwhile can hold them.
-    """
-
-    def __init__(self):
-        self._trained: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._rec: CMDRecorder | None = None  # marked swapped meanwhile: it records nothing (CMDRecorder.swapped)
-
-    @property
-    def active(self) -> bool:
-        return self._trained is not None
-
-    def begin(self, rec: CMDRecorder, at: int = -1) -> None:
-        if self.active:
-            raise RuntimeError("the CMD weights are already swapped in")
-        if at == -1 and not rec.ready:  # the warm-up: no CMD weights yet, the trained ones stay (warned once)
-            warn("swapped() during the warm-up keeps the trained weights (no CMD weights yet; recorder.ready says when)")
-            rec.mark_swapped(True)
-            self._trained, self._rec = [], rec
-            return
-        rec.mark_swapped(True)  # first: no record (another thread's) of the CMD weights while they are written
-        try:
-            params = rec.params
-            cmd = rec.cmd_parameters(at)
-            trained = [(p, p.detach().clone()) for p in params]
-            with torch.no_grad():
-                for p, value in zip(params, cmd):
-                    p.copy_(value)
-        except BaseException:
-            rec.mark_swapped(False)
-            raise
-        self._trained, self._rec = trained, rec
-
-    def end(self, keep: bool = False) -> dict[int, torch.Tensor] | None:
-        """The trained weights back; with ``keep``, returns id(parameter) → a copy of the CMD value it held
-        (one parameter at a time: no more memory than the swap itself)."""
-        pairs, self._trained = self._trained, None
-        if pairs is None:
-            return None
-        rec, self._rec = self._rec, None
-        kept: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            while pairs:
-                p, value = pairs.pop()
-                if keep:
-                    kept[id(p)] = p.detach().clone()
-                p.copy_(value)
-                del value
-        if rec is not None:
-            rec.mark_swapped(False)
-        return kept if keep else None
-
-    def trained_values(self) -> dict[int, torch.Tensor]:
-        """id(parameter) → its trained value, while swapped."""
-        return {} if self._trained is None else {id(p): value for p, value in self._trained}
-
-    @contextlib.contextmanager
-    def around(self, rec: CMDRecorder, at: int = -1) -> Iterator[None]:
-        self.begin(rec, at)
-        try:
-            yield
-        finally:
-            self.end()
-
-
 def require(rec: CMDRecorder | None, what: str) -> CMDRecorder:
     if rec is None:
         raise RuntimeError(f"{what}: the callback has no recorder yet; it makes one when training starts")
@@ -449,6 +382,30 @@ def continue_recording(old: CMDRecorder, new: CMDRecorder, schedule: Schedule, e
         return Schedule(schedule.every_n_steps)
     schedule.epochs.last_epoch = min(schedule.epochs.last_epoch, epoch - 1)
     return schedule
+
+
+def start_recording(optimizer: torch.optim.Optimizer, model: torch.nn.Module, options: Options, *, clock,
+                    earlier: CMDRecorder | None, schedule: Schedule, saved: tuple[str, Any] | None,
+                    continue_at: int | None, observers, loaded=None) -> tuple[StampedRecorder, Schedule]:
+    """The start-up of both callbacks, when training starts: build the recorder (:func:`build_recorder`), then
+    load ``saved`` (where, state) into it, or, without one and with ``continue_at`` (the epoch the run starts
+    at), go on with the ``earlier`` recording (:func:`continue_recording`); a refused state closes the new
+    recorder and leaves the earlier one as it was. Then the earlier recorder is closed and the loggers,
+    ``observers(recorder)``, are added. ``loaded(recorder, schedule)`` runs after a state was loaded.
+    Returns the recorder and its schedule."""
+    fresh = Schedule(options.record_every_n_steps)
+    recorder = build_recorder(optimizer, model, options, clock=clock)
+    with discarded_on_error(recorder):
+        if saved is not None:
+            restore_state(recorder, fresh, saved[1], saved[0])
+            if loaded is not None:
+                loaded(recorder, fresh)
+        elif earlier is not None and continue_at is not None:
+            fresh = continue_recording(earlier, recorder, schedule, continue_at)
+    if earlier is not None:
+        earlier.close()
+    add_observers(recorder, observers(recorder))
+    return recorder, fresh
 
 
 @contextlib.contextmanager

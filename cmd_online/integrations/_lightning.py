@@ -22,7 +22,7 @@ from ..files import atomic_save
 from ..recorder import CMDRecorder
 from ..tensorboard import MetricsLogger, TensorBoardLogger
 from . import _common
-from ._common import Options, Schedule, Swap
+from ._common import Options, Schedule
 
 # Sharded strategies: each rank's checkpoint holds its shard, the callback's state is whole.
 _SHARDED = {"FSDPStrategy": "strategy='fsdp'", "DeepSpeedStrategy": "strategy='deepspeed'",
@@ -88,7 +88,7 @@ class LightningCMDHooks(_common.CMDAccess):
         self.resume = check_bool("resume", resume)
         self.recorder: CMDRecorder | None = None
         self._schedule = Schedule(self.options.record_every_n_steps)
-        self._swap = Swap()
+        self._swapping = False  # the callback has stored the trained weights and copied the CMD ones in
         self._validated: dict[int, torch.Tensor] | None = None  # the CMD weights the last validation ran on
         self._tee: _LoggedMetrics | None = None  # evaluate_cmd in the warm-up: the trained pass's logs, copied
         self._trainer: weakref.ref | None = None
@@ -116,23 +116,34 @@ class LightningCMDHooks(_common.CMDAccess):
                              "(saved without the callback, or with weights_only=True); pass "
                              "CMDCallback(resume=False) to start a new recording from this point")
         optimizer = self._choose_optimizer(trainer)
-        earlier = self.recorder
-        self._swap.end()
+        self._end_swap()
         self._validated = self._tee = None
-        schedule = Schedule(self.options.record_every_n_steps)
-        recorder = _common.build_recorder(optimizer, _common.plain_module(pl_module), self.options,
-                                          clock=self._clock(trainer))
-        with _common.discarded_on_error(recorder):  # a refused state leaves the earlier recording as it was
-            if state is not None:
-                _common.restore_state(recorder, schedule, state, f"the checkpoint {trainer.ckpt_path}")
-            elif earlier is not None and trainer.ckpt_path is None:
-                # fit called again without a checkpoint: go on with the earlier fit's recording
-                schedule = _common.continue_recording(earlier, recorder, self._schedule, trainer.current_epoch)
-        if earlier is not None:
-            earlier.close()
-        _common.add_observers(recorder, self._loggers(trainer, recorder))
+        self.recorder, self._schedule = _common.start_recording(
+            optimizer, _common.plain_module(pl_module), self.options, clock=self._clock(trainer),
+            earlier=self.recorder, schedule=self._schedule,
+            saved=None if state is None else (f"the checkpoint {trainer.ckpt_path}", state),
+            # fit called again without a checkpoint: go on with the earlier fit's recording
+            continue_at=trainer.current_epoch if trainer.ckpt_path is None else None,
+            observers=lambda rec: self._loggers(trainer, rec))
         self._trainer = weakref.ref(trainer)
-        self.recorder, self._schedule = recorder, schedule
+
+    def _begin_swap(self) -> None:
+        """The CMD weights of the last record into the model (the recorder's store and copy_to)."""
+        self.recorder.store()
+        self._swapping = True
+        try:
+            self.recorder.copy_to()
+        except BaseException:
+            self._end_swap()
+            raise
+
+    def _end_swap(self, keep: bool = False) -> dict[int, torch.Tensor] | None:
+        """The trained weights back, if the callback swapped; with ``keep``, id(parameter) → the CMD value it held."""
+        if not self._swapping:
+            return None
+        self._swapping = False
+        kept = self.recorder.restore(keep=keep)
+        return None if kept is None else {id(p): value for p, value in zip(self.recorder.params, kept)}
 
     @property
     def state_key(self) -> str:
@@ -219,10 +230,10 @@ class LightningCMDHooks(_common.CMDAccess):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         rec = self.recorder
-        if rec is None or not self._fitting(trainer) or self._swap.active:
+        if rec is None or not self._fitting(trainer) or rec.is_swapped:
             return
         if self.swap_for_validation and rec.ready:
-            self._swap.begin(rec)
+            self._begin_swap()
         elif self.evaluate_cmd:
             if rec.ready:
                 self._validate_cmd(trainer, pl_module)
@@ -239,13 +250,13 @@ class LightningCMDHooks(_common.CMDAccess):
         if tee is not None:
             tee.stop()
             tee.log_results(pl_module)
-        if self._swap.active:
-            self._validated = self._swap.end(keep=True)  # for the checkpoints written until the next validation
+        if self._swapping:
+            self._validated = self._end_swap(keep=True)  # for the checkpoints written until the next validation
         elif self.swap_for_validation and self._fitting(trainer):
             self._validated = None  # the warm-up: the trained weights were validated
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._swap.end()
+        self._end_swap()
         if self._tee is not None:
             self._tee.stop()
             self._tee = None
@@ -259,7 +270,7 @@ class LightningCMDHooks(_common.CMDAccess):
         states = _ModuleState(pl_module)
         capture.start()
         try:
-            with self._swap.around(self.recorder), torch.no_grad():
+            with self.recorder.swapped(), torch.no_grad():
                 for index, (loader, limit) in enumerate(zip(loaders, limits)):
                     for batch_idx, batch in enumerate(_own_iterable(loader)):
                         if batch_idx >= limit:
@@ -311,8 +322,9 @@ class LightningCMDHooks(_common.CMDAccess):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # Lightning's WeightAveraging convention: the state_dict holds the weights the last validation ran on
         # (the monitored score is theirs), the trained weights travel in the callback's state for a resume
-        if self._swap.active:  # written during validation on the CMD weights: they are in the model
-            cmd, trained = None, self._swap.trained_values()
+        if self._swapping:  # written during validation on the CMD weights: they are in the model
+            cmd = None
+            trained = {id(p): value for p, value in zip(self.recorder.params, self.recorder.stored_parameters)}
         elif self._validated is not None:
             cmd, trained = self._validated, None
         else:
@@ -332,7 +344,7 @@ class LightningCMDHooks(_common.CMDAccess):
             state[TRAINED] = kept
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._swap.end()
+        self._end_swap()
         self._pending = None
         if self._tee is not None:
             self._tee.stop()
@@ -340,7 +352,7 @@ class LightningCMDHooks(_common.CMDAccess):
 
     # ------------------------------------------------------------------------------------- the end
     def on_train_end(self, trainer, pl_module) -> None:
-        self._swap.end()
+        self._end_swap()
         rec = self.recorder
         if rec is None:
             return
@@ -387,8 +399,9 @@ class LightningCMDHooks(_common.CMDAccess):
 
     @contextlib.contextmanager
     def swapped(self, at: int = -1) -> Iterator[None]:
-        """CMD weights in the model inside the block, the trained ones back on exit, even on error."""
-        with self._swap.around(_common.require(self.recorder, "swapped"), at):
+        """CMD weights in the model inside the block, the trained ones back on exit, even on error
+        (``recorder.swapped(at)``)."""
+        with _common.require(self.recorder, "swapped").swapped(at):
             yield
 
 

@@ -26,7 +26,7 @@ from ..files import atomic_save, atomic_write, replace_folder
 from ..recorder import CMDRecorder
 from ..tensorboard import MetricsLogger, TensorBoardLogger
 from . import _common
-from ._common import STATE_FILE, Options, Schedule, Swap
+from ._common import STATE_FILE, Options, Schedule
 
 __all__ = ["CMDCallback"]
 
@@ -89,7 +89,6 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
         self._processing_class = None
         self._args = None
         self._schedule = Schedule(self.options.record_every_n_steps)
-        self._swap = Swap()
         self._logs: list[dict[str, float]] = []  # the recorder's statistics, for the Trainer's logging
         self._attempts = 0  # records the recorder had taken when the statistics were last handed on
         self._evaluating = False
@@ -112,29 +111,23 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
         if state.global_step > 0 and self.resume:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             saved = self._find_state(args, state.global_step, _common.weights_fingerprint(params))
-        earlier = self.recorder
-        self._swap.end()
-        schedule = Schedule(self.options.record_every_n_steps)
-        recorder = _common.build_recorder(optimizer, model, self.options,
-                                          clock=_clock(state, self.options.record_every_n_steps is not None))
-        with _common.discarded_on_error(recorder):  # a refused state leaves the earlier recording as it was
-            if saved is not None:
-                _common.restore_state(recorder, schedule, saved[1], saved[0])
-                if state.epoch and float(state.epoch).is_integer():
-                    # a checkpoint written at an epoch's last step by an older version, which recorded the
-                    # epoch only at on_epoch_end, after the save: the weights just loaded are that epoch's end
-                    schedule.end_of_epoch(recorder, int(state.epoch) - 1)
-            elif earlier is not None and state.global_step == 0:
-                # train() called again without a checkpoint: go on with the earlier recording
-                schedule = _common.continue_recording(earlier, recorder, self._schedule, 0)
-        if earlier is not None:
-            earlier.close()
-        _common.add_observers(recorder, self._observers(args, trainer, recorder))
+
+        def loaded(recorder, schedule) -> None:
+            if state.epoch and float(state.epoch).is_integer():
+                # a checkpoint written at an epoch's last step by an older version, which recorded the
+                # epoch only at on_epoch_end, after the save: the weights just loaded are that epoch's end
+                schedule.end_of_epoch(recorder, int(state.epoch) - 1)
+
+        self.recorder, self._schedule = _common.start_recording(
+            optimizer, model, self.options, clock=_clock(state, self.options.record_every_n_steps is not None),
+            earlier=self.recorder, schedule=self._schedule, saved=saved, loaded=loaded,
+            # train() called again without a checkpoint: go on with the earlier recording
+            continue_at=0 if state.global_step == 0 else None,
+            observers=lambda rec: self._observers(args, trainer, rec))
         self._attempts, self._logs = 0, []
         self._model = weakref.ref(model)
         self._processing_class = kwargs.get("processing_class", kwargs.get("tokenizer"))
         self._args = args
-        self.recorder, self._schedule = recorder, schedule
 
     def _refuse_sharded(self, args, model=None) -> None:
         strategy = ("FSDP (TrainingArguments.fsdp)" if getattr(args, "fsdp", None) else
@@ -250,7 +243,7 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
 
     # ------------------------------------------------------------------------------------- evaluation
     def on_evaluate(self, args, state, control, metrics=None, eval_dataloader=None, **kwargs):
-        if not self.evaluate_cmd or self._evaluating or self._swap.active or self.recorder is None or not metrics:
+        if not self.evaluate_cmd or self._evaluating or self.recorder is None or self.recorder.is_swapped or not metrics:
             return  # (inside the user's swapped() block the CMD weights are what was evaluated)
         trainer = self._find_trainer()
         prefix = next((k[:-len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
@@ -288,7 +281,6 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
 
     # ------------------------------------------------------------------------------------- the end
     def on_train_end(self, args, state, control, **kwargs):
-        self._swap.end()
         rec = self.recorder
         if rec is None:
             return
@@ -307,8 +299,8 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
     @contextlib.contextmanager
     def swapped(self, at: int = -1) -> Iterator[None]:
         """CMD weights in the model inside the block (``trainer.evaluate()`` there evaluates the CMD model);
-        the trained ones come back on exit, even on error."""
-        with self._swap.around(_common.require(self.recorder, "swapped"), at):
+        the trained ones come back on exit, even on error (``recorder.swapped(at)``)."""
+        with _common.require(self.recorder, "swapped").swapped(at):
             yield
 
     def _write_model(self, path: str, at: int) -> None:
