@@ -10,15 +10,16 @@ process of a distributed run, in the order the observers were given:
 
 An observer reads the recorder through its public, read-only API: ``phase``, ``num_records``,
 ``num_modes``, ``layout``, ``config``, ``clustering``, ``reference_index``, ``references``,
-``reference_slots``, ``moments``, ``fit_blocks()``, ``nbytes()`` and the queries. It must not
-change what it reads. An exception raised by an observer is turned into a ``RuntimeWarning``:
-observing never stops training. ``cmd_online.tensorboard.TensorBoardLogger`` and ``MetricsLogger``
-are observers; the framework callbacks in ``cmd_online.integrations`` log through them.
+``reference_slots``, ``summary`` (a frozen :class:`cmd_online.summary.RecordingSummary` of the
+statistics), ``fit_blocks()``, ``nbytes()`` and the queries. It must not change what it reads
+(``rec.moments``, the live statistics, is internal). An exception raised by an observer is turned
+into a ``RuntimeWarning``: observing never stops training. This module is the protocol only: ``cmd_online.tensorboard``'s
+``TensorBoardLogger`` and ``MetricsLogger`` are observers (the recorder's ``writer=`` shortcut builds
+one, ``cmd_online.shortcut``); the framework callbacks in ``cmd_online.integrations`` log through them.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, Iterable, Protocol, runtime_checkable
 
@@ -61,25 +62,3 @@ def notify(observers: Iterable[Any], event: str, rec, *args: Any) -> None:
         except Exception as e:  # an observer must never stop training
             warnings.warn(f"CMDRecorder: observer {type(observer).__name__}.{event} failed and was skipped: {e!r}",
                           RuntimeWarning, stacklevel=4)
-
-
-def flush_writers(observers: Iterable[Any]) -> None:
-    """Flush the writers of the ``TensorBoardLogger`` observers (what they were told reaches the disk, e.g. at
-    the interpreter's exit); a failure becomes a warning."""
-    module = sys.modules.get("cmd_online.tensorboard")  # no logger exists unless it was imported
-    if module is None:
-        return
-    for observer in observers:
-        if isinstance(observer, module.TensorBoardLogger):
-            try:
-                observer.writer.flush()
-            except Exception as e:  # a closed or broken writer must not stop anything
-                warnings.warn(f"CMDRecorder: flushing {type(observer.writer).__name__} failed: {e!r}",
-                              RuntimeWarning, stacklevel=2)
-
-
-def tensorboard_logger(writer, every: int):
-    """A ``TensorBoardLogger`` for the recorder's ``writer=`` shortcut (imported only when asked for)."""
-    from .tensorboard import TensorBoardLogger
-
-    return TensorBoardLogger(writer, every=every)

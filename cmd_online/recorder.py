@@ -23,15 +23,17 @@ import torch
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, check_state, from_per_parameter, per_parameter, stats_checked
 from .clustering import Clustering, cluster
-from .config import CMDConfig, RunOptions, check_bool, check_int
+from .config import CMDConfig, RunOptions, check_bool
 from .files import atomic_save, checksum, pack, unpack
 from .layout import RECORDABLE_DTYPES, GatherPlan, Layout
-from .observers import check_observers, flush_writers, notify, tensorboard_logger
+from .observers import check_observers, notify
 from .offload import EXIT_WAIT, AfterRecordError, Job, Offload, OffloadError
 from .progress import LOG
 from .references import ReferenceSlots, ReferenceTable
 from .sampling import sample_indices
+from .shortcut import WriterShortcut, flush_writers
 from .stats import AffineFit, StreamingMoments, mode_dtype, pin_references
+from .summary import RecordingSummary
 from .trajectory import CMDTrajectory, normalize_at, parts_checked, reconstruct
 
 
@@ -155,7 +157,7 @@ class CMDRecorder:
         self.run_options = RunOptions.of(check_finite=check_finite, kernel=kernel, offload=offload,
                                          compile_update=compile_update)
         self._kernel = self.run_options.kernel
-        log_every = check_int("log_every", log_every, 1)
+        shortcut = WriterShortcut(writer, log_every)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
         self._warn_about_tiny_settings()
@@ -202,9 +204,7 @@ class CMDRecorder:
 
         self._callbacks = check_observers(callbacks)
         self._closed = False  # close() told the observers, and nothing was recorded since
-        self._writer_logger = None if writer is None else tensorboard_logger(writer, log_every)
-        self._log_every = log_every
-        self._loggers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # for log(writer)
+        self._shortcut = shortcut  # writer=, log_every and log(writer)
         self._lock = threading.RLock()  # records, queries and state changes happen one at a time
         self._swapped = 0  # swapped() blocks open: the parameters hold CMD weights
         self._stored: list[torch.Tensor] | None = None  # store(): the trained weights (local shards), until restore()
@@ -359,22 +359,20 @@ class CMDRecorder:
     @property
     def writer(self):
         """The ``writer=`` shortcut's SummaryWriter (None if none); may be set between records."""
-        return None if self._writer_logger is None else self._writer_logger.writer
+        return self._shortcut.writer
 
     @writer.setter
     def writer(self, writer) -> None:
-        self._writer_logger = None if writer is None else tensorboard_logger(writer, self._log_every)
+        self._shortcut.writer = writer
 
     @property
     def log_every(self) -> int:
         """The ``writer=`` shortcut's interval of mode statistics, in records; may be set between records."""
-        return self._log_every
+        return self._shortcut.every
 
     @log_every.setter
     def log_every(self, every: int) -> None:
-        self._log_every = check_int("log_every", every, 1)
-        if self._writer_logger is not None:
-            self._writer_logger.every = self._log_every
+        self._shortcut.every = every
 
     @property
     def callbacks(self) -> list:
@@ -388,7 +386,7 @@ class CMDRecorder:
     @property
     def observers(self) -> list:
         """Everything told about the records: ``callbacks``, then the ``writer=`` shortcut's logger."""
-        return self.callbacks + ([self._writer_logger] if self._writer_logger is not None else [])
+        return self.callbacks + self._shortcut.observers()
 
     # ----------------------------------------------------------------------------- read-only views
     @property
@@ -405,9 +403,17 @@ class CMDRecorder:
         return self._slots
 
     @property
+    def summary(self) -> RecordingSummary | None:
+        """What observers read of the statistics: a frozen :class:`~cmd_online.summary.RecordingSummary` of them
+        now (None during the warm-up; with offload, waits for pending records)."""
+        self._sync()
+        return None if self._stats is None else RecordingSummary.of(self._stats)
+
+    @property
     def moments(self) -> StreamingMoments | None:
-        """The streaming statistics (None during the warm-up; with offload, waits for pending records).
-        Read-only: observers must not change them."""
+        """Internal: the live streaming statistics, for tests and benchmarks (None during the warm-up; with
+        offload, waits for pending records). They change with every record and may change shape between
+        versions; observers read :attr:`summary`."""
         self._sync()
         return self._stats
 
@@ -1338,12 +1344,7 @@ class CMDRecorder:
         Mode statistics are written every ``log_every`` calls' records, as with ``writer=``; one
         logger per writer keeps that schedule (held weakly with the writer).
         """
-        if not dist_utils.is_writer():
-            return
-        logger = self._loggers.get(writer)
-        if logger is None:
-            logger = self._loggers[writer] = tensorboard_logger(writer, self._log_every)
-        logger.log(self, self.num_records - 1 if step is None else step)
+        self._shortcut.log(self, writer, self.num_records - 1 if step is None else step)
 
     # ----------------------------------------------------------------------------- checkpoints
     @_serialised

@@ -94,7 +94,7 @@ class _StatisticsLog(abc.ABC):
         """The mode statistics at the last record (unless the last record logged them), then flush."""
         if not is_writer():
             return
-        if rec.phase == "tracking" and rec.moments.window_count() >= 2:
+        if rec.phase == "tracking" and rec.summary.window_count >= 2:
             record = rec.num_records - 1
             if self.last_summary != record:
                 self._log(rec, self._at(record), full=True, per_record=False)
@@ -110,7 +110,7 @@ class _StatisticsLog(abc.ABC):
             self._log_warmup_end(rec, step)
         record = rec.num_records - 1
         due = self.last_summary is None or record - self.last_summary >= self.every
-        self._log(rec, step, full=rec.moments.window_count() >= 3 and due)
+        self._log(rec, step, full=rec.summary.window_count >= 3 and due)
 
     # ------------------------------------------------------------------------- what is logged
     def _log(self, rec, step: int, full: bool, per_record: bool = True) -> None:
@@ -121,7 +121,7 @@ class _StatisticsLog(abc.ABC):
             summary = mode_summary(rec)
             device_values += [summary["sizes"].float(), summary["r2_sum"], summary["totals"].float(),
                               summary["set_aside"].float().reshape(1)]
-        elif rec.moments.compact:  # frozen modes: sizes are known without a pass over the weights
+        elif rec.summary.compact:  # frozen modes: sizes are known without a pass over the weights
             device_values.append(self._frozen_sizes(rec).float())
         host = torch.cat([v.to(torch.float32) for v in device_values]).cpu().double().numpy()  # O(M)
         refs, rest = host[:M], host[M:]
@@ -155,7 +155,7 @@ class _StatisticsLog(abc.ABC):
                          rec.references.cpu().numpy(), step, native=per_record)
 
     def _frozen_sizes(self, rec) -> torch.Tensor:
-        modes = rec.moments.modes
+        modes = rec.summary.modes
         if self._frozen is None or self._frozen[0] is not modes:
             self._frozen = (modes, torch.bincount(modes.long(), minlength=rec.num_modes))
         return self._frozen[1]
@@ -290,8 +290,9 @@ def mode_summary(rec) -> dict[str, torch.Tensor]:
         ``layer_counts`` (layers × M), ``a_range`` and ``a_moments``/``r2_moments`` (min, max, sum,
         sum of squares) and ``a_counts``/``r2_counts`` (HIST_BINS each).
     """
-    M, device, sumsq = rec.num_modes, rec.device, rec.moments.sumsq
-    low, high = _slope_range(rec)
+    stats = rec.summary
+    M, device, sumsq = rec.num_modes, rec.device, stats.sumsq
+    low, high = _slope_range(rec, stats)
     layer_counts = torch.zeros(len(rec.layout.names), M, dtype=torch.int64, device=device)
     r2_sum = torch.zeros(M, dtype=torch.float64, device=device)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -310,17 +311,18 @@ def mode_summary(rec) -> dict[str, torch.Tensor]:
             acc[2:] += torch.stack([x.sum(), torch.dot(x, x)])
             counts[key] += torch.histc(x.float().clamp(*ranges[key]), HIST_BINS, *ranges[key])
     return {"sizes": layer_counts.sum(0), "r2_sum": r2_sum, "totals": totals, "layer_counts": layer_counts,
-            "set_aside": (~rec.moments.resolved_references()).sum(),
+            "set_aside": (~stats.resolved_references).sum(),
             "a_range": (low, high), "a_moments": moments["a"], "r2_moments": moments["r2"],
             "a_counts": counts["a"], "r2_counts": counts["r2"]}
 
 
-def _slope_range(rec) -> tuple[float, float]:
+def _slope_range(rec, stats) -> tuple[float, float]:
     """Bins of the a-histogram: between the 0.5 % and 99.5 % quantiles of the slopes of a spread-out
-    subsample of the weights (a few weights whose reference barely moves get huge slopes)."""
-    N = sum(rec.moments.sizes)
+    subsample of the weights (a few weights whose reference barely moves get huge slopes); ``stats`` is
+    ``rec.summary``."""
+    N = stats.numel
     index = torch.linspace(0, N - 1, min(N, QUANTILE_SAMPLES), device=rec.device).long()
-    a = rec.moments.fit(index).a
+    a = stats.fit(index).a
     low, high = torch.quantile(a, torch.tensor([0.005, 0.995], dtype=a.dtype, device=a.device)).tolist()
     return (low - 0.5, high + 0.5) if not high > low else (low, high)
 

@@ -48,7 +48,7 @@ def test_the_import_graph_of_the_package_has_no_cycle():
     trees = modules()
     graph = {name: imported(name, tree, set(trees)) - {"cmd_online"} for name, tree in trees.items()}
     assert graph["cmd_online.recorder"] >= {"cmd_online.stats", "cmd_online.observers"}  # the walk sees imports
-    assert "cmd_online.tensorboard" in graph["cmd_online.observers"]  # including those inside functions
+    assert "cmd_online.tensorboard" in graph["cmd_online.shortcut"]  # including those inside functions
     state: dict[str, str] = {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -93,3 +93,42 @@ def test_importing_the_package_imports_no_framework_or_plotting_library():
             "'tensorboard', 'cmd_online.tensorboard') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_observers_is_the_protocol_only_and_imports_no_implementation():
+    trees = modules()
+    assert imported("cmd_online.observers", trees["cmd_online.observers"], set(trees)) == set()
+    names = {node.name for node in trees["cmd_online.observers"].body
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert names == {"RecorderObserver", "check_observers", "notify"}
+
+
+def test_tensorboard_reads_the_summary_not_the_live_statistics():
+    tree = modules()["cmd_online.tensorboard"]
+    read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert "summary" in read and "moments" not in read
+
+
+def test_the_callbacks_swap_through_the_recorders_primitives():
+    trees = modules()
+    common = trees["cmd_online.integrations._common"]
+    assert "Swap" not in {node.name for node in common.body if isinstance(node, ast.ClassDef)}
+    for name in ("cmd_online.integrations._lightning", "cmd_online.integrations.transformers"):
+        source = ast.unparse(trees[name])
+        assert "Swap" not in source and "mark_swapped" not in source, name
+        assert "start_recording" in source and "build_recorder" not in source, name  # one start-up, in _common
+
+
+def test_each_duplicate_rule_has_one_home():
+    """The coefficients' dtype (layout.coefficient_dtype), which process writes (distributed.is_writer), the run
+    options (config.RunOptions)."""
+    offences = []
+    for name, tree in modules().items():
+        source = ast.unparse(tree)
+        if name != "cmd_online.layout" and "torch.float64 if" in source:
+            offences.append(f"{name}: a coefficient-dtype rule of its own")
+        if name != "cmd_online.distributed" and "get_rank() == 0" in source:
+            offences.append(f"{name}: an 'only rank 0 writes' rule of its own")
+        if name != "cmd_online.config" and "compile_update=True asks" in source:
+            offences.append(f"{name}: checks run options itself")
+    assert not offences, "\n".join(offences)

@@ -164,3 +164,47 @@ def test_swapped_is_the_primitives_and_puts_the_trained_weights_back_on_error():
             raise KeyError("inside")
     assert not rec.is_swapped and rec.stored_parameters is None
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
+# ------------------------------------------------------------------------------------------ observers' summary
+def test_observers_read_a_frozen_summary_of_the_statistics():
+    import dataclasses
+
+    from cmd_online.summary import RecordingSummary
+
+    model, opt, rec = small_recorder(freeze_modes_after=4)
+    train_records(model, opt, rec, 2)
+    assert rec.summary is None  # the warm-up: no statistics yet
+    train_records(model, opt, rec, 3, seed=1)
+    summary = rec.summary
+    assert isinstance(summary, RecordingSummary) and not summary.compact and summary.modes is None
+    assert summary.window_count == rec.num_records - rec.window_start == 3
+    assert summary.numel == rec.layout.numel and list(summary.sizes) == rec.layout.sizes
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        summary.window_count = 0
+    assert not hasattr(summary, "update") and not hasattr(summary, "freeze")  # nothing that changes a statistic
+    fit = summary.fit(slice(0, 50))
+    whole = next(rec.fit_blocks(block=rec.layout.numel))  # the recorder's own fit (references pinned)
+    unpinned = ~torch.isin(torch.arange(50), rec.reference_index)
+    assert torch.equal(fit.a[unpinned], whole.fit.a[:50][unpinned])
+    assert torch.equal(summary.resolved_references, torch.ones(rec.num_modes, dtype=torch.bool))
+    train_records(model, opt, rec, 1, seed=2)  # the freeze (4 records into the window)
+    assert rec.summary.compact and rec.summary.modes.shape == (rec.layout.numel,)
+    assert summary.window_count == 3 and rec.summary.window_count == 4  # the earlier summary keeps its values
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_an_observer_sees_the_summary_of_the_record_it_is_told_of(offload):
+    class Counts:
+        def __init__(self):
+            self.seen = []
+
+        def on_record(self, rec, index):
+            summary = rec.summary
+            self.seen.append((index, None if summary is None else summary.window_count))
+
+    observer = Counts()
+    model, opt, rec = small_recorder(callbacks=[observer], offload=offload)
+    train_records(model, opt, rec, 5)
+    rec.close()
+    assert observer.seen == [(0, None), (1, None), (2, 1), (3, 2), (4, 3)]
