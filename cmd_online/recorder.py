@@ -1043,18 +1043,22 @@ class CMDRecorder:
         self._stored = [p.detach().clone() for p in self._shards.local(self.params)]
         self.mark_swapped(True)
 
-    @_serialised
     def copy_to(self, at: int = -1) -> None:
         """Write the CMD weights at record ``at`` into the parameters, after :meth:`store` (a RuntimeError
         otherwise: the trained weights would be lost). Under FSDP2 it needs ``model`` and reshards its FSDP
         modules. During the warm-up, ``at=-1`` leaves the trained weights in place (a UserWarning, once), as
         :meth:`swapped` does. On an error the stored weights are put back and the error is raised."""
+        self._copy_in(at, "copy_to")
+
+    @_serialised
+    def _copy_in(self, at: int, what: str) -> None:
+        """:meth:`copy_to`, its errors and notices naming ``what`` (the method the user called)."""
         if self._stored is None:
             raise RuntimeError("copy_to() overwrites the trained weights: call store() first (or use swapped())")
-        if at == -1 and self._fallback("copy_to"):
+        if at == -1 and self._fallback(what):
             return
-        self._require_tracking("copy_to")
-        self._refuse_if_replaced("copy_to")
+        self._require_tracking(what)
+        self._refuse_if_replaced(what)
         model = self._sharded_model()
         local = self._shards.local(self.params)
         try:
@@ -1123,7 +1127,7 @@ class CMDRecorder:
             return
         self.store()
         try:
-            self.copy_to(at)
+            self._copy_in(at, "swapped")
             yield
         finally:
             self.restore()
