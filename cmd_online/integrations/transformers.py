@@ -66,7 +66,8 @@ class CMDCallback(TrainerCallback, _common.CMDAccess):
         **recorder: passed to :class:`cmd_online.CMDRecorder`: ``modes`` (default 10 unless ``threshold``),
             ``threshold``, ``max_modes``, ``samples`` (default 1000), ``warmup`` (default 20),
             ``freeze_modes_after``, ``seed``, ``distance``, ``offload``, ``kernel``, ``check_finite``,
-            ``compile_update``, ``callbacks`` (observers of your own).
+            ``callbacks`` (observers of your own); the deprecated ``compile_update`` too. Checked now, by the
+            recorder's rules; an argument the recorder does not take is a TypeError naming it.
 
     Raises ``TypeError``/``ValueError`` naming the argument for bad input; ``ValueError`` when the Trainer
     is created with FSDP or DeepSpeed; ``FileNotFoundError`` when training resumes (``resume=True``) from a
