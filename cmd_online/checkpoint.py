@@ -34,7 +34,7 @@ import torch
 
 from .config import CMDConfig
 from .files import ChecksumError, unpack, verify_checksum
-from .layout import WRAPPER_COMPONENTS, Layout, core_name, name_differences
+from .layout import WRAPPER_COMPONENTS, Layout, check_tensor, core_name, name_differences
 
 FORMAT = "cmd_online.CMDRecorder"
 VERSION = 3
@@ -70,17 +70,11 @@ def _count(state: dict, field: str, low: int = 0) -> int:
 
 
 def _tensor(value: Any, field: str, shape: tuple[int, ...], kind: str = "float", finite: bool = True) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise _fail(field, f"must be a tensor; got {type(value).__name__}")
-    if kind == "float" and not value.is_floating_point():
-        raise _fail(field, f"must hold floating-point values; got {value.dtype}")
-    if kind == "int" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-        raise _fail(field, f"must hold integers; got {value.dtype}")
-    if tuple(value.shape) != shape:
-        raise _fail(field, f"must have shape {shape}; got {tuple(value.shape)}")
-    if finite and kind == "float" and not bool(torch.isfinite(value).all()):
-        raise _fail(field, "holds NaN or Inf values")
-    return value
+    """:func:`cmd_online.layout.check_tensor` of a state's field; a ValueError that says which state it is."""
+    try:
+        return check_tensor(field, value, kind, shape, finite=finite, convert=False)
+    except (TypeError, ValueError) as e:
+        raise _fail(field, str(e).removeprefix(f"{field} ")) from None
 
 
 def check_header(state: Any, *, config: CMDConfig, layout: Layout, strict: bool = True) -> int:

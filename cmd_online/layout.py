@@ -24,6 +24,47 @@ _DTYPES = {
 RECORDABLE_DTYPES = tuple(_DTYPES.values())
 
 
+_WIDE_UNSIGNED = tuple(getattr(torch, f"uint{bits}") for bits in (16, 32, 64) if hasattr(torch, f"uint{bits}"))
+_KINDS = {  # what each kind of tensor must hold, and how an error names it
+    "float": (lambda t: t.dtype in RECORDABLE_DTYPES, "a floating-point (float64/32/16, bfloat16)"),
+    "int": (lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool), "an integer"),
+    "bool": (lambda t: t.dtype == torch.bool, "a bool"),
+}
+
+
+def check_tensor(name: str, value, kind: str = "float", shape: tuple[int, ...] | None = None, *,
+                 finite: bool = False, convert: bool = True) -> torch.Tensor:
+    """``value`` as a dense tensor whose dtype is of ``kind`` ("float", "int" or "bool"): the one tensor validator
+    of the package (trajectories, the recorder's state, the post-hoc arguments).
+
+    With ``convert`` an array or list is taken too (``torch.as_tensor``); else only a tensor. With ``shape`` it
+    must have that shape; with ``finite`` a float tensor must hold no NaN/Inf. An unsigned integer tensor wider
+    than a byte comes back as int64 (torch cannot compare those), refused if a value does not fit. Raises a
+    TypeError naming ``name`` for what is not a dense tensor of ``kind``, a ValueError for a wrong shape,
+    NaN/Inf or an index too large."""
+    words = _KINDS[kind][1]
+    if not convert and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of {words} dtype; got {type(value).__name__}")
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor (or array) of {words} dtype; got {type(value).__name__}") from None
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor; got layout {t.layout}")
+    if not _KINDS[kind][0](t):
+        raise TypeError(f"{name} must be {words} tensor; got dtype {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
+    if finite and kind == "float" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or Inf values")
+    if t.dtype in _WIDE_UNSIGNED:
+        values = t.cpu().numpy()
+        if values.size and values.max() > torch.iinfo(torch.int64).max:
+            raise ValueError(f"{name} holds {int(values.max())}, too large for an index (int64)")
+        t = t.to(torch.int64)
+    return t
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:

@@ -13,11 +13,11 @@ import torch
 from .clustering import cluster
 from .config import CMDConfig, check_bool, check_int
 from .files import read_checkpoint
-from .layout import Layout, coefficient_dtype, core_name
+from .layout import Layout, check_tensor, coefficient_dtype, core_name
 from .progress import LOG, bar
 from .sampling import sample_indices
 from .stats import AffineFit, affine_fit, mode_means, pin_references, resolved_references
-from .trajectory import CMDTrajectory, _tensor
+from .trajectory import CMDTrajectory
 
 # Bound on the float64 temporaries of one chunk of rows (elements).
 _CHUNK_ELEMENTS = 1 << 23
@@ -59,7 +59,7 @@ def _reference_index(reference_index, N: int) -> torch.Tensor:
         raise TypeError(f"{what}; got {type(reference_index).__name__}") from None
     if ref.dim() != 1 or ref.numel() < 1:
         raise ValueError(f"{what}; got shape {tuple(ref.shape)}")
-    ref = _tensor("reference_index", ref, "int").long()  # refuses float and bool; unsigned ints checked
+    ref = check_tensor("reference_index", ref, "int").long()  # refuses float and bool; unsigned ints checked
     if int(ref.min()) < 0 or int(ref.max()) >= N:
         raise ValueError(f"{what}; got values from {int(ref.min())} to {int(ref.max())}")
     return ref

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .files import atomic_save, check_format, checksum, safe_load, unpack, verify_checksum
-from .layout import Layout
+from .layout import Layout, check_tensor
 
 FORMAT = "cmd_online.CMDTrajectory"
 VERSION = 1
@@ -41,35 +41,6 @@ def reconstruct(a: torch.Tensor, b: torch.Tensor, modes: torch.Tensor, column: t
     """
     picked = column.to(torch.float64).index_select(0, modes.to(torch.int32))
     return torch.addcmul(b.to(torch.float64), a.to(torch.float64), picked).to(a.dtype)
-
-
-_WIDE_UNSIGNED = tuple(getattr(torch, f"uint{bits}") for bits in (16, 32, 64) if hasattr(torch, f"uint{bits}"))
-_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_KINDS = {  # what each kind of field must hold, and how an error names it
-    "float": (lambda t: t.dtype in _FLOATS, "a floating-point (float64/32/16, bfloat16)"),
-    "int": (lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool), "an integer"),
-    "bool": (lambda t: t.dtype == torch.bool, "a bool"),
-}
-
-
-def _tensor(name: str, value, kind: str) -> torch.Tensor:
-    """``value`` as a tensor whose dtype is of ``kind`` ("float", "int" or "bool"); a TypeError names it."""
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a tensor (or array) of {_KINDS[kind][1]} dtype; "
-                        f"got {type(value).__name__}") from None
-    ok, words = _KINDS[kind]
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense tensor; got layout {t.layout}")
-    if not ok(t):
-        raise TypeError(f"{name} must be {words} tensor; got dtype {t.dtype}")
-    if t.dtype in _WIDE_UNSIGNED:  # torch has no min/max/compare for these: int64, where the values fit
-        values = t.cpu().numpy()
-        if values.size and values.max() > torch.iinfo(torch.int64).max:
-            raise ValueError(f"{name} holds {int(values.max())}, too large for an index (int64)")
-        t = t.to(torch.int64)
-    return t
 
 
 _CHUNK = 1 << 16  # entries per chunk of the element-wise finite check
@@ -138,12 +109,12 @@ class CMDTrajectory:
     def __init__(self, references, reference_index, a, b, modes, window_start: int = 0,
                  layout: Layout | None = None, mode_r2=None, set_aside=None, sample_index=None,
                  sample_history=None, sample_modes=None, metrics=None):
-        references = _tensor("references", references, "float")
-        reference_index = _tensor("reference_index", reference_index, "int")
-        a, b = _tensor("a", a, "float"), _tensor("b", b, "float")
-        modes = _tensor("modes", modes, "int")
-        mode_r2 = None if mode_r2 is None else _tensor("mode_r2", mode_r2, "float")
-        set_aside = None if set_aside is None else _tensor("set_aside", set_aside, "bool")
+        references = check_tensor("references", references, "float")
+        reference_index = check_tensor("reference_index", reference_index, "int")
+        a, b = check_tensor("a", a, "float"), check_tensor("b", b, "float")
+        modes = check_tensor("modes", modes, "int")
+        mode_r2 = None if mode_r2 is None else check_tensor("mode_r2", mode_r2, "float")
+        set_aside = None if set_aside is None else check_tensor("set_aside", set_aside, "bool")
         if isinstance(window_start, bool) or not isinstance(window_start, numbers.Integral):
             raise TypeError(f"window_start must be an int record index; got {type(window_start).__name__}")
         if layout is not None and not isinstance(layout, Layout):
@@ -336,9 +307,9 @@ def _samples(index, history, modes, N: int, M: int) -> tuple:
         missing = [name for name in _SAMPLES if name not in given]
         raise ValueError(f"{', '.join(missing)} must be given with {', '.join(given)}: the clustered samples are "
                          f"three tensors, all or none")
-    index = _tensor("sample_index", index, "int")
-    history = _tensor("sample_history", history, "float")
-    modes = _tensor("sample_modes", modes, "int")
+    index = check_tensor("sample_index", index, "int")
+    history = check_tensor("sample_history", history, "float")
+    modes = check_tensor("sample_modes", modes, "int")
     if index.dim() != 1 or index.numel() == 0:
         raise ValueError(f"sample_index must be a non-empty vector (K ≥ 1 samples); got shape {tuple(index.shape)}")
     K = index.numel()
@@ -364,7 +335,7 @@ def _metrics(metrics, T: int) -> dict[str, torch.Tensor] | None:
     for name, values in metrics.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"metrics: names must be non-empty str; got {name!r}")
-        values = _tensor(f"metrics[{name!r}]", values, "float")
+        values = check_tensor(f"metrics[{name!r}]", values, "float")
         _vector(f"metrics[{name!r}]", values, T, "T")
         out[name] = values
     return out

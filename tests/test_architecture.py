@@ -121,7 +121,7 @@ def test_the_callbacks_swap_through_the_recorders_primitives():
 
 def test_each_duplicate_rule_has_one_home():
     """The coefficients' dtype (layout.coefficient_dtype), which process writes (distributed.is_writer), the run
-    options (config.RunOptions)."""
+    options (config.RunOptions), the tensor validator (layout.check_tensor)."""
     offences = []
     for name, tree in modules().items():
         source = ast.unparse(tree)
@@ -131,4 +131,6 @@ def test_each_duplicate_rule_has_one_home():
             offences.append(f"{name}: an 'only rank 0 writes' rule of its own")
         if name != "cmd_online.config" and "compile_update=True asks" in source:
             offences.append(f"{name}: checks run options itself")
+        if name != "cmd_online.layout" and ("must be a dense tensor" in source or "holds NaN or Inf values" in source):
+            offences.append(f"{name}: a tensor validator of its own")
     assert not offences, "\n".join(offences)

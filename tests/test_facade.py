@@ -208,3 +208,19 @@ def test_an_observer_sees_the_summary_of_the_record_it_is_told_of(offload):
     train_records(model, opt, rec, 5)
     rec.close()
     assert observer.seen == [(0, None), (1, None), (2, 1), (3, 2), (4, 3)]
+
+
+# ------------------------------------------------------------------------------------------ one tensor validator
+def test_the_one_tensor_validator_names_the_argument():
+    from cmd_online.layout import check_tensor
+
+    assert check_tensor("x", [1.0, 2.0]).dtype == torch.float32  # an array is taken where convert=True
+    with pytest.raises(TypeError, match=r"^x must be a tensor of a floating-point .* dtype; got list$"):
+        check_tensor("x", [1.0], convert=False)
+    with pytest.raises(TypeError, match=r"^x must be an integer tensor; got dtype torch.float32$"):
+        check_tensor("x", torch.zeros(2), "int")
+    with pytest.raises(ValueError, match=r"^x must have shape \(3,\); got \(2,\)$"):
+        check_tensor("x", torch.zeros(2), shape=(3,))
+    with pytest.raises(ValueError, match=r"^x holds NaN or Inf values$"):
+        check_tensor("x", torch.tensor([0.0, float("inf")]), finite=True)
+    assert check_tensor("x", torch.tensor([3], dtype=torch.uint32), "int").dtype == torch.int64
