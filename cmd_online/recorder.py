@@ -1135,8 +1135,8 @@ class CMDRecorder:
     def mark_swapped(self, on: bool = True) -> None:
         """Enter (``on``) or leave (``on=False``) a span in which the parameters hold other weights than the
         trained ones, as inside :meth:`swapped` (which marks itself): ``record()`` is refused and optimizer
-        steps are not counted meanwhile. For code that writes CMD weights into the parameters itself (the
-        framework callbacks' swap); calls nest and must pair up."""
+        steps are not counted meanwhile. For code that writes other weights into the parameters itself (the
+        swap primitives mark themselves); calls nest and must pair up."""
         with self._lock:
             self._swapped += 1 if on else -1
             if on:
