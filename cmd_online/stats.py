@@ -60,7 +60,7 @@ def affine_fit(P: torch.Tensor | Sequence[torch.Tensor], S: torch.Tensor, Q: tor
         modes (tensor): fixed modes (n,), for the compact form; None chooses argmax |ρ|.
     """
     if modes is None:
-        mode, p = _best_mode(list(P), Q)
+        mode, p = _best_mode(P if isinstance(P, torch.Tensor) else list(P), Q)
     else:
         mode, p = modes.long(), P
     # elementwise arithmetic only (masks are slow on CPU): a = 0 where the weight does not move in the
@@ -77,7 +77,7 @@ def affine_fit(P: torch.Tensor | Sequence[torch.Tensor], S: torch.Tensor, Q: tor
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_mode(rows: list[torch.Tensor] | torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """argmax_m |P_m| / √Q_m of each weight (score 0 where Q_m = 0; the lowest m on ties), and P there.
 
     Exact in the rows' dtype, in integer arithmetic: scores are ≥ 0, and non-negative floats order as
@@ -96,7 +96,8 @@ def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor,
         torch.maximum(best, key, out=best)
         mode.add_(torch.sub(m, mode, out=step).mul_(better))  # m there, unchanged elsewhere
     mode = mode.long()
-    return mode, torch.stack(rows).gather(0, mode.unsqueeze(0)).squeeze(0)
+    P = rows if isinstance(rows, torch.Tensor) else torch.stack(rows)  # an M × n tensor is not copied
+    return mode, P.gather(0, mode.unsqueeze(0)).squeeze(0)
 
 
 def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor,

@@ -27,9 +27,9 @@ from .stats import AffineFit, StreamingMoments, _best_mode, _foreach_copy_, _hos
 
 # freeze_modes_after up to this keeps snapshots; above it the full form is built, then frozen
 SNAPSHOT_LIMIT = 4
-# Weights per block of the freeze and of a fit before it: float64 temporaries of (M + 2k) × block
-# values, under 2 MiB at M = 10.
-SNAPSHOT_BLOCK = 1 << 13
+# Weights per block of the freeze and of a fit before it: its float64 temporaries, about (M + 4k + 8)
+# values a weight, stay near 0.5 MiB at M = 10 (0.14 float32 per weight at N = 1e6: tests/test_lean.py).
+SNAPSHOT_BLOCK = 1 << 11
 
 
 def keeps_snapshots(freeze_modes_after: int | None) -> bool:
@@ -124,7 +124,7 @@ class SnapshotMoments(StreamingMoments):
 
     def _assigned(self, P: torch.Tensor, Q: torch.Tensor, resolved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each weight's mode (argmax |ρ| among the resolved references) and its co-moment there."""
-        return _best_mode(list(P), torch.where(resolved, Q, torch.zeros_like(Q)))
+        return _best_mode(P, torch.where(resolved, Q, torch.zeros_like(Q)))
 
     def _freeze(self, weights: Sequence[torch.Tensor]) -> None:
         """Record k: the modes and exact moments, block by block, in place; then the compact update."""
@@ -149,7 +149,7 @@ class SnapshotMoments(StreamingMoments):
             resolved = self.resolved_references()
         mean, S, P, Q, ref_mean = self._window_moments(flat)
         Q = torch.where(resolved, Q, torch.zeros_like(Q))
-        return affine_fit(list(P), S, Q, mean, ref_mean)
+        return affine_fit(P, S, Q, mean, ref_mean)
 
     def mean_of(self, flat: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         return super().mean_of(flat) if self.frozen else self._window_moments(flat)[0]
