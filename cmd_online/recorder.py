@@ -1339,6 +1339,8 @@ class CMDRecorder:
         if not keeps_snapshots(self.config.freeze_modes_after):  # the full form's layout, in every phase
             fields["shift"] = views(stats.shift) if stats.shift is not None else None
         fields["modes"] = views(modes)
+        if keeps_snapshots(self.config.freeze_modes_after):  # one row of P in every phase
+            bound = 1
         fields["comoment"] = [views(row) for row in stats.comoment[:bound]]
         rows = [torch.arange(*self._shards.rows(i), device=self.device) for i in range(len(sizes))]
         return per_parameter(list(self.layout.names), [tuple(s) for s in self._local_shapes], fields, rows, bound,
