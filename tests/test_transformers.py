@@ -32,7 +32,8 @@ from _hf_setup import Chars, Snapshots, arguments, make_model, make_tokenizer, m
 from cmd_online.integrations.transformers import CMDCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CONFIG = dict(modes=3, samples=300, warmup=4, seed=0)
+# the full form (freeze_modes_after=None): its free modes are what decompose() computes post hoc
+CONFIG = dict(modes=3, samples=300, warmup=4, seed=0, freeze_modes_after=None)
 STEPS, EVERY = 24, 2  # optimizer steps; a record every EVERY of them
 
 
@@ -448,7 +449,7 @@ def test_every_recorder_option_works_through_the_callback(tmp_path, options):
     rec = cmd.recorder
     assert rec.num_records == 6 and rec.offload == options.get("offload", False)
     W = matrix(snapshots.steps[1::2], rec.layout.names)
-    oracle = cmdo.decompose(W, **{k: v for k, v in config.items() if k not in ("offload", "kernel")}, layout=rec.layout)
+    oracle = cmdo.decompose(W, **{k: v for k, v in config.items() if k not in ("offload", "kernel", "freeze_modes_after")}, layout=rec.layout)
     traj = rec.trajectory()
     assert torch.equal(traj.reference_index, oracle.reference_index) and traj.num_modes <= options.get("max_modes", 3)
     for at in range(rec.num_records):
