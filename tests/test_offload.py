@@ -139,7 +139,7 @@ def test_offload_bounds_the_records_in_flight_and_queries_wait(monkeypatch):
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
                            offload=True, freeze_modes_after=None)  # the full form: its update is held above
     walk(model, rec, steps, 0, 4)  # to the end of the warm-up
-    reference = run(8)
+    reference = run(8, freeze_modes_after=None)
     gate = Gate(monkeypatch)
     staging = rec.nbytes()["staging"]
 
