@@ -35,12 +35,13 @@ import torch
 from .config import CMDConfig
 from .files import ChecksumError, unpack, verify_checksum
 from .layout import WRAPPER_COMPONENTS, Layout, check_tensor, core_name, name_differences
+from .window import keeps_snapshots, snapshots_of_full
 
 FORMAT = "cmd_online.CMDRecorder"
-VERSION = 3
+VERSION = 4
 KEYS = ("config", "layout", "num_records", "skipped_records", "steps", "sample_index", "history",
         "reference_index", "references", "stats", "shards")
-_STATS = ("count", "shift", "mean", "sumsq", "comoment", "ref_shift", "ref_mean", "ref_sumsq")
+_STATS = ("count", "mean", "sumsq", "comoment", "ref_shift", "ref_mean", "ref_sumsq")
 
 
 @dataclass
@@ -83,9 +84,9 @@ def check_header(state: Any, *, config: CMDConfig, layout: Layout, strict: bool 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError("state is not a CMDRecorder state_dict")
     version = state.get("version")
-    if version not in (1, 2, VERSION):
+    if version not in (1, 2, 3, VERSION):
         raise ValueError(f"CMDRecorder state_dict version {version!r} is not supported (expected 1 to {VERSION})")
-    missing = [key for key in KEYS if key not in state and not (key == "stats" and version == VERSION)]
+    missing = [key for key in KEYS if key not in state and not (key == "stats" and version >= 3)]
     if missing:
         raise ValueError(f"state is missing {', '.join(missing)}; it is not a complete CMDRecorder state_dict")
     saved = CMDConfig.from_dict(state["config"])
@@ -146,7 +147,7 @@ def check_state(state: Any, *, config: CMDConfig, layout: Layout, shards: dict, 
     Raises ValueError naming the first field that fails.
     """
     version = check_header(state, config=config, layout=layout, strict=strict)
-    if version < VERSION and state["shards"] != shards:  # version 3 tells the rows of each statistic
+    if version < 3 and state["shards"] != shards:  # versions ≥ 3 tell the rows of each statistic
         raise ValueError(f"state was recorded with sharding {state['shards']}, but this recorder has {shards}")
     K, F = config.samples, config.warmup
     index = _tensor(state["sample_index"], "sample_index", (K,), "int")
@@ -185,27 +186,33 @@ def _check_stats(stats: Any, version: int, config: CMDConfig, M: int, count: int
         stats = _from_version_1(stats, M)
     if stats["count"] != count:
         raise _fail("stats", f"holds {stats['count']!r} records of the window, but num_records says {count}")
-    for name in ("shift", "mean", "sumsq"):
-        _tensor(stats[name], f"stats.{name}", (local_size,))
-    for name in ("ref_shift", "ref_mean", "ref_sumsq"):
-        _tensor(stats[name], f"stats.{name}", (M,))
-    if bool((stats["sumsq"] < 0).any()) or bool((stats["ref_sumsq"] < 0).any()):
-        raise _fail("stats", "holds a negative sum of squares")
     freeze = config.freeze_modes_after
     compact = freeze is not None and count >= freeze
+    # the forms: full (a shift, M rows), compact (1 row and the modes; a shift in versions ≤ 3, folded into
+    # the mean on loading), or a recorder's that keeps snapshots before its freeze (version 4: no shift)
+    snapshots = not compact and "shift" not in stats and keeps_snapshots(freeze)
+    for name in ("mean", "sumsq") + (("shift",) if "shift" in stats or not (compact or snapshots) else ()):
+        _tensor(stats.get(name), f"stats.{name}", (local_size,))
+    for name in ("ref_shift", "ref_mean", "ref_sumsq"):
+        _tensor(stats[name], f"stats.{name}", (M,))
+    if (not snapshots and bool((stats["sumsq"] < 0).any())) or bool((stats["ref_sumsq"] < 0).any()):
+        raise _fail("stats", "holds a negative sum of squares")
+    one_row = compact or snapshots
     rows = stats["comoment"]
-    if not isinstance(rows, (list, tuple)) or len(rows) != (1 if compact else M):
-        raise _fail("stats.comoment", f"must be a list of {1 if compact else M} rows ({'compact' if compact else 'full'} "
+    if not isinstance(rows, (list, tuple)) or len(rows) != (1 if one_row else M):
+        raise _fail("stats.comoment", f"must be a list of {1 if one_row else M} rows ({'compact' if one_row else 'full'} "
                     f"form after {count} records of the window); got {type(rows).__name__} of "
                     f"{len(rows) if isinstance(rows, (list, tuple)) else '?'}")
     for m, row in enumerate(rows):
         _tensor(row, f"stats.comoment[{m}]", (local_size,))
-    if compact != ("modes" in stats):
+    if one_row != ("modes" in stats):
         raise _fail("stats", "has modes in the full form, or none in the compact form")
-    if compact:
+    if one_row:
         modes = _tensor(stats["modes"], "stats.modes", (local_size,), "int")
         if local_size and (int(modes.min()) < 0 or int(modes.max()) >= M):
             raise _fail("stats.modes", f"must lie in [0, {M})")
+    if keeps_snapshots(freeze) and not one_row:  # version ≤ 3, the full form before the freeze
+        return snapshots_of_full(stats, freeze)
     return stats
 
 
@@ -254,8 +261,9 @@ def per_parameter(names: list[str], shapes: list[tuple[int, ...]], fields: dict[
         return out
 
     comoment = fields["comoment"]
+    shift = {"shift": block(fields["shift"], torch.float32)} if "shift" in fields else {}
     return {
-        "shift": block(fields["shift"], torch.float32),
+        **shift,
         "mean": block(fields["mean"], torch.float32),
         "sumsq": block(fields["sumsq"], torch.float32),
         "modes": block(fields["modes"], torch.uint8),
@@ -298,15 +306,18 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
             raise _fail(f"stats.rows.{name}", f"does not name rows [{start}, {stop}) of {name!r}: a shard saved by "
                         f"another rank, or of another sharding (reshard with torch.distributed.checkpoint)")
     compact = bool(meta.get("compact"))
+    snapshots = "shift" not in stats  # the layout of a recorder that keeps snapshots (version 4)
     M = meta["reference_index"].numel() if isinstance(meta["reference_index"], torch.Tensor) else 0
 
     def flat(*path: str) -> torch.Tensor:
         return torch.cat([_local(stats, (*path, name), i, shape, local).reshape(-1)
                           for i, (name, shape) in enumerate(zip(names, shapes))])
 
-    out = {kind: flat(kind) for kind in ["shift", "mean", "sumsq"] + (["modes"] if compact else [])}
+    one_row = compact or snapshots
+    out = {kind: flat(kind) for kind in (([] if snapshots else ["shift"]) + ["mean", "sumsq"]
+                                         + (["modes"] if one_row else []))}
     held = stats.get("comoment")
-    rows_needed = [f"mode_{m}" for m in range(1 if compact else M)]
+    rows_needed = [f"mode_{m}" for m in range(1 if one_row else M)]
     if (config.threshold is not None and config.max_modes is None
             and not (isinstance(held, dict) and all(row in held for row in rows_needed))):
         raise ValueError(f"the state has {M} mode(s) but this recorder holds no rows of P for them: with threshold= "
@@ -316,7 +327,7 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
                          f"load_state_dict")
     out["comoment"] = [flat("comoment", row) for row in rows_needed]
     out.update({key: meta.get(key) for key in ("count", "ref_shift", "ref_mean", "ref_sumsq")})
-    parts = stats_checked(stats, names, M, compact)
+    parts = stats_checked(stats, names, M, compact, snapshots)
     if "checksum" in meta and not any(type(t).__name__ == "DTensor" for _, t in parts):
         try:
             verify_checksum(meta["checksum"], parts, "the statistics")
@@ -328,17 +339,19 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
     return state
 
 
-def stats_checked(stats: dict, names, M: int, compact: bool) -> list[tuple[str, Any]]:
-    """What the checksum of a version-3 state covers: every per-parameter tensor a resume reads (the row
-    markers, shift, mean, sums of squares, the modes once frozen, and P's rows of the M modes), keyed by
-    the recorded names."""
+def stats_checked(stats: dict, names, M: int, compact: bool, snapshots: bool = False) -> list[tuple[str, Any]]:
+    """What the checksum of a version-3 or 4 state covers: every per-parameter tensor a resume reads (the
+    row markers, shift (the full form's layout), mean, sums of squares, the modes once frozen or kept
+    from the start (``snapshots``), and P's rows of the M modes, or the one row of the compact form),
+    keyed by the recorded names."""
+    one_row = compact or snapshots
+    kinds = ([] if snapshots else ["shift"]) + ["mean", "sumsq"] + (["modes"] if one_row else [])
     out = []
     for name in names:
         out.append((f"rows.{name}", stats["rows"][name]))
-        out.extend((f"{kind}.{name}", stats[kind][name]) for kind in ("shift", "mean", "sumsq", "modes")
-                   if kind != "modes" or compact)
+        out.extend((f"{kind}.{name}", stats[kind][name]) for kind in kinds)
         out.extend((f"comoment.mode_{m}.{name}", stats["comoment"][f"mode_{m}"][name])
-                   for m in range(1 if compact else M))
+                   for m in range(1 if one_row else M))
     return out
 
 

@@ -53,6 +53,11 @@ def _int_at_least(low: int):
     return _number(f"an integer ≥ {low}", lambda value: value >= low, int)
 
 
+def _freeze(text: str) -> int | None:
+    """--freeze-modes-after: an integer ≥ 1, or 'none' (the full form)."""
+    return None if text.strip().lower() == "none" else _int_at_least(1)(text)
+
+
 _threshold = _number("a number in (0, 1]", lambda value: 0 < value <= 1)
 _positive_float = _number("a positive number", lambda value: value > 0 and math.isfinite(value))
 
@@ -87,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=_positive_float, default=0.05, help="SGD learning rate (default 0.05)")
     demo.add_argument("--report-every", type=_int_at_least(1), default=None,
                       help="epochs per table row (default: about ten rows)")
-    demo.add_argument("--freeze-modes-after", type=_int_at_least(1), default=None, metavar="K",
-                      help="compact memory: fix each weight's mode K records into tracking (default: full form)")
+    demo.add_argument("--freeze-modes-after", type=_freeze, default=3, metavar="K",
+                      help="fix each weight's mode K records into tracking: the compact form (default 3); "
+                      "'none' keeps the full form")
     demo.add_argument("--save-checkpoints", action="store_true",
                       help="also save every epoch's weights to OUT/checkpoints/ (for 'decompose')")
     demo.add_argument("--threads", type=_int_at_least(1), default=1, help="torch CPU threads (default 1)")

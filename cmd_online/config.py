@@ -100,8 +100,9 @@ class CMDConfig(Mapping):
         samples (int): K, the weights whose warm-up history is clustered; ``modes`` ≤ K (default 1000).
         warmup (int): F ≥ 2 warm-up records (default 20). None, post hoc only: cluster on all records.
         record_every (int): record after every k-th optimizer step; None: by hand (default None).
-        freeze_modes_after (int): switch to the compact form this many records into the fit window
-            (default None: keep the full form).
+        freeze_modes_after (int): fix each weight's mode this many records into the fit window and keep
+            the compact form (default 3: 3.25 float32 per weight, the full form never built for k ≤ 4;
+            docs/concepts.md); None keeps the full form (M + 3 float32 per weight).
         seed (int): seed of the sampling, ≥ 0 (default 0).
         max_modes (int): with ``threshold``, at most this many modes: a cut that gives more is
             coarsened to ``max_modes`` (criterion ``maxclust``). It bounds the full form's memory and
@@ -117,7 +118,7 @@ class CMDConfig(Mapping):
     samples: int = 1000
     warmup: int | None = 20
     record_every: int | None = None
-    freeze_modes_after: int | None = None
+    freeze_modes_after: int | None = 3
     seed: int = 0
     distance: str = "correlation"
     max_modes: int | None = None

@@ -34,6 +34,7 @@ from .sampling import sample_indices
 from .shortcut import WriterShortcut, flush_writers
 from .stats import AffineFit, StreamingMoments, mode_dtype, pin_references
 from .summary import RecordingSummary
+from .window import SnapshotMoments, keeps_snapshots
 from .trajectory import CMDTrajectory, normalize_at, parts_checked, reconstruct
 
 
@@ -123,7 +124,9 @@ class CMDRecorder:
         warmup (int): F ≥ 2, number of warm-up records (default 20).
         record_every (int): record after every k-th optimizer step; None (default): call :meth:`record`.
         freeze_modes_after (int): after this many records of tracking, fix each weight's mode and keep
-            only its own co-moment (compact memory); None (default) keeps the full form.
+            only its own co-moment: the compact form, 3.25 float32 per weight (default 3; for k ≤ 4 the
+            full form is never built: the window's first records are kept in the compact form's own
+            buffers until the freeze). None keeps the full form, M + 3 float32 per weight.
         distance (str): the clustering distance: ``"correlation"``, 1 − |C_ij| (default), or
             ``"euclidean"`` between rows of |C|, the distance of the paper authors' code (docs/concepts.md).
         writer (SummaryWriter): shortcut for ``callbacks=[TensorBoardLogger(writer, every=log_every)]``
@@ -143,7 +146,7 @@ class CMDRecorder:
 
     def __init__(self, optimizer, model: torch.nn.Module | None = None, *, modes: int | None = None,
                  threshold: float | None = None, samples: int = 1000, warmup: int = 20,
-                 record_every: int | None = None, freeze_modes_after: int | None = None,
+                 record_every: int | None = None, freeze_modes_after: int | None = 3,
                  distance: str = "correlation", writer=None, log_every: int = 10, callbacks=None, seed: int = 0,
                  check_finite: bool = True, compile_update: bool = False, kernel: str | None = None,
                  offload: bool = False, max_modes: int | None = None):
@@ -445,7 +448,7 @@ class CMDRecorder:
             pin_references(fit, *self._slots.within(flat.start, flat.stop), moving)
             name = self.layout.names[tensor]
             # S ≥ 0: its largest value is finite exactly when all are (and |P| ≤ √(SQ) then is too)
-            if name not in overflowed and flat.stop > flat.start and not bool(stats.sumsq[flat].max() < math.inf):
+            if name not in overflowed and flat.stop > flat.start and not bool(stats.sumsq_of(flat).max() < math.inf):
                 overflowed.append(name)
             yield FitBlock(tensor, local, flat, fit)
         if overflowed:
@@ -926,14 +929,25 @@ class CMDRecorder:
         ref_plan = self._shards.gather_plan(self.layout, reference_index, self._param_device)
         slots = self._shards.reference_slots(self.layout, reference_index)
         table = ReferenceTable(values.to(self.device, self._coefficient_dtype))
-        moments = StreamingMoments([s.numel() for s in self._local_shapes], reference_index.numel(), self.device,
-                                   shift_dtype=self._coefficient_dtype, kernel=self._kernel, allocate=stats is None)
+        moments = self._new_moments(reference_index.numel(), allocate=stats is None)
         if stats is not None:
             moments.restore(stats, copy)
         # a reference moves by rounding only at the resolution of its own parameter's dtype
         moments.ref_eps = self.layout.resolution(reference_index).to(self.device)
+        if isinstance(moments, SnapshotMoments):  # the window's reference values and reference weights
+            moments.ref_window = lambda: table.columns(self.window_start + moments.count)[:, self.window_start:]
+            moments.pins = slots.within
         self.reference_index, self._ref_plan, self._slots, self._table = reference_index, ref_plan, slots, table
         self._stats, self._device_attempts = moments, 0
+
+    def _new_moments(self, num_modes: int, allocate: bool = True) -> StreamingMoments:
+        """Statistics of this recorder's kind: :class:`SnapshotMoments` (the compact form throughout) when
+        ``freeze_modes_after`` ≤ 4, else :class:`StreamingMoments` (the full form, frozen after k ≥ 5)."""
+        sizes, due = [s.numel() for s in self._local_shapes], self.config.freeze_modes_after
+        options = dict(shift_dtype=self._coefficient_dtype, kernel=self._kernel, allocate=allocate)
+        if keeps_snapshots(due):
+            return SnapshotMoments(sizes, num_modes, self.device, freeze_after=due, **options)
+        return StreamingMoments(sizes, num_modes, self.device, **options)
 
     def _freeze_when_due(self) -> None:
         """Fix each weight's mode once ``freeze_modes_after`` records of the window are taken. If it fails
@@ -1369,7 +1383,8 @@ class CMDRecorder:
         self._sync()
         stats, meta = self._per_parameter_stats(), self._meta()
         if self._stats is not None and not self._shards.sharded:  # whole tensors: a checksum that holds anywhere
-            meta["checksum"] = checksum(stats_checked(stats, self.layout.names, self.num_modes, self._stats.compact))
+            meta["checksum"] = checksum(stats_checked(stats, self.layout.names, self.num_modes, self._stats.compact,
+                                                    keeps_snapshots(self.config.freeze_modes_after)))
         return {"meta": pack(meta), "stats": stats}
 
     def _mode_bound(self) -> int:
@@ -1394,13 +1409,17 @@ class CMDRecorder:
         bound = self._mode_bound()
         stats = self._stats
         if stats is None:  # zeros of the final shapes: the template a checkpoint of any phase loads into
-            stats = StreamingMoments(sizes, bound, self.device, shift_dtype=self._coefficient_dtype, kernel=self._kernel)
+            stats = self._new_moments(bound)
+        modes = stats.modes
+        if modes is None:  # the full form: zeros, as a checkpoint of any phase has modes
             modes = torch.zeros(sum(sizes), dtype=mode_dtype(max(bound, 1)), device=self.device)
-        else:
-            modes = stats.modes
         views = lambda flat: None if flat is None else list(torch.split(flat, sizes))  # noqa: E731
-        fields = {name: views(getattr(stats, name)) for name in ("shift", "mean", "sumsq")}
+        fields = {name: views(getattr(stats, name)) for name in ("mean", "sumsq")}
+        if not keeps_snapshots(self.config.freeze_modes_after):  # the full form's layout, in every phase
+            fields["shift"] = views(stats.shift) if stats.shift is not None else None
         fields["modes"] = views(modes)
+        if keeps_snapshots(self.config.freeze_modes_after):  # one row of P in every phase
+            bound = 1
         fields["comoment"] = [views(row) for row in stats.comoment[:bound]]
         rows = [torch.arange(*self._shards.rows(i), device=self.device) for i in range(len(sizes))]
         return per_parameter(list(self.layout.names), [tuple(s) for s in self._local_shapes], fields, rows, bound,

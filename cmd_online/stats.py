@@ -28,6 +28,9 @@ from .config import KERNELS
 # Weights per block of the CPU record path and of a fit: the block's temporaries stay in cache, and a
 # query's extra memory is a few blocks, whatever N (benchmarks/cost.py measures the choice).
 BLOCK = 1 << 17
+# Weights per block of the compact form's CPU record path: its three scratch vectors (dx, each weight's own
+# y − ν, its mode as int32) stay below 0.05 float32 per weight at N = 1e6 (the default's 3.5 budget).
+COMPACT_BLOCK = 1 << 14
 
 
 @dataclass
@@ -59,7 +62,7 @@ def affine_fit(P: torch.Tensor | Sequence[torch.Tensor], S: torch.Tensor, Q: tor
         modes (tensor): fixed modes (n,), for the compact form; None chooses argmax |ρ|.
     """
     if modes is None:
-        mode, p = _best_mode(list(P), Q)
+        mode, p = _best_mode(P if isinstance(P, torch.Tensor) else list(P), Q)
     else:
         mode, p = modes.long(), P
     # elementwise arithmetic only (masks are slow on CPU): a = 0 where the weight does not move in the
@@ -76,7 +79,7 @@ def affine_fit(P: torch.Tensor | Sequence[torch.Tensor], S: torch.Tensor, Q: tor
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_mode(rows: list[torch.Tensor] | torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """argmax_m |P_m| / √Q_m of each weight (score 0 where Q_m = 0; the lowest m on ties), and P there.
 
     Exact in the rows' dtype, in integer arithmetic: scores are ≥ 0, and non-negative floats order as
@@ -95,7 +98,8 @@ def _best_mode(rows: list[torch.Tensor], Q: torch.Tensor) -> tuple[torch.Tensor,
         torch.maximum(best, key, out=best)
         mode.add_(torch.sub(m, mode, out=step).mul_(better))  # m there, unchanged elsewhere
     mode = mode.long()
-    return mode, torch.stack(rows).gather(0, mode.unsqueeze(0)).squeeze(0)
+    P = rows if isinstance(rows, torch.Tensor) else torch.stack(rows)  # an M × n tensor is not copied
+    return mode, P.gather(0, mode.unsqueeze(0)).squeeze(0)
 
 
 def resolved_references(Q: torch.Tensor, count: int, magnitude: torch.Tensor,
@@ -191,11 +195,14 @@ def _host_ref_update(st: "StreamingMoments", refs: torch.Tensor) -> tuple[torch.
 
 
 def _block_dx(st: "StreamingMoments", w: torch.Tensor, flat: slice, inv_n: float, shrink: float) -> torch.Tensor:
-    """dx = (w − c) − μ of one block into the scratch; μ and S updated from it."""
+    """dx = (w − c) − μ (full form) or w − μ (compact form) of one block into the scratch; μ and S updated."""
     dx = st.scratch[:flat.stop - flat.start]
-    torch.sub(w, st.shift[flat], out=dx)
     mean = st.mean[flat]
-    dx.sub_(mean)
+    if st.shift is None:
+        torch.sub(w, mean, out=dx)  # in μ's dtype, then rounded to float32
+    else:
+        torch.sub(w, st.shift[flat], out=dx)
+        dx.sub_(mean)
     mean.add_(dx, alpha=inv_n)
     st.sumsq[flat].addcmul_(dx, dx, value=shrink)  # S += dx·(x − μ_new) = dx²·(n − 1)/n
     return dx
@@ -205,7 +212,7 @@ def _full_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: 
     """CPU: block by block, so that dx is still in cache for the M + 2 passes that read it."""
     ref_dev, inv_n, shrink = _host_ref_update(st, refs)
     coefficients = ref_dev.tolist()
-    for i, local, flat in st.blocks:
+    for i, local, flat in st.step_blocks:
         dx = _block_dx(st, weights[i][local], flat, inv_n, shrink)
         for row, coefficient in zip(st.comoment, coefficients):
             row[flat].add_(dx, alpha=coefficient)  # P_m += (y − ν)_m · dx
@@ -213,7 +220,7 @@ def _full_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: 
 
 def _compact_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
     ref_dev, inv_n, shrink = _host_ref_update(st, refs)
-    for i, local, flat in st.blocks:
+    for i, local, flat in st.step_blocks:
         dx = _block_dx(st, weights[i][local], flat, inv_n, shrink)
         index = st.index_scratch[:dx.numel()]
         index.copy_(st.modes[flat])  # int32: what index_select takes
@@ -244,13 +251,15 @@ def _flat_dx(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torc
     """Accelerators: dx of all N weights in a few multi-tensor kernels, scaled by √((n−1)/n)."""
     dy, inv_n, root, skip = _device_ref_update(st, refs, ok)
     dx = st.scratch
+    base = st.mean if st.shift is None else st.shift  # the compact form has no shift: dx = w − μ
     if st.copy_exact:  # float32/16 weights: copying to float32 first changes nothing
         _foreach_copy_(st.scratch_views, weights)
-        dx.sub_(st.shift)
-    else:  # float64 weights against a float64 shift: subtract before rounding
-        for w, c, d in zip(weights, st.views(st.shift), st.scratch_views):
+        dx.sub_(base)
+    else:  # float64 weights against a float64 shift (or mean): subtract before rounding
+        for w, c, d in zip(weights, st.views(base), st.scratch_views):
             torch.sub(w, c, out=d)
-    dx.sub_(st.mean)
+    if st.shift is not None:
+        dx.sub_(st.mean)
     if skip is not None:
         dx.masked_fill_(skip, 0.0)
     st.mean.addcmul_(dx, inv_n)
@@ -284,9 +293,9 @@ def _fused_full(w, shift, mean, sumsq, rows, ref_dev, scalars):
         row.add_(dx * ref_dev[m])
 
 
-def _fused_compact(w, shift, mean, sumsq, comoment, modes, ref_dev, scalars):
+def _fused_compact(w, mean, sumsq, comoment, modes, ref_dev, scalars):
     """One record of the compact form for one tensor, for torch.compile to fuse into one loop."""
-    dx = (w - shift) - mean
+    dx = w - mean
     mean.add_(dx * scalars[0])
     sumsq.add_(dx * dx * scalars[1])
     comoment.add_(dx * ref_dev[modes.long()])
@@ -316,7 +325,7 @@ def _full_compiled(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs
 def _compact_compiled(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
     ref_dev, scalars = _compiled_scalars(st, refs)
     update = _compiled(_fused_compact)
-    views = [st.views(t) for t in (st.shift, st.mean, st.sumsq, st.comoment[0], st.modes)]
+    views = [st.views(t) for t in (st.mean, st.sumsq, st.comoment[0], st.modes)]
     for i, w in enumerate(weights):
         update(w, *(v[i] for v in views), ref_dev, scalars)
 
@@ -355,9 +364,10 @@ def mode_dtype(num_modes: int) -> torch.dtype:
 class StreamingMoments:
     """Welford moments of N weights (flat, over all tensors) against M references, one record at a time.
 
-    The moments are taken of the weights shifted by their value at the window start, c, so that
-    float32 keeps its precision for weights whose mean is large against their motion
-    (`concepts.md <../docs/concepts.md#the-streaming-statistics>`_). Record n of the window:
+    In the full form the moments are taken of the weights shifted by their value at the window start,
+    c, so that float32 keeps its precision for weights whose mean is large against their motion
+    (`concepts.md <../docs/concepts.md#the-streaming-statistics>`_); the compact form has no shift
+    (c = 0: μ is the weight's mean itself, in the coefficients' dtype). Record n of the window:
 
     .. math::
 
@@ -369,17 +379,19 @@ class StreamingMoments:
 
     After n records μ = mean(w) − c, S = Σ(w − w̄)², Q = Σ(y − ȳ)², P_mi = Σ(w_i − w̄_i)(y_m − ȳ_m).
 
-    State, as flat tensors over the N weights (:meth:`views` splits one per parameter): ``shift`` c
-    (float32; float64 when a parameter is float64, so that its never-moving weights come back bit
-    for bit), ``mean`` μ and ``sumsq`` S (float32); ``comoment``, the M rows of P (float32), or after
-    :meth:`freeze` the one row p of each weight's co-moment with its own mode, and ``modes``;
-    ``ref_shift`` (the shift's dtype), ``ref_mean``, ``ref_sumsq`` (float32), M each.
+    State, as flat tensors over the N weights (:meth:`views` splits one per parameter). Full form:
+    ``shift`` c (float32; float64 when a parameter is float64, so that its never-moving weights come
+    back bit for bit), ``mean`` μ and ``sumsq`` S (float32), ``comoment``, the M rows of P (float32).
+    Compact form (after :meth:`freeze`): ``shift`` None, ``mean`` the weights' mean (the shift's
+    dtype: the shift is folded into it), S, ``comoment`` the one row p of each weight's co-moment with
+    its own mode, and ``modes``. Both: ``ref_shift`` (the shift's dtype), ``ref_mean``, ``ref_sumsq``
+    (float32), M each.
 
     Kernels (chosen once; the step function is chosen again at :meth:`freeze`):
 
-    - ``"blocks"`` (CPU default): block by block of :data:`BLOCK` weights, each block's dx in a
-      fixed scratch that stays in cache. Held per weight: M + 3 float32 (full), 4 float32 and the
-      mode in one byte (compact, M ≤ 256).
+    - ``"blocks"`` (CPU default): block by block of :data:`BLOCK` weights (:data:`COMPACT_BLOCK` in
+      the compact form), each block's dx in a fixed scratch that stays in cache. Held per weight:
+      M + 3 float32 (full), 3 float32 and the mode in one byte (compact, M ≤ 256).
     - ``"flat"`` (accelerator default): a few kernels over all N weights at once, with the record
       count and the Welford scalars on the device, so a record never waits for the host; ``update``
       takes a device flag ``ok`` and a record with ``ok`` False changes nothing. Holds N float32 of
@@ -408,7 +420,7 @@ class StreamingMoments:
         self.count_t = torch.zeros((), dtype=torch.float64, device=self.device) if self.kernel == "flat" else None
         self.shift_dtype = shift_dtype
         # allocate=False: restore() brings the per-weight tensors (a resumed state, without a copy)
-        self.shift = zeros(N if allocate else 0, shift_dtype)
+        self.shift: torch.Tensor | None = zeros(N if allocate else 0, shift_dtype)
         self.mean = zeros(N if allocate else 0)
         self.sumsq = zeros(N if allocate else 0)
         self.comoment = [zeros(N) for _ in range(self.num_modes)] if allocate else []
@@ -424,12 +436,14 @@ class StreamingMoments:
     def _allocate_scratch(self, compact: bool) -> None:
         """dx (and, compact, each weight's own y − ν and its mode as int32): N floats for the flat kernel,
         one block for the blocks kernel, none for the compiled one."""
-        size = {"flat": sum(self.sizes), "blocks": min(BLOCK, sum(self.sizes)), "compiled": 0}[self.kernel]
+        block = COMPACT_BLOCK if compact else BLOCK
+        size = {"flat": sum(self.sizes), "blocks": min(block, sum(self.sizes)), "compiled": 0}[self.kernel]
         empty = lambda n, dtype=torch.float32: torch.empty(n, dtype=dtype, device=self.device)  # noqa: E731
         self.scratch = empty(size)
         self.scratch_views = self.views(self.scratch) if self.kernel == "flat" else []
         self.own_scratch = empty(size if compact else 0)
         self.index_scratch = empty(size if compact and self.kernel == "blocks" else 0, torch.int32)
+        self.step_blocks = _block_plan(self.sizes, block)
 
     @property
     def compact(self) -> bool:
@@ -462,7 +476,8 @@ class StreamingMoments:
         self._step(self, weights, refs, ok)
 
     def freeze(self, modes: torch.Tensor) -> None:
-        """Switch to the compact form: keep only each weight's co-moment with its own mode.
+        """Switch to the compact form: keep only each weight's co-moment with its own mode, and fold the
+        shift into the mean.
 
         The co-moments are gathered into the first row of P block by block, in place, and the other
         rows are freed: freezing needs no more memory than the modes themselves and a block.
@@ -476,9 +491,24 @@ class StreamingMoments:
             for m in range(1, self.num_modes):  # one row at a time: no M × block copy
                 torch.where(chosen == m, self.comoment[m][flat], part, out=part)
         self.comoment = [kept]
-        self.modes = modes.to(torch.int32 if self.kernel == "flat" else mode_dtype(self.num_modes))
+        self.shift.add_(self.mean)  # c + μ, in the shift's dtype: the mean itself
+        self.mean, self.shift = self.shift, None
+        self._set_compact(modes)
+
+    def _set_compact(self, modes: torch.Tensor) -> None:
+        """The modes (in the kernel's dtype), the compact scratch and record step."""
+        self.modes = modes.to(self.modes_dtype)
         self._allocate_scratch(compact=True)
         self._step = _STEPS[(self.kernel, True)]
+
+    def mean_of(self, flat: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """The weights' mean over the window, float64, of the weights ``flat`` (a slice or indices)."""
+        mean = self.mean[flat].double()
+        return mean if self.shift is None else mean.add_(self.shift[flat].double())
+
+    def sumsq_of(self, flat: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """The weights' centred sums of squares S over the window, float64, of the weights ``flat``."""
+        return self.sumsq[flat].double()
 
     def resolved_references(self) -> torch.Tensor:
         """The references that move above their resolution (:func:`resolved_references`), (M,) bool."""
@@ -497,7 +527,7 @@ class StreamingMoments:
             resolved = self.resolved_references()
         Q = torch.where(resolved, self.ref_sumsq, torch.zeros_like(self.ref_sumsq))
         ref_mean = self.ref_shift.double() + self.ref_mean.double()
-        mean = self.shift[flat].double() + self.mean[flat].double()
+        mean = self.mean_of(flat)
         if self.modes is None:
             return affine_fit([row[flat] for row in self.comoment], self.sumsq[flat], Q, mean, ref_mean)
         return affine_fit(self.comoment[0][flat], self.sumsq[flat], Q, mean, ref_mean, self.modes[flat])
@@ -508,12 +538,12 @@ class StreamingMoments:
 
     # ------------------------------------------------------------------------------- state
     def tensors(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Every tensor of the state, by name: flat per-weight tensors, M-vectors, the rows of P."""
+        """Every tensor of the state, by name: flat per-weight tensors, M-vectors, the rows of P (the
+        compact form has no ``shift``)."""
         out = {"shift": self.shift, "mean": self.mean, "sumsq": self.sumsq, "comoment": self.comoment,
-               "ref_shift": self.ref_shift, "ref_mean": self.ref_mean, "ref_sumsq": self.ref_sumsq}
-        if self.modes is not None:
-            out["modes"] = self.modes
-        return out
+               "ref_shift": self.ref_shift, "ref_mean": self.ref_mean, "ref_sumsq": self.ref_sumsq,
+               "modes": self.modes}
+        return {name: value for name, value in out.items() if value is not None}
 
     def restore(self, state: dict, copy: bool = True) -> None:
         """Take the count and tensors of a ``{"count": …, **tensors()}`` dict (as saved), on this device.
@@ -527,24 +557,30 @@ class StreamingMoments:
             return moved.clone() if copy and moved.data_ptr() == value.data_ptr() and moved.numel() else moved
 
         compact = "modes" in state
-        for name, dtype in (("shift", self.shift_dtype), ("mean", torch.float32), ("sumsq", torch.float32),
-                            ("ref_shift", self.shift_dtype), ("ref_mean", torch.float32),
+        for name, dtype in (("sumsq", torch.float32), ("ref_shift", self.shift_dtype), ("ref_mean", torch.float32),
                             ("ref_sumsq", torch.float32)):
             setattr(self, name, own(state[name], dtype))
+        self.shift = None if compact else own(state["shift"], self.shift_dtype)
+        self.mean = own(state["mean"], self.shift_dtype if compact else torch.float32)
+        if compact and state.get("shift") is not None:  # a compact state of version ≤ 3: fold its shift in
+            self.mean = (state["shift"].to(self.device).double() + state["mean"].to(self.device).double()).to(
+                self.shift_dtype)
         self.comoment = [own(row, torch.float32) for row in state["comoment"][:1 if compact else self.num_modes]]
         if compact:
-            self.modes = own(state["modes"], torch.int32 if self.kernel == "flat" else mode_dtype(self.num_modes))
-            self._allocate_scratch(compact=True)
-            self._step = _STEPS[(self.kernel, True)]
+            self._set_compact(own(state["modes"], self.modes_dtype))
         self.count = int(state["count"])
         if self.count_t is not None:
             self.count_t.fill_(float(self.count))
 
+    @property
+    def modes_dtype(self) -> torch.dtype:
+        """The modes' dtype: int32 for the flat kernel (what index_select takes), else the smallest."""
+        return torch.int32 if self.kernel == "flat" else mode_dtype(self.num_modes)
+
     def nbytes(self) -> int:
         """Bytes of the statistics (the state; scratch not included)."""
-        tensors = [self.shift, self.mean, self.sumsq, *self.comoment, self.ref_shift, self.ref_mean, self.ref_sumsq]
-        if self.modes is not None:
-            tensors.append(self.modes)
+        tensors = [self.mean, self.sumsq, *self.comoment, self.ref_shift, self.ref_mean, self.ref_sumsq]
+        tensors += [t for t in (self.shift, self.modes) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def scratch_nbytes(self) -> int:

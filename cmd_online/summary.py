@@ -4,7 +4,7 @@ The recorder's live statistics (``cmd_online.stats.StreamingMoments``) are its o
 every record and their methods change them. An observer (``cmd_online.observers``) reads
 ``rec.summary`` instead: the few values the loggers need, fixed when it is made, and a fit of any
 weights. Its tensors are views of the recorder's own (no copy of N values is made): do not modify
-them; they change with the next record.
+them; they change with the next record. ``sumsq`` and ``fit`` compute what they are asked for.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class RecordingSummary:
         compact (bool): whether the modes are frozen (the compact form: each weight keeps its own mode).
         sizes (tuple of int): weights of each parameter held by this process (its shard under FSDP2).
         modes (tensor or None): in the compact form, each local weight's mode (N,); None in the full form.
-        sumsq (tensor): each local weight's sum of squared deviations from its mean in the window (N,).
+        sumsq (callable): ``sumsq(index)``, the sums of squared deviations from their mean in the window of
+            the local weights ``index`` (a slice or a tensor of flat indices), float64.
         resolved_references (tensor): which references move above their resolution (M, bool); the
             others count as not moving (docs/concepts.md).
         fit (callable): ``fit(index)``, the affine fit (``a``, ``b``, ``modes``, ``r2``) of the local
@@ -38,7 +39,7 @@ class RecordingSummary:
     compact: bool
     sizes: tuple[int, ...]
     modes: torch.Tensor | None
-    sumsq: torch.Tensor
+    sumsq: Callable[[slice | torch.Tensor], torch.Tensor] = field(repr=False)
     resolved_references: torch.Tensor
     fit: Callable[[slice | torch.Tensor], AffineFit] = field(repr=False)
 
@@ -47,7 +48,7 @@ class RecordingSummary:
         """The summary of the statistics as they are now."""
         resolved = stats.resolved_references()
         return cls(window_count=stats.window_count(), compact=stats.compact, sizes=tuple(stats.sizes),
-                   modes=stats.modes, sumsq=stats.sumsq, resolved_references=resolved,
+                   modes=stats.modes if stats.compact else None, sumsq=stats.sumsq_of, resolved_references=resolved,
                    fit=functools.partial(stats.fit, resolved=resolved))
 
     @property

@@ -301,7 +301,7 @@ def mode_summary(rec) -> dict[str, torch.Tensor]:
     counts = {k: torch.zeros(HIST_BINS, dtype=torch.float32, device=device) for k in ("a", "r2")}
     ranges = {"a": (low, high), "r2": (0.0, 1.0)}
     for block in rec.fit_blocks():
-        fit, S = block.fit, sumsq[block.flat].double()
+        fit, S = block.fit, sumsq(block.flat)
         layer_counts[block.tensor] += torch.bincount(fit.modes, minlength=M)
         r2_sum.index_add_(0, fit.modes, fit.r2)
         totals += torch.stack([fit.r2.sum(), S.sum(), torch.dot(S, fit.r2)])

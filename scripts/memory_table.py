@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import cmd_online as cmdo
-from cmd_online.stats import BLOCK
+from cmd_online.stats import BLOCK, COMPACT_BLOCK
 
 
 def main():
@@ -35,9 +35,9 @@ def main():
             rec.record()
         N, M_found = rec.layout.numel, rec.num_modes
         capacity = max(2 * F, 64)  # columns of the reference table; doubles when full
-        block = min(BLOCK, N)  # the CPU record path works block by block
+        block = min(BLOCK if freeze is None else COMPACT_BLOCK, N)  # the CPU record path works block by block
         formula = {
-            "statistics": ((M_found + 3) * N * 4 if freeze is None else 4 * N * 4 + N) + 3 * M_found * 4,
+            "statistics": ((M_found + 3) * N * 4 if freeze is None else 3 * N * 4 + N) + 3 * M_found * 4,
             "scratch": (1 if freeze is None else 3) * block * 4,
             "history": K * F * 4,
             "references": M_found * capacity * 4,
@@ -47,7 +47,7 @@ def main():
         rec.close()
         print(f"{form} form: N = {N:,} weights, M = {M_found} modes, K = {K}, F = {F}, "
               f"{rec.num_records} records")
-        stats_formula = ("(M+3)·N·4 + 3·M·4" if freeze is None else "4·N·4 + N (uint8 mode) + 3·M·4")
+        stats_formula = ("(M+3)·N·4 + 3·M·4" if freeze is None else "3·N·4 + N (uint8 mode) + 3·M·4")
         scratch_formula = f"B·4 (dx), B = {block:,}" if freeze is None else f"3·B·4 (dx, y−ν, mode), B = {block:,}"
         rows = [("statistics", stats_formula), ("scratch", scratch_formula),
                 ("history", "K·F·4"),

@@ -296,14 +296,15 @@ def agree_warmup(rank, world_size, out: Path):
         recorder_module.mode_dtype = _once_on_rank(rank, 1, mode_dtype, "no room for the modes")
         model = _small_fsdp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        rec = cmdo.CMDRecorder(optimizer, model, modes=2, samples=20, warmup=3, freeze_modes_after=3, offload=offload)
+        # k ≥ 5: the full form, frozen by the recorder, together on the ranks (k ≤ 4 freezes inside a record)
+        rec = cmdo.CMDRecorder(optimizer, model, modes=2, samples=20, warmup=3, freeze_modes_after=5, offload=offload)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(32, 6, generator=g)
         loss = lambda: model(x).pow(2).mean()  # noqa: E731
         with torch.no_grad():
             loss_before = loss().item()
         outcomes, caught, freeze_error, compact_at = [], [], "", None
-        for t in range(7):
+        for t in range(9):
             optimizer.zero_grad()
             loss().backward()
             optimizer.step()

@@ -43,8 +43,8 @@ def uninterrupted(kwargs: dict):
 
 
 @pytest.mark.parametrize("saved, resumed, stop, kwargs", [
-    (2, 1, 7, {}),  # tracking, full form
-    (1, 2, 7, {}),
+    (2, 1, 7, {"freeze_modes_after": None}),  # tracking, full form
+    (1, 2, 7, {}),  # the default: the compact form, frozen at the window's record 3
     (2, 4, 2, {}),  # saved during the warm-up
     (4, 2, 9, {"freeze_modes_after": 3}),  # compact form
 ], ids=["2to1", "1to2", "2to4_warmup", "4to2_compact"])
@@ -59,7 +59,7 @@ def test_a_fresh_recorder_resumes_resharded_and_records_on_like_an_uninterrupted
     want = uninterrupted(kwargs).trajectory()
     for name in FIT:
         assert torch.equal(got[name], getattr(want, name)), name
-    assert got["compact"] == ("freeze_modes_after" in kwargs)
+    assert got["compact"] == (kwargs.get("freeze_modes_after", 3) is not None)
 
 
 @pytest.mark.parametrize("stop", [2, 7], ids=["warmup", "tracking"])
@@ -86,13 +86,20 @@ def test_without_a_mode_bound_a_threshold_state_is_refused_by_a_fresh_recorder(t
     import torch.distributed.checkpoint as dcp
 
     W = workers.trajectory()
-    model, optimizer, rec = workers.build(1, threshold=0.5)
+    model, optimizer, rec = workers.build(1, threshold=0.5, freeze_modes_after=None)  # the full form: M rows of P
     workers.record(model, rec, W[:8])
     dcp.save({"cmd": rec}, checkpoint_id=str(tmp_path / "dcp"))
-    _, _, fresh = workers.build(1, threshold=0.5)
+    _, _, fresh = workers.build(1, threshold=0.5, freeze_modes_after=None)
     with pytest.raises(ValueError, match=r"no max_modes.*max_modes= \(at least \d+\)"):
         dcp.load({"cmd": fresh}, checkpoint_id=str(tmp_path / "dcp"))
     assert fresh.num_records == 0 and fresh.phase == "warmup"  # refused: nothing changed
+    # the default (compact) recorder's state holds one row of P whatever M: a fresh one takes it
+    model, optimizer, rec = workers.build(1, threshold=0.5)
+    workers.record(model, rec, W[:8])
+    dcp.save({"cmd": rec}, checkpoint_id=str(tmp_path / "dcp_default"))
+    _, _, fresh = workers.build(1, threshold=0.5)
+    dcp.load({"cmd": fresh}, checkpoint_id=str(tmp_path / "dcp_default"))
+    assert fresh.num_records == 8 and torch.equal(fresh.trajectory().a, rec.trajectory().a)
 
 
 def test_a_trajectory_saved_sharded_loads_in_one_process_like_the_gathered_one(tmp_path):

@@ -204,7 +204,7 @@ def test_every_documented_signature_matches_the_code():
 
 
 def test_the_signature_check_catches_a_missing_argument_and_a_wrong_default():
-    fields = "modes=None, threshold=None, samples=1000, warmup=20, record_every=None, freeze_modes_after=None, seed=0"
+    fields = "modes=None, threshold=None, samples=1000, warmup=20, record_every=None, freeze_modes_after=3, seed=0"
     assert _signature_mismatch("CMDConfig", fields + ', distance="correlation", max_modes=None') is None
     assert _signature_mismatch("CMDConfig", fields + ', distance="correlation"') is not None
     assert _signature_mismatch("CMDConfig", fields.replace("1000", "100") + ', distance="correlation", max_modes=None')

@@ -186,7 +186,8 @@ def trained_recorder(records: int = WARMUP + 4, **config):
     (dict(samples=30), "samples=40.*samples=30"),
     (dict(warmup=WARMUP + 1), f"warmup={WARMUP}.*warmup={WARMUP + 1}"),
     (dict(seed=1), "seed=0.*seed=1"),
-    (dict(freeze_modes_after=2), "freeze_modes_after=None.*freeze_modes_after=2"),
+    (dict(freeze_modes_after=2), "freeze_modes_after=3.*freeze_modes_after=2"),
+    (dict(freeze_modes_after=None), "freeze_modes_after=3.*freeze_modes_after=None"),
     (dict(modes=None, threshold=0.5), "modes=2.*modes=None"),
 ])
 def test_load_state_dict_of_another_configuration_is_refused_and_changes_nothing(change, match):

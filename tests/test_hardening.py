@@ -210,7 +210,9 @@ def damaged(kind: str, state: dict) -> dict:
 def test_6_a_damaged_state_is_refused_before_anything_changes(kind):
     def recorder(records):
         model = mlp()
-        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30, warmup=3)
+        # the full form: its rows of P are what several kinds damage
+        rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=30, warmup=3,
+                               freeze_modes_after=None)
         return random_walk(model, records, rec), model
 
     source, _ = recorder(7)

@@ -28,7 +28,8 @@ from _lightning_setup import Digits, Snapshots, StepSnapshots, flat, train_loade
 from cmd_online.integrations.lightning import CMDCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CONFIG = dict(modes=3, samples=300, warmup=4, seed=0)
+# the full form (freeze_modes_after=None): its free modes are what decompose() computes post hoc
+CONFIG = dict(modes=3, samples=300, warmup=4, seed=0, freeze_modes_after=None)
 EPOCHS = 8
 F = CONFIG["warmup"]
 
@@ -359,7 +360,7 @@ def test_every_recorder_option_works_through_the_callback(tmp_path, options):
     fit.fit(Digits(), train_loader())
     rec = cmd.recorder
     assert rec.num_records == 6 and rec.offload == options.get("offload", False)
-    oracle = cmdo.decompose(snapshots.matrix(), **{k: v for k, v in config.items() if k not in ("offload", "kernel")},
+    oracle = cmdo.decompose(snapshots.matrix(), **{k: v for k, v in config.items() if k not in ("offload", "kernel", "freeze_modes_after")},
                             layout=rec.layout)
     traj = rec.trajectory()
     assert torch.equal(traj.reference_index, oracle.reference_index) and traj.num_modes <= options.get("max_modes", 3)

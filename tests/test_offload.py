@@ -88,7 +88,7 @@ def test_offload_skips_non_finite_records_and_warns_at_the_next_call():
     assert_same_state(plain, offloaded)
     model, steps = model_and_walk()
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
-                           offload=True)
+                           offload=True, freeze_modes_after=None)  # the full form: its update is held above
     walk(model, rec, steps, 0, 5)
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")
@@ -137,9 +137,9 @@ def in_thread(fn):
 def test_offload_bounds_the_records_in_flight_and_queries_wait(monkeypatch):
     model, steps = model_and_walk()
     rec = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=3, samples=40, warmup=4,
-                           offload=True)
+                           offload=True, freeze_modes_after=None)  # the full form: its update is held above
     walk(model, rec, steps, 0, 4)  # to the end of the warm-up
-    reference = run(8)
+    reference = run(8, freeze_modes_after=None)
     gate = Gate(monkeypatch)
     staging = rec.nbytes()["staging"]
 

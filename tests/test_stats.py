@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from _devices import DEVICES
-from cmd_online.stats import BLOCK, KERNELS, StreamingMoments, affine_fit, pin_references, two_pass_moments
+from cmd_online.stats import COMPACT_BLOCK, KERNELS, StreamingMoments, affine_fit, pin_references, two_pass_moments
 
-SIZES = [300, 7, 1, BLOCK + 5]  # a block boundary inside the last tensor
+SIZES = [300, 7, 1, (1 << 17) + 5]  # a block boundary inside the last tensor
 M = 4
 
 
@@ -39,9 +39,8 @@ def reference(records):
     return two_pass_moments(W, R)
 
 
-def assert_moments_close(stats, ref, rtol=2e-5):
-    mean = stats.shift.double() + stats.mean.double()
-    torch.testing.assert_close(mean.cpu(), ref.mean, rtol=1e-6, atol=1e-6)
+def assert_moments_close(stats, ref, rtol=2e-5, mean_atol=1e-6):
+    torch.testing.assert_close(stats.mean_of().cpu(), ref.mean, rtol=1e-6, atol=mean_atol)
     scale = ref.sumsq.abs().max()
     torch.testing.assert_close(stats.sumsq.double().cpu(), ref.sumsq, rtol=rtol, atol=rtol * scale)
     torch.testing.assert_close(stats.ref_sumsq.double().cpu(), ref.ref_sumsq, rtol=rtol, atol=0)
@@ -81,20 +80,23 @@ def test_compact_form_equals_the_reference_co_moment_with_the_own_mode(kernel, d
     modes = torch.randint(0, M, (sum(SIZES),), generator=torch.Generator().manual_seed(2))
     stats = stream(records, kernel, device, freeze_at=4, modes=modes)
     ref = reference(records)
-    assert stats.compact and stats.window_count() == len(records)
-    assert_moments_close(stats, ref)
+    assert stats.compact and stats.shift is None and stats.window_count() == len(records)
+    # the compact form has no shift: a mean of 1000 in float32 is off by up to half its spacing (3e-5), and
+    # each record's w − μ by as much against a motion of 1e-3 (docs/caveats.md, the compact form's precision)
+    rtol = 2e-5 if offset == 0 else 3e-2
+    assert_moments_close(stats, ref, rtol, mean_atol=1e-6 if offset == 0 else 1e-4)
     own = ref.comoment.gather(0, modes.unsqueeze(0)).squeeze(0)
-    torch.testing.assert_close(stats.comoment[0].double().cpu(), own, rtol=2e-5, atol=2e-5 * own.abs().max())
+    torch.testing.assert_close(stats.comoment[0].double().cpu(), own, rtol=rtol, atol=rtol * own.abs().max())
     assert torch.equal(stats.modes.long().cpu(), modes)
 
 
-def test_compact_state_holds_four_floats_and_a_byte_per_weight_on_cpu():
+def test_compact_state_holds_three_floats_and_a_byte_per_weight_on_cpu():
     N = sum(SIZES)
     stats = stream(random_records(T=5), "blocks", "cpu", freeze_at=3,
                    modes=torch.zeros(N, dtype=torch.int64))
-    assert stats.modes.dtype == torch.uint8
-    assert stats.nbytes() == N * (4 * 4 + 1) + 3 * M * 4
-    assert stats.scratch_nbytes() == BLOCK * (4 + 4 + 4)  # dx, own y − ν, int32 mode: one block each
+    assert stats.modes.dtype == torch.uint8 and stats.shift is None
+    assert stats.nbytes() == N * (3 * 4 + 1) + 3 * M * 4
+    assert stats.scratch_nbytes() == COMPACT_BLOCK * (4 + 4 + 4)  # dx, own y − ν, int32 mode: one block each
 
 
 def test_freeze_frees_the_other_rows_of_p():

@@ -33,6 +33,8 @@ from cmd_online.integrations.transformers import CMDCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIG = dict(modes=3, samples=300, warmup=4, seed=0)
+# the full form: its free modes are what decompose() computes post hoc
+FULL = dict(freeze_modes_after=None)
 STEPS, EVERY = 24, 2  # optimizer steps; a record every EVERY of them
 
 
@@ -294,7 +296,7 @@ def test_per_epoch_records_equal_decompose_of_the_epoch_end_weights_and_log_to_t
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path / "tb"))
-    cmd, snapshots = CMDCallback(**CONFIG | dict(warmup=3), writer=writer, log_every=2), Snapshots()
+    cmd, snapshots = CMDCallback(**CONFIG | dict(warmup=3) | FULL, writer=writer, log_every=2), Snapshots()
     Trainer(model=make_model(), train_dataset=Chars(64), callbacks=[cmd, snapshots],
             args=arguments(tmp_path, num_train_epochs=6)).train()
     writer.close()
@@ -440,7 +442,7 @@ OPTIONS = [dict(modes=None, threshold=0.5, max_modes=2), dict(distance="euclidea
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
 def test_every_recorder_option_works_through_the_callback(tmp_path, options):
-    config = CONFIG | dict(warmup=3) | options
+    config = CONFIG | dict(warmup=3) | FULL | options
     cmd, snapshots = CMDCallback(**config, record_every_n_steps=2, export_dir=None, log_every=1), Snapshots()
     trainer = Trainer(model=make_model(), train_dataset=Chars(128), callbacks=[cmd, snapshots],
                       args=arguments(tmp_path, max_steps=12, report_to=["tensorboard"]))
@@ -448,7 +450,7 @@ def test_every_recorder_option_works_through_the_callback(tmp_path, options):
     rec = cmd.recorder
     assert rec.num_records == 6 and rec.offload == options.get("offload", False)
     W = matrix(snapshots.steps[1::2], rec.layout.names)
-    oracle = cmdo.decompose(W, **{k: v for k, v in config.items() if k not in ("offload", "kernel")}, layout=rec.layout)
+    oracle = cmdo.decompose(W, **{k: v for k, v in config.items() if k not in ("offload", "kernel", *FULL)}, layout=rec.layout)
     traj = rec.trajectory()
     assert torch.equal(traj.reference_index, oracle.reference_index) and traj.num_modes <= options.get("max_modes", 3)
     for at in range(rec.num_records):

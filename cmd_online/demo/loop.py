@@ -37,7 +37,7 @@ class DemoConfig:
         lr (float): SGD learning rate, momentum 0.9 (default 0.05).
         report_every (int): epochs per printed table row; 0 picks about ten rows (default 0).
         freeze_modes_after (int): the recorder's compact memory: fix the modes this many records into
-            tracking (default None, the full form).
+            tracking (default 3; None: the full form).
         save_checkpoints (bool): also save every epoch's weights to ``out/checkpoints/`` (default False).
         progress (bool): show a progress bar (needs tqdm; default True).
         threads (int): torch CPU threads; 1 is fastest for this small model on a busy machine (default 1).
@@ -53,7 +53,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 0.05
     report_every: int = 0
-    freeze_modes_after: int | None = None
+    freeze_modes_after: int | None = 3
     save_checkpoints: bool = False
     progress: bool = True
     threads: int = 1
