@@ -265,3 +265,56 @@ def test_a_full_form_state_of_version_3_into_the_default_recorder_names_the_opti
     case, model, opt = _v3("full")
     with pytest.raises(ValueError, match="freeze_modes_after=None"):
         _v3_recorder(opt, model, 3).load_state_dict(case["state"])
+
+
+def test_a_freeze_stopped_halfway_refuses_every_later_use(monkeypatch):
+    """docs/caveats.md: an exception inside the in-place freeze (an out-of-memory error in its float64
+    temporaries) leaves statistics of neither form; the recorder then refuses records, queries and
+    state_dict() with the cause, and a recorder that loads the last saved state goes on as an uninterrupted one."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3 * 2048, 1, generator=g) * torch.randn(1, 8, generator=g).cumsum(1)
+    W = W + 0.1 * torch.randn(W.shape, generator=g)
+    p = torch.nn.Parameter(W[:, 0].clone())
+    opt = torch.optim.SGD([p], lr=0.0)
+
+    def recorder():
+        return cmdo.CMDRecorder(opt, modes=2, samples=100, warmup=4, seed=0)  # the default: k = 3
+
+    rec, twin = recorder(), recorder()
+    for t in range(5):  # the warm-up and the window's first two records
+        with torch.no_grad():
+            p.copy_(W[:, t])
+        rec.record()
+        twin.record()
+    saved = io.BytesIO()
+    torch.save(rec.state_dict(), saved)  # at once: state_dict() holds references to the live tensors
+    real, calls = SnapshotMoments._freeze_block, []
+
+    def out_of_memory_on_the_second_block(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("float64 temporaries")
+        return real(self, *args)
+
+    monkeypatch.setattr(SnapshotMoments, "_freeze_block", out_of_memory_on_the_second_block)
+    with torch.no_grad():
+        p.copy_(W[:, 5])
+    with pytest.raises(MemoryError):
+        rec.record()
+    monkeypatch.undo()
+    for use in (rec.record, rec.state_dict, rec.trajectory, lambda: rec.cmd_parameters()):
+        with pytest.raises(RuntimeError, match=r"freeze of the modes stopped halfway \(MemoryError after 2048 of "
+                                               r"6144 weights\).*load the last state_dict"):
+            use()
+    resumed = recorder()
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    for t in range(5, 8):
+        with torch.no_grad():
+            p.copy_(W[:, t])
+        resumed.record()
+        twin.record()
+    assert resumed.moments.compact
+    got, want = resumed.trajectory(), twin.trajectory()
+    for name in ("a", "b", "modes", "references"):
+        assert torch.equal(getattr(got, name), getattr(want, name))
