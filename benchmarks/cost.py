@@ -93,13 +93,22 @@ def reset_peak() -> bool:
         return False
 
 
+def _shape(n: int, matrix: bool) -> tuple[int, ...]:
+    """A layer's weight as a matrix of at most 1024 columns (as a Linear's), a bias as a vector: a state
+    keeps one row marker (int64) per first-dimension row of each parameter (docs/concepts.md)."""
+    if not matrix:
+        return (n,)
+    cols = next(c for c in range(min(n, 1024), 0, -1) if n % c == 0)
+    return (n // cols, cols)
+
+
 def make_params(N: int, device: str) -> list[torch.nn.Parameter]:
     sizes = [max(1, int(f * N)) for f in FRACTIONS]
     sizes[0] += N - sum(sizes)
     g = torch.Generator(device=device).manual_seed(0)
     params = []
-    for n in sizes:  # filled in place: no temporaries that would raise the peak before the recorder
-        p = torch.nn.Parameter(torch.empty(n, device=device).normal_(generator=g))
+    for i, n in enumerate(sizes):  # filled in place: no temporaries that would raise the peak before the recorder
+        p = torch.nn.Parameter(torch.empty(_shape(n, i % 2 == 0), device=device).normal_(generator=g))
         p.grad = torch.empty_like(p).normal_(generator=g)
         params.append(p)
     return params

@@ -139,6 +139,8 @@ def test_saved_state_of_the_default_recorder_is_at_most_three_and_a_half_model_c
         sizes.append(buffer.tell())
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert max(sizes[2:]) <= 3.5 * model_bytes, [s / model_bytes for s in sizes]
+    rows = rec.state_dict()["stats"]["rows"]  # one int64 marker per first-dimension row (docs/concepts.md)
+    assert [(r.dtype, r.shape) for r in rows.values()] == [(torch.int64, (300,)), (torch.int64, (300,))]
 
 
 def _records(T: int, offset: float, motion: float, n: int = 400):
