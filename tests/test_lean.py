@@ -286,3 +286,34 @@ def test_a_freeze_stopped_halfway_refuses_every_later_use(monkeypatch):
     got, want = resumed.trajectory(), twin.trajectory()
     for name in ("a", "b", "modes", "references"):
         assert torch.equal(getattr(got, name), getattr(want, name))
+
+
+@pytest.mark.parametrize("damage", ["edited", "shape", "nan"])
+def test_a_damaged_state_saved_between_the_snapshots_is_refused_and_changes_nothing(damage):
+    """A state of the default recorder before its freeze (the window's first records kept as snapshots):
+    an edited snapshot, a snapshot of the wrong shape or a NaN in one is refused with a ValueError naming
+    the statistic, and the recorder that refused it is unchanged."""
+    model, g = small_cnn(0), torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = cmdo.CMDRecorder(opt, model, modes=5, samples=400, warmup=4)
+    for _ in range(5):  # the warm-up and the window's second record: snapshots, no freeze yet
+        train_epoch(model, opt, g)
+        rec.record()
+    assert rec.moments.window_count() == 2 and not rec.moments.compact
+    buffer = io.BytesIO()
+    torch.save(rec.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    name = next(iter(state["stats"]["sumsq"]))  # record 2 − record 1 of the first parameter
+    snapshot = state["stats"]["sumsq"][name]
+    if damage == "edited":
+        snapshot.view(-1)[0] += 1e-3
+    elif damage == "shape":
+        state["stats"]["sumsq"][name] = snapshot.reshape(-1)[:-1]
+    else:
+        snapshot.view(-1)[0] = float("nan")
+    other = cmdo.CMDRecorder(opt, model, modes=5, samples=400, warmup=4)
+    before = leaves(other.state_dict())
+    with pytest.raises(ValueError, match=r"sumsq|checksum"):
+        other.load_state_dict(state)
+    assert_same(leaves(other.state_dict()), before)
