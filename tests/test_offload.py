@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cmd_online as cmdo
-import cmd_online.recorder as recorder_module
+import cmd_online.recording as recording_module
 from _devices import DEVICES
 from _states import assert_same, leaves
 from cmd_online.offload import OffloadError
@@ -164,7 +164,7 @@ def test_offload_bounds_the_records_in_flight_and_queries_wait(monkeypatch):
 
 def fail_the_first_clustering(monkeypatch):
     """The clustering at the end of the warm-up raises MemoryError once (in the worker, with offload)."""
-    cluster, failures = recorder_module.cluster, []
+    cluster, failures = recording_module.cluster, []
 
     def flaky(*args, **kwargs):
         if not failures:
@@ -172,7 +172,7 @@ def fail_the_first_clustering(monkeypatch):
             raise MemoryError("no room for the clustering")
         return cluster(*args, **kwargs)
 
-    monkeypatch.setattr(recorder_module, "cluster", flaky)
+    monkeypatch.setattr(recording_module, "cluster", flaky)
 
 
 def test_a_failure_in_the_worker_surfaces_at_the_next_call_and_loses_nothing(monkeypatch):
