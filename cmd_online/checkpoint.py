@@ -310,12 +310,7 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
         return state
     names = _stats_names(stats, Layout.from_dict(meta["layout"]).names, layout.names)
     shapes = [tuple(s) for s in layout.shapes]
-    for i, (name, shape) in enumerate(zip(names, shapes)):
-        start, stop = rows[i]
-        marker = _local(stats, ("rows", name), i, shape[:1] if shape else (1,), local)
-        if marker.shape != (stop - start,) or not torch.equal(marker.cpu().long(), torch.arange(start, stop)):
-            raise _fail(f"stats.rows.{name}", f"does not name rows [{start}, {stop}) of {name!r}: a shard saved by "
-                        f"another rank, or of another sharding (reshard with torch.distributed.checkpoint)")
+    _check_rows(stats, names, shapes, rows, local)
     compact = bool(meta.get("compact"))
     snapshots = "shift" not in stats  # the layout of a recorder that keeps snapshots (version 4)
     M = meta["reference_index"].numel() if isinstance(meta["reference_index"], torch.Tensor) else 0
@@ -348,6 +343,16 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
                              f"save it at once); nothing was loaded") from None
     state["stats"] = out
     return state
+
+
+def _check_rows(stats: dict, names, shapes: list[tuple[int, ...]], rows: list[tuple[int, int]], local) -> None:
+    """That the ``rows`` markers of a state name exactly the rows this process holds of each parameter."""
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+        start, stop = rows[i]
+        marker = _local(stats, ("rows", name), i, shape[:1] if shape else (1,), local)
+        if marker.shape != (stop - start,) or not torch.equal(marker.cpu().long(), torch.arange(start, stop)):
+            raise _fail(f"stats.rows.{name}", f"does not name rows [{start}, {stop}) of {name!r}: a shard saved by "
+                        f"another rank, or of another sharding (reshard with torch.distributed.checkpoint)")
 
 
 def stats_checked(stats: dict, names, M: int, compact: bool, snapshots: bool = False) -> list[tuple[str, Any]]:

@@ -10,7 +10,6 @@ every counter — is a :class:`~cmd_online.recording.Recording`; the state forma
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import threading
 import warnings
@@ -20,31 +19,16 @@ from typing import Any, Iterator
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import read_state, write_state, write_trajectory_state
+from .checkpoint import read_state, write_state
 from .config import CMDConfig, RunOptions, check_bool
-from .files import atomic_save
-from .layout import RECORDABLE_DTYPES, Layout
+from .layout import Layout
 from .observers import check_observers, notify
 from .offload import EXIT_WAIT, OffloadDriver
-from .recording import FIT_BLOCK, FREEZE_BLOCK, FitBlock, Recording  # noqa: F401 (FIT_BLOCK, FREEZE_BLOCK: scripts)
-from .references import ReferenceSlots
+from .parameters import RecordedParameters
+from .queries import Queries, serialised
+from .recording import FIT_BLOCK, FREEZE_BLOCK, Recording  # noqa: F401 (FIT_BLOCK, FREEZE_BLOCK: read by scripts)
 from .shortcut import WriterShortcut, flush_writers
-from .stats import StreamingMoments
-from .summary import RecordingSummary
 from .swap import Swapping
-from .trajectory import CMDTrajectory
-
-
-def _serialised(method=None, *, flush: bool = False):
-    """Run the method inside the recorder's :meth:`~CMDRecorder._locked` (``flush``: see there): records,
-    queries and state changes happen one at a time."""
-    def wrap(method):
-        @functools.wraps(method)
-        def serialised(self, *args, **kwargs):
-            with self._locked(flush):
-                return method(self, *args, **kwargs)
-        return serialised
-    return wrap if method is None else wrap(method)
 
 
 class _StepHook:
@@ -70,73 +54,7 @@ def _warn_about_tiny_settings(config: CMDConfig) -> None:
                       "single mode; use warmup ≥ 3 for more than one", UserWarning, stacklevel=4)
 
 
-def _check_params(params: list, model: torch.nn.Module | None) -> None:
-    """Every optimizer parameter recordable, once, and (given a model) one of the model's."""
-    if not params:
-        raise ValueError("optimizer has no parameters to record")
-    first: dict[int, int] = {}
-    for i, p in enumerate(params):
-        if first.setdefault(id(p), i) != i:
-            raise ValueError(f"optimizer parameter {i} is the same tensor as parameter {first[id(p)]}: each "
-                             f"parameter must appear once in the optimizer's param_groups")
-    names = {} if model is None else {id(p): n for n, p in model.named_parameters()}
-    for i, p in enumerate(params):
-        what = f"parameter {names[id(p)]!r} (optimizer parameter {i})" if id(p) in names \
-            else f"optimizer parameter {i}"
-        if isinstance(p, torch.nn.parameter.UninitializedParameter):
-            raise ValueError(f"{what} is an uninitialized parameter of a lazy module (LazyLinear, …): run a "
-                             f"forward pass first, then build the optimizer and the recorder")
-        if not p.is_floating_point():
-            raise TypeError(f"{what} has dtype {p.dtype}; CMD records floating-point parameters")
-        if p.dtype not in RECORDABLE_DTYPES:  # float8 and smaller: no arithmetic to record them with
-            raise TypeError(f"{what} has dtype {p.dtype}; CMD records float64, float32, float16 and bfloat16 "
-                            f"parameters (float8 training keeps master weights in one of these: record those)")
-        if p.layout != torch.strided:
-            raise TypeError(f"{what} has layout {p.layout}; CMD records dense (strided) parameters")
-        if p.is_meta:
-            raise ValueError(f"{what} is on the meta device, so it holds no values to record: build the "
-                             f"recorder once the parameters are materialised (model.to_empty(device=...) and "
-                             f"initialised, or loaded)")
-    if model is not None:
-        owned = {id(p) for p in model.parameters()}
-        foreign = [i for i, p in enumerate(params) if id(p) not in owned]
-        if foreign:
-            raise ValueError(f"model is not the optimizer's model: optimizer parameter(s) {foreign[:5]}"
-                             f"{' …' if len(foreign) > 5 else ''} are not parameters of model; pass the "
-                             f"model whose parameters the optimizer steps")
-
-
-def _param_names(optimizer, params: list, model: torch.nn.Module | None) -> list[str]:
-    names = [f"param_groups.{g}.params.{j}"
-             for g, group in enumerate(optimizer.param_groups) for j in range(len(group["params"]))]
-    if model is not None:  # the model's names where it has the parameter
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        names = [by_id.get(id(p), name) for p, name in zip(params, names)]
-    return names
-
-
-def _replaced(model: torch.nn.Module | None, optimizer, params: list, names: tuple, sharded: bool) -> str:
-    """Which recorded ``params`` the model (else the optimizer) no longer holds — replaced after the recorder
-    was built, e.g. by ``model.load_state_dict(sd, assign=True)`` — as a sentence; "" if none."""
-    holder = model if model is not None else optimizer
-    if holder is None:
-        return ""
-    if model is not None:
-        if sharded:  # FSDP2 holds its sharded parameters once its modules are resharded
-            dist_utils.reshard(model)
-        held = {id(p) for p in model.parameters()}
-    else:
-        held = {id(p) for group in holder.param_groups for p in group["params"]}
-    gone = [name for name, p in zip(names, params) if p is not None and id(p) not in held]
-    if not gone:
-        return ""
-    listed = ", ".join(repr(n) for n in gone[:5]) + (" …" if len(gone) > 5 else "")
-    return (f"parameter(s) {listed} of the {'model' if model is not None else 'optimizer'} are no longer the "
-            f"tensors recorded (replaced after the recorder was built, e.g. by load_state_dict(..., "
-            f"assign=True) or a new nn.Parameter)")
-
-
-class CMDRecorder(Swapping):
+class CMDRecorder(Queries, Swapping):
     """Records the CMD model of a training run online, with bounded memory.
 
     Attaches to ``optimizer`` through its step hooks: the optimizer, LR schedulers, GradScaler,
@@ -192,29 +110,20 @@ class CMDRecorder(Swapping):
         self.run_options = RunOptions.of(check_finite=check_finite, kernel=kernel, offload=offload,
                                          compile_update=compile_update)
         shortcut = WriterShortcut(writer, log_every)
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
+        self._parameters = RecordedParameters(optimizer, model)  # checked, held weakly
         _warn_about_tiny_settings(self.config)
-
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        _check_params(params, model)
-        self._shards = dist_utils.ShardInfo.of(params, model)
+        params = self._parameters.live()
+        self._shards = self._parameters.shards
         local = self._shards.local(params)
         devices = {p.device for p in local}
         if len(devices) != 1:
             raise ValueError(f"all parameters must be on one device; got {sorted(map(str, devices))}")
-        self._param_device = devices.pop()
-        self.device = torch.device("cpu") if self.offload else self._param_device  # where the statistics live
-
-        # weak references, as torch_ema keeps: dropping the model and optimizer frees the parameters
-        self._optimizer = weakref.ref(optimizer)
-        self._param_refs = [weakref.ref(p) for p in params]
-        self._model = None if model is None else weakref.ref(model)
-        self.layout = Layout.of_tensors(params, _param_names(optimizer, params, model))
+        param_device = devices.pop()
+        self.device = torch.device("cpu") if self.offload else param_device  # where the statistics live
+        self.layout = Layout.of_tensors(params, self._parameters.names)
         self.config = self.config.for_weights(self.layout.numel, "CMDRecorder")  # samples > N: all N, with a warning
-        self.recording = Recording(self.config, self.layout, self._shards, [w.shape for w in local],
-                                   self._param_device, self.device, self.run_options.kernel)
-        self._warned_new_params = self._warned_replaced = False
+        self.recording = Recording(self.config, self.layout, self._shards, [w.shape for w in local], param_device,
+                                   self.device, self.run_options.kernel)
         self._auto = False  # the step hook is recording now
         self._after_auto = False  # the last thing that happened was an automatic record (no optimizer step since)
         self._warned_duplicate = False
@@ -243,7 +152,7 @@ class CMDRecorder(Swapping):
 
     # ----------------------------------------------------------------------------- state
     @property
-    @_serialised
+    @serialised
     def phase(self) -> str:
         """``"warmup"`` until the clustering is done, then ``"tracking"`` (with offload, waits for pending records)."""
         return "tracking" if self.recording.tracking else "warmup"
@@ -255,14 +164,14 @@ class CMDRecorder(Swapping):
         return self.phase == "tracking"
 
     @property
-    @_serialised
+    @serialised
     def num_records(self) -> int:
         """Records taken, skipped ones not counted (flat kernel: reading it synchronises; offload: waits)."""
         self.recording.report_skips()
         return self.recording.records()
 
     @property
-    @_serialised
+    @serialised
     def skipped_records(self) -> int:
         """Records skipped because of NaN/Inf weights (flat kernel: reading it synchronises; offload: waits)."""
         return self.recording.skips()
@@ -295,11 +204,7 @@ class CMDRecorder(Swapping):
     @property
     def params(self) -> list[torch.Tensor]:
         """The recorded parameters, in optimizer order (held weakly)."""
-        params = [ref() for ref in self._param_refs]
-        if any(p is None for p in params):
-            raise RuntimeError("the parameters recorded by this CMDRecorder have been deleted (model and optimizer "
-                               "dropped); cmd_parameters(), trajectory(), state_dict() and nbytes() still work")
-        return params
+        return self._parameters.live()
 
     @property
     def check_finite(self) -> bool:
@@ -352,51 +257,6 @@ class CMDRecorder(Swapping):
         """Everything told about the records: ``callbacks``, then the ``writer=`` shortcut's logger."""
         return self.callbacks + self._shortcut.observers()
 
-    # ----------------------------------------------------------------------------- read-only views
-    @property
-    @_serialised
-    def references(self) -> torch.Tensor:
-        """The reference values, M × num_records (a view: do not modify; it changes with the next record)."""
-        self.recording.require_tracking("references")
-        return self.recording.table.columns(self.num_records)
-
-    @property
-    @_serialised
-    def reference_slots(self) -> ReferenceSlots | None:
-        """Where the reference weights this process holds sit in its flat index (None during the warm-up;
-        with offload, waits for pending records)."""
-        return self.recording.slots
-
-    @property
-    @_serialised
-    def summary(self) -> RecordingSummary | None:
-        """What observers read of the statistics: a frozen :class:`~cmd_online.summary.RecordingSummary` of them
-        now (None during the warm-up; with offload, waits for pending records)."""
-        stats = self.recording.stats
-        return None if stats is None else RecordingSummary.of(stats)
-
-    @property
-    @_serialised
-    def moments(self) -> StreamingMoments | None:
-        """Internal: the live streaming statistics, for tests and benchmarks (None during the warm-up; with
-        offload, waits for pending records). They change with every record and may change shape between
-        versions; observers read :attr:`summary`."""
-        return self.recording.stats
-
-    @_serialised
-    def fit_blocks(self, block: int | None = None, tensors: list[int] | None = None) -> Iterator[FitBlock]:
-        """The fit of every local weight, block by block: extra memory of a few blocks, whatever N.
-
-        Each block lies inside one parameter; references are pinned to a = 1, b = 0 in their mode.
-
-        Args:
-            block (int): weights per block (default: a cache-sized block on CPU, larger on accelerators).
-            tensors (list of int): only the blocks of these parameters (default all).
-        """
-        self.recording.require_tracking("fit_blocks")
-        self.recording.report_skips()
-        return self.recording.fit_blocks(block, tensors)
-
     # ----------------------------------------------------------------------------- recording
     def _after_step(self, optimizer, args, kwargs) -> None:
         # GradScaler calls step() of optimizers that unscale themselves (fused Adam, AdamW, SGD) even for a
@@ -443,7 +303,7 @@ class CMDRecorder(Swapping):
         with self._lock, torch.inference_mode(False), torch.no_grad():
             self._refuse_record_when_swapped()
             self._closed = False
-            self._warn_if_params_changed()
+            self._parameters.warn_if_changed()
             weights = [w.detach().reshape(-1) for w in self._shards.local(self.params)]  # views: nothing copied
             if self._offload is not None:
                 return self._offload.record(weights, self.check_finite, bool(self.observers), self._tell,
@@ -468,34 +328,6 @@ class CMDRecorder(Swapping):
             notify(self.observers, "on_tracking_start", self)
         if self.observers:
             notify(self.observers, "on_record", self, self.recording.records() - 1 if index is None else index)
-
-    def _warn_if_params_changed(self) -> None:
-        optimizer = self._optimizer()
-        if (not self._warned_new_params and optimizer is not None
-                and sum(len(g["params"]) for g in optimizer.param_groups) != len(self._param_refs)):
-            self._warned_new_params = True
-            warnings.warn("CMDRecorder: the optimizer's parameters changed after the recorder was built "
-                          "(add_param_group?); only the original parameters are recorded", RuntimeWarning,
-                          stacklevel=4)
-        if not self._warned_replaced and not self._shards.sharded:  # FSDP2 registers unsharded copies meanwhile
-            replaced = self._replaced()
-            if replaced:
-                self._warned_replaced = True
-                warnings.warn(f"CMDRecorder: {replaced}; the recorder records the tensors it was built on: build "
-                              f"a new recorder (and optimizer) for the new parameters", RuntimeWarning, stacklevel=4)
-
-    def _replaced(self) -> str:
-        model = None if self._model is None else self._model()
-        return _replaced(model, self._optimizer(), [ref() for ref in self._param_refs], self.layout.names,
-                         self._shards.sharded)
-
-    def _refuse_if_replaced(self, what: str) -> None:
-        """``swapped``, ``cmd_state_dict`` and ``export`` would write into, or label as CMD, tensors the model
-        no longer uses: refused."""
-        replaced = self._replaced()
-        if replaced:
-            raise ValueError(f"{what}: {replaced}, so the CMD weights would go to tensors the model no longer "
-                             f"uses; build a new recorder for the new parameters")
 
     # ----------------------------------------------------------------------------- offload's end
     def _drain(self, timeout: float | None = None, why: str = "dropped") -> None:
@@ -537,128 +369,8 @@ class CMDRecorder(Swapping):
     def __deepcopy__(self, memo):
         self.__reduce_ex__(4)
 
-    # ----------------------------------------------------------------------------- queries
-    def _output_dtypes(self) -> list[torch.dtype]:
-        """Each parameter's current dtype (the recorded one once the parameters are gone)."""
-        params = [ref() for ref in self._param_refs]
-        return [self.layout.dtypes[i] if p is None else p.dtype for i, p in enumerate(params)]
-
-    def _cmd_tensors(self, at: int, what: str = "cmd_parameters") -> Iterator[tuple[int, torch.Tensor]]:
-        """(parameter, its CMD weights at record ``at``), one parameter at a time."""
-        self.recording.require_tracking(what)
-        return self.recording.cmd_tensors(at, self._output_dtypes())
-
-    @_serialised
-    def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
-        """CMD weights at record ``at``, one tensor per optimizer parameter (local shards under FSDP)."""
-        return [tensor for _, tensor in self._cmd_tensors(at)]
-
-    def _live_model(self) -> torch.nn.Module:
-        if self._model is None:
-            raise ValueError("this needs the model: pass model= to CMDRecorder(optimizer, model)")
-        model = self._model()
-        if model is None:
-            raise RuntimeError("the model given to CMDRecorder has been deleted; "
-                               "keep a reference to it while you use the recorder")
-        return model
-
-    @_serialised
-    def cmd_state_dict(self, at: int = -1) -> dict[str, Any]:
-        """The model's state_dict with CMD weights for the recorded parameters (buffers are live)."""
-        model = self._live_model()
-        self.recording.require_tracking("cmd_state_dict")
-        self._refuse_if_replaced("cmd_state_dict")
-        params = self.params
-        full = self._shards.full_tensors(self._shards.agreed("cmd_state_dict()", lambda: self.cmd_parameters(at)),
-                                         params)
-        by_id = {id(p): v for p, v in zip(params, full)}
-        sd = model.state_dict(keep_vars=True)
-        # the parameters the optimizer does not hold are the live ones, whole (gathered under FSDP2)
-        return {k: by_id[id(v)] if id(v) in by_id else dist_utils.whole(v) if isinstance(v, torch.Tensor) else v
-                for k, v in sd.items()}
-
-    @_serialised
-    def export(self, path, at: int = -1) -> None:
-        """Write ``cmd_state_dict(at)`` as a normal checkpoint, atomically (rank 0 only when distributed).
-
-        Load it with ``model.load_state_dict(torch.load(path))``.
-        """
-        self.recording.require_tracking("export")
-        self._refuse_if_replaced("export")
-        sd = self.cmd_state_dict(at)
-        if dist_utils.is_writer():
-            atomic_save(sd, path)
-
-    @_serialised
-    def trajectory(self) -> CMDTrajectory:
-        """The CMD model so far, as a :class:`CMDTrajectory` with full tensors.
-
-        Under FSDP2 it is collective: every rank gathers a, b (float32, float64 for a float64 model)
-        and the modes (int32) of all N weights, 12 bytes per weight of the whole model, plus as much
-        again for a moment; for a model whose a and b do not fit in one process, save
-        :meth:`trajectory_state_dict` with torch.distributed.checkpoint instead.
-        """
-        recording = self.recording
-        recording.require_tracking("trajectory")
-        a, b, modes, totals = self._shards.agreed("trajectory()", recording.clustered_fit)
-        meta = recording.trajectory_meta(totals)
-        a, b, modes = (self._shards.gather_flat(x, recording.sizes) for x in (a, b, modes))
-        return CMDTrajectory(**meta, a=a, b=b, modes=modes)
-
-    @_serialised
-    def add_metrics(self, metrics: dict[str, float], at: int = -1) -> None:
-        """Keep metrics of record ``at`` — e.g. the trained and the CMD model's test accuracy — for
-        :meth:`trajectory` (``CMDTrajectory.metrics``) and so for its report (``cmd-online report``).
-
-        Args:
-            metrics (dict): metric name → number (a float, int or one-element tensor). A name
-                ``"group/label"`` is drawn with the other labels of its group in one panel of the
-                report, e.g. ``{"test accuracy/trained": 0.95, "test accuracy/CMD": 0.97}``.
-            at (int): the record they belong to; negative counts from the end (default -1, the last).
-
-        Adding a metric again at the same record replaces it. Metrics are kept in ``state_dict()``.
-        """
-        self.recording.add_metrics(metrics, at)
-
-    @_serialised
-    def trajectory_state_dict(self) -> dict[str, Any]:
-        """The CMD model as a state_dict for ``torch.distributed.checkpoint``, without gathering anything.
-
-        ``{"meta": bytes, "a", "b", "modes": {parameter name: a tensor shaped like the parameter}}``,
-        placed like the parameters (DTensors under FSDP2): ``dcp.save({"trajectory": ...})`` writes each
-        rank's part; :func:`cmd_online.checkpoint.load_trajectory` reads it back as a
-        :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed). Outside
-        FSDP2 ``meta`` holds a checksum of a, b and the modes, which ``CMDTrajectory.from_state_dict`` checks.
-        """
-        self.recording.require_tracking("trajectory_state_dict")
-        fit = self._shards.agreed("trajectory_state_dict()", self.recording.clustered_fit)
-        return write_trajectory_state(self.recording, fit)
-
-    @_serialised
-    def r2(self) -> list[torch.Tensor]:
-        """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""
-        self.recording.require_tracking("r2")
-        return self.recording.r2()
-
-    @_serialised
-    def nbytes(self) -> dict[str, int]:
-        """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references,
-        indices, the offload's host ``staging`` buffers) and their ``total``."""
-        out = {**self.recording.nbytes(), "staging": 0 if self._offload is None else self._offload.nbytes()}
-        out["total"] = sum(out.values())
-        return out
-
-    @_serialised
-    def log(self, writer, step: int | None = None) -> None:
-        """Log mode statistics to a TensorBoard ``writer`` now, at ``step`` (default: the last record).
-
-        Mode statistics are written every ``log_every`` calls' records, as with ``writer=``; one
-        logger per writer keeps that schedule (held weakly with the writer).
-        """
-        self._shortcut.log(self, writer, self.num_records - 1 if step is None else step)
-
     # ----------------------------------------------------------------------------- checkpoints
-    @_serialised
+    @serialised
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: configuration, counters, samples, history, references, statistics.
 
@@ -675,7 +387,7 @@ class CMDRecorder(Swapping):
         """
         return write_state(self.recording)
 
-    @_serialised(flush=True)
+    @serialised(flush=True)
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore from :meth:`state_dict` (this version, or 1 to 3 of earlier cmd_online). Every field is
         checked first: a state of another configuration, other parameters, other samples, or one damaged
@@ -698,7 +410,7 @@ class CMDRecorder(Swapping):
         self.recording.restore(checked, metrics, fresh)  # everything checked, on every rank: now change it
         self._after_auto = False
 
-    @_serialised(flush=True)
+    @serialised(flush=True)
     def close(self) -> None:
         """Detach from the optimizer (no more records on step) and tell the observers (a writer is flushed),
         once: calling it again before another record does nothing more. With offload, every pending record

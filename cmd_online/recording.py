@@ -25,7 +25,7 @@ from .config import CMDConfig
 from .distributed import ShardInfo, ranks_text
 from .layout import Layout
 from .progress import LOG
-from .references import ReferenceSlots, ReferenceTable
+from .references import ReferenceTable
 from .sampling import sample_indices
 from .stats import AffineFit, StreamingMoments, mode_dtype, pin_references
 from .trajectory import normalize_at, reconstruct
@@ -145,6 +145,7 @@ class Recording:
 
     @property
     def num_modes(self) -> int | None:
+        """M, once the warm-up has ended (else None)."""
         return None if self.reference_index is None else self.reference_index.numel()
 
     @property
@@ -493,10 +494,7 @@ class Recording:
         """Bytes held in tensors, by part (statistics, scratch, history, references, indices)."""
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         stats = self.stats
-        return {
-            "statistics": 0 if stats is None else stats.nbytes(),
-            "scratch": 0 if stats is None else stats.scratch_nbytes(),
-            "history": size(self.history),
-            "references": 0 if self.table is None else self.table.nbytes(),
-            "indices": size(self.sample_index) + size(self.reference_index),
-        }
+        return {"statistics": 0 if stats is None else stats.nbytes(),
+                "scratch": 0 if stats is None else stats.scratch_nbytes(), "history": size(self.history),
+                "references": 0 if self.table is None else self.table.nbytes(),
+                "indices": size(self.sample_index) + size(self.reference_index)}

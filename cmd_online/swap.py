@@ -4,8 +4,7 @@
 :class:`Swapping` is a part of :class:`~cmd_online.recorder.CMDRecorder` (its base class): the swap's
 state (the stored weights, the swapped count) and rules live here, the CMD weights come from the
 recorder. It relies on the recorder's ``_locked()`` (its lock, after pending records), ``_lock``,
-``_shards``, ``params``, ``ready``, ``recording``, ``config``, ``_model``, ``_live_model()``,
-``_refuse_if_replaced(what)`` and ``_cmd_tensors(at, what)``.
+``_shards``, ``_parameters``, ``params``, ``ready``, ``recording``, ``config`` and ``_cmd_tensors(at, what)``.
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class Swapping:
             if at == -1 and self._fallback(what):
                 return
             self.recording.require_tracking(what)
-            self._refuse_if_replaced(what)
+            self._parameters.refuse_if_replaced(what)
             model = self._sharded_model()
             local = self._shards.local(self.params)
             try:
@@ -174,10 +173,10 @@ class Swapping:
         """Under FSDP2, the model (whose FSDP modules ``swapped`` reshards); None otherwise."""
         if not self._shards.sharded:
             return None
-        if self._model is None:
+        if not self._parameters.has_model:
             raise ValueError("swapped() under FSDP2 needs the model: pass model= to CMDRecorder, so that FSDP's "
                              "unsharded copies of the trained weights are dropped on entry and exit")
-        return self._live_model()
+        return self._parameters.model()
 
     def _refuse_record_when_swapped(self) -> None:
         if self._swapped:
