@@ -2,9 +2,11 @@
 
 The recorder is the façade: it owns the hooks, the options, the lock and the observers, and answers
 the public API. What a recording holds — the warm-up history, the references, the statistics and
-every counter — is a :class:`~cmd_online.recording.Recording`; the state format is
-:mod:`cmd_online.checkpoint`'s (writer and reader); ``offload=True`` hands records to an
-:class:`~cmd_online.offload.OffloadDriver`; the swap primitives are :class:`~cmd_online.swap.Swapping`'s.
+every counter — is a :class:`~cmd_online.recording.Recording`; the recorded parameters, held weakly,
+are :class:`~cmd_online.parameters.RecordedParameters`; the state format is :mod:`cmd_online.checkpoint`'s
+(writer and reader); ``offload=True`` hands records to an :class:`~cmd_online.offload.OffloadDriver`.
+Its public API comes in three parts: this module (options, records, state, observers), its read side
+(:class:`~cmd_online.queries.Queries`) and the swap primitives (:class:`~cmd_online.swap.Swapping`).
 """
 
 from __future__ import annotations
