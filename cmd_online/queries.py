@@ -4,7 +4,7 @@ as :class:`Queries`, a part of the recorder (its base class), and :func:`seriali
 every public member that reads or changes the recording.
 
 They rely on the recorder's ``_locked()`` (its lock, once pending offloaded records are told),
-``recording``, ``_parameters``, ``_shards``, ``_offload``, ``_shortcut``, ``params`` and ``num_records``.
+``_recording``, ``_parameters``, ``_shards``, ``_offload``, ``_shortcut``, ``params`` and ``num_records``.
 """
 
 from __future__ import annotations
@@ -44,22 +44,22 @@ class Queries:
     @serialised
     def references(self) -> torch.Tensor:
         """The reference values, M × num_records (a view: do not modify; it changes with the next record)."""
-        self.recording.require_tracking("references")
-        return self.recording.table.columns(self.num_records)
+        self._recording.require_tracking("references")
+        return self._recording.table.columns(self.num_records)
 
     @property
     @serialised
     def reference_slots(self) -> ReferenceSlots | None:
         """Where the reference weights this process holds sit in its flat index (None during the warm-up;
         with offload, waits for pending records)."""
-        return self.recording.slots
+        return self._recording.slots
 
     @property
     @serialised
     def summary(self) -> RecordingSummary | None:
         """What observers read of the statistics: a frozen :class:`~cmd_online.summary.RecordingSummary` of them
         now (None during the warm-up; with offload, waits for pending records)."""
-        stats = self.recording.stats
+        stats = self._recording.stats
         return None if stats is None else RecordingSummary.of(stats)
 
     @property
@@ -68,7 +68,7 @@ class Queries:
         """Internal: the live streaming statistics, for tests and benchmarks (None during the warm-up; with
         offload, waits for pending records). They change with every record and may change shape between
         versions; observers read :attr:`summary`."""
-        return self.recording.stats
+        return self._recording.stats
 
     @serialised
     def fit_blocks(self, block: int | None = None, tensors: list[int] | None = None) -> Iterator[FitBlock]:
@@ -80,15 +80,15 @@ class Queries:
             block (int): weights per block (default: a cache-sized block on CPU, larger on accelerators).
             tensors (list of int): only the blocks of these parameters (default all).
         """
-        self.recording.require_tracking("fit_blocks")
-        self.recording.report_skips()
-        return self.recording.fit_blocks(block, tensors)
+        self._recording.require_tracking("fit_blocks")
+        self._recording.report_skips()
+        return self._recording.fit_blocks(block, tensors)
 
     # ----------------------------------------------------------------------------- CMD weights and the fit
     def _cmd_tensors(self, at: int, what: str = "cmd_parameters") -> Iterator[tuple[int, torch.Tensor]]:
         """(parameter, its CMD weights at record ``at``), one parameter at a time."""
-        self.recording.require_tracking(what)
-        return self.recording.cmd_tensors(at, self._parameters.current_dtypes())
+        self._recording.require_tracking(what)
+        return self._recording.cmd_tensors(at, self._parameters.current_dtypes())
 
     @serialised
     def cmd_parameters(self, at: int = -1) -> list[torch.Tensor]:
@@ -99,7 +99,7 @@ class Queries:
     def cmd_state_dict(self, at: int = -1) -> dict[str, Any]:
         """The model's state_dict with CMD weights for the recorded parameters (buffers are live)."""
         model = self._parameters.model()
-        self.recording.require_tracking("cmd_state_dict")
+        self._recording.require_tracking("cmd_state_dict")
         self._parameters.refuse_if_replaced("cmd_state_dict")
         params = self.params
         full = self._shards.full_tensors(self._shards.agreed("cmd_state_dict()", lambda: self.cmd_parameters(at)),
@@ -116,7 +116,7 @@ class Queries:
 
         Load it with ``model.load_state_dict(torch.load(path))``.
         """
-        self.recording.require_tracking("export")
+        self._recording.require_tracking("export")
         self._parameters.refuse_if_replaced("export")
         sd = self.cmd_state_dict(at)
         if dist_utils.is_writer():
@@ -131,7 +131,7 @@ class Queries:
         again for a moment; for a model whose a and b do not fit in one process, save
         :meth:`trajectory_state_dict` with torch.distributed.checkpoint instead.
         """
-        recording = self.recording
+        recording = self._recording
         recording.require_tracking("trajectory")
         a, b, modes, totals = self._shards.agreed("trajectory()", recording.clustered_fit)
         meta = recording.trajectory_meta(totals)
@@ -151,7 +151,7 @@ class Queries:
 
         Adding a metric again at the same record replaces it. Metrics are kept in ``state_dict()``.
         """
-        self.recording.add_metrics(metrics, at)
+        self._recording.add_metrics(metrics, at)
 
     @serialised
     def trajectory_state_dict(self) -> dict[str, Any]:
@@ -163,21 +163,21 @@ class Queries:
         :class:`CMDTrajectory` in one process. Collective under FSDP2 (the modes' R² are summed). Outside
         FSDP2 ``meta`` holds a checksum of a, b and the modes, which ``CMDTrajectory.from_state_dict`` checks.
         """
-        self.recording.require_tracking("trajectory_state_dict")
-        fit = self._shards.agreed("trajectory_state_dict()", self.recording.clustered_fit)
-        return write_trajectory_state(self.recording, fit)
+        self._recording.require_tracking("trajectory_state_dict")
+        fit = self._shards.agreed("trajectory_state_dict()", self._recording.clustered_fit)
+        return write_trajectory_state(self._recording, fit)
 
     @serialised
     def r2(self) -> list[torch.Tensor]:
         """Each weight's R² (ρ² with its mode's reference) over the window, per parameter (local shards)."""
-        self.recording.require_tracking("r2")
-        return self.recording.r2()
+        self._recording.require_tracking("r2")
+        return self._recording.r2()
 
     @serialised
     def nbytes(self) -> dict[str, int]:
         """Bytes held in tensors by this recorder, by part (statistics, scratch, history, references,
         indices, the offload's host ``staging`` buffers) and their ``total``."""
-        out = {**self.recording.nbytes(), "staging": 0 if self._offload is None else self._offload.nbytes()}
+        out = {**self._recording.nbytes(), "staging": 0 if self._offload is None else self._offload.nbytes()}
         out["total"] = sum(out.values())
         return out
 

@@ -124,7 +124,7 @@ class CMDRecorder(Queries, Swapping):
         self.device = torch.device("cpu") if self.offload else param_device  # where the statistics live
         self.layout = Layout.of_tensors(params, self._parameters.names)
         self.config = self.config.for_weights(self.layout.numel, "CMDRecorder")  # samples > N: all N, with a warning
-        self.recording = Recording(self.config, self.layout, self._shards, [w.shape for w in local], param_device,
+        self._recording = Recording(self.config, self.layout, self._shards, [w.shape for w in local], param_device,
                                    self.device, self.run_options.kernel)
         self._auto = False  # the step hook is recording now
         self._after_auto = False  # the last thing that happened was an automatic record (no optimizer step since)
@@ -136,7 +136,7 @@ class CMDRecorder(Queries, Swapping):
         Swapping.__init__(self)
         self._offload: OffloadDriver | None = None
         if self.offload:
-            self._offload = OffloadDriver(self.recording, local, drain=self._drain_at_exit)
+            self._offload = OffloadDriver(self._recording, local, drain=self._drain_at_exit)
             weakref.finalize(self, self._offload.stop).atexit = False  # the worker ends with its recorder
         # nothing outside holds the recorder strongly: the hook holds it weakly, and goes when it goes
         self._hook = optimizer.register_step_post_hook(_StepHook(self._after_step))
@@ -157,7 +157,7 @@ class CMDRecorder(Queries, Swapping):
     @serialised
     def phase(self) -> str:
         """``"warmup"`` until the clustering is done, then ``"tracking"`` (with offload, waits for pending records)."""
-        return "tracking" if self.recording.tracking else "warmup"
+        return "tracking" if self._recording.tracking else "warmup"
 
     @property
     def ready(self) -> bool:
@@ -169,39 +169,39 @@ class CMDRecorder(Queries, Swapping):
     @serialised
     def num_records(self) -> int:
         """Records taken, skipped ones not counted (flat kernel: reading it synchronises; offload: waits)."""
-        self.recording.report_skips()
-        return self.recording.records()
+        self._recording.report_skips()
+        return self._recording.records()
 
     @property
     @serialised
     def skipped_records(self) -> int:
         """Records skipped because of NaN/Inf weights (flat kernel: reading it synchronises; offload: waits)."""
-        return self.recording.skips()
+        return self._recording.skips()
 
     @property
     def num_modes(self) -> int | None:
         """M, known once the warm-up has ended."""
-        return self.recording.num_modes
+        return self._recording.num_modes
 
     @property
     def window_start(self) -> int:
         """First record of the fit window (the last warm-up record, F − 1)."""
-        return self.recording.window_start
+        return self._recording.window_start
 
     @property
     def sample_index(self) -> torch.Tensor:
         """The K sampled weights' flat indices (their warm-up history is clustered)."""
-        return self.recording.sample_index
+        return self._recording.sample_index
 
     @property
     def reference_index(self) -> torch.Tensor | None:
         """The M reference weights' flat indices (None during the warm-up)."""
-        return self.recording.reference_index
+        return self._recording.reference_index
 
     @property
     def clustering(self):
         """The clustering of the samples (None during the warm-up, and for a resumed state until a query needs it)."""
-        return self.recording.clustering
+        return self._recording.clustering
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -269,10 +269,10 @@ class CMDRecorder(Queries, Swapping):
         if self._swapped:  # it trained the CMD weights, which the block's exit replaces: nothing to record
             self._warn_swapped_step()
             return
-        self.recording.steps += 1
+        self._recording.steps += 1
         self._after_auto = False
         every = self.config.record_every
-        if every is not None and self.recording.steps % every == 0:
+        if every is not None and self._recording.steps % every == 0:
             self._auto = True
             try:
                 self.record()
@@ -310,7 +310,7 @@ class CMDRecorder(Queries, Swapping):
             if self._offload is not None:
                 return self._offload.record(weights, self.check_finite, bool(self.observers), self._tell,
                                             self._submitting)
-            recording = self.recording
+            recording = self._recording
             started = recording.tracking
             if not recording.record(weights, self.check_finite):
                 return False
@@ -329,7 +329,7 @@ class CMDRecorder(Queries, Swapping):
         if tracking and not was_tracking:
             notify(self.observers, "on_tracking_start", self)
         if self.observers:
-            notify(self.observers, "on_record", self, self.recording.records() - 1 if index is None else index)
+            notify(self.observers, "on_record", self, self._recording.records() - 1 if index is None else index)
 
     # ----------------------------------------------------------------------------- offload's end
     def _drain(self, timeout: float | None = None, why: str = "dropped") -> None:
@@ -387,7 +387,7 @@ class CMDRecorder(Queries, Swapping):
         ends the statistics are zeros, allocated for the call. Past it, outside FSDP2, ``meta`` holds a
         checksum of the statistics (``cmd_online.files.checksum``) that :meth:`load_state_dict` checks.
         """
-        return write_state(self.recording)
+        return write_state(self._recording)
 
     @serialised(flush=True)
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -405,11 +405,11 @@ class CMDRecorder(Queries, Swapping):
         same parameters renamed)."""
         strict = check_bool("strict", strict)
         # the ranks load together or not at all: their phases never differ
-        (checked, metrics, fresh), others = self._shards.attempt(lambda: read_state(state, self.recording, strict))
+        (checked, metrics, fresh), others = self._shards.attempt(lambda: read_state(state, self._recording, strict))
         if others:
             raise ValueError(f"the state was refused on {dist_utils.ranks_text(others)}; nothing was loaded on any "
                              f"rank")
-        self.recording.restore(checked, metrics, fresh)  # everything checked, on every rank: now change it
+        self._recording.restore(checked, metrics, fresh)  # everything checked, on every rank: now change it
         self._after_auto = False
 
     @serialised(flush=True)

@@ -4,7 +4,7 @@
 :class:`Swapping` is a part of :class:`~cmd_online.recorder.CMDRecorder` (its base class): the swap's
 state (the stored weights, the swapped count) and rules live here, the CMD weights come from the
 recorder. It relies on the recorder's ``_locked()`` (its lock, after pending records), ``_lock``,
-``_shards``, ``_parameters``, ``params``, ``ready``, ``recording``, ``config`` and ``_cmd_tensors(at, what)``.
+``_shards``, ``_parameters``, ``params``, ``ready``, ``_recording``, ``config`` and ``_cmd_tensors(at, what)``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Swapping:
                 raise RuntimeError("copy_to() overwrites the trained weights: call store() first (or use swapped())")
             if at == -1 and self._fallback(what):
                 return
-            self.recording.require_tracking(what)
+            self._recording.require_tracking(what)
             self._parameters.refuse_if_replaced(what)
             model = self._sharded_model()
             local = self._shards.local(self.params)
@@ -158,7 +158,7 @@ class Swapping:
         """During the warm-up: True, and a one-time notice that ``what`` runs on the trained weights. False once CMD
         weights exist, and when optimizer steps were taken but never a record without ``record_every`` (the
         query's error says what to do)."""
-        recording = self.recording
+        recording = self._recording
         if self.ready or (recording.untouched() and recording.steps > 0
                           and self.config.record_every is None):  # record() forgotten (record_every records later)
             return False

@@ -350,15 +350,15 @@ def agree_queries(rank, world_size, out: Path):
     state = rec.state_dict()
     saved = {"meta": state["meta"], "stats": state["stats"]}
     results = {}
-    fit = rec.recording.flat_fit
-    rec.recording.flat_fit = _once_on_rank(rank, 1, fit, "simulated")
+    fit = rec._recording.flat_fit
+    rec._recording.flat_fit = _once_on_rank(rank, 1, fit, "simulated")
     for key in ("trajectory", "again"):
         try:
             rec.trajectory()
             results[key] = "ok"
         except Exception as e:
             results[key] = f"{type(e).__name__}: {e}"
-    del rec.recording.flat_fit
+    del rec._recording.flat_fit
     damaged = dict(saved, meta=b"not a state") if rank == 1 else saved
     try:
         rec.load_state_dict(damaged)

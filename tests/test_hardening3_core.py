@@ -25,6 +25,7 @@ from _spawn import run_ranks
 from _states import assert_same, leaves
 from cmd_online.offload import OffloadError
 from cmd_online.stats import StreamingMoments
+from cmd_online.window import SnapshotMoments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,15 +63,17 @@ def within(seconds, fn):
 
 
 def slow_worker(monkeypatch, seconds=0.01):
-    """The offload worker behind training: records are still pending when observers are told."""
-    update = StreamingMoments.update
+    """The offload worker behind training: records are still pending when observers are told (both forms of
+    the statistics: the default keeps snapshots, SnapshotMoments, whose update is its own)."""
+    for kind in (StreamingMoments, SnapshotMoments):
+        update = kind.update
 
-    def slow(stats, *args, **kwargs):
-        if threading.current_thread().name == "cmd_online-offload":
-            time.sleep(seconds)
-        return update(stats, *args, **kwargs)
+        def slow(stats, *args, update=update, **kwargs):
+            if threading.current_thread().name == "cmd_online-offload":
+                time.sleep(seconds)
+            return update(stats, *args, **kwargs)
 
-    monkeypatch.setattr(StreamingMoments, "update", slow)
+        monkeypatch.setattr(kind, "update", slow)
 
 
 def assert_same_state(a, b):
