@@ -40,7 +40,7 @@ PAPER = {  # ResNet18 / CIFAR-10, the paper's Table 2 (test accuracy %)
 
 
 def one_run(task, optimizer: str, seed: int, epochs: int, modes: int, samples: int, warmup: int,
-            ema_decays, swa_fractions) -> dict:
+            ema_decays, swa_fractions, freeze: dict | None = None) -> dict:
     emas, swas = {}, {}
 
     def on_step(model):
@@ -61,7 +61,8 @@ def one_run(task, optimizer: str, seed: int, epochs: int, modes: int, samples: i
                     swas[f].update_parameters(model)
 
     settings = dict(modes=modes, samples=samples, warmup=warmup, seed=seed)
-    run = common.train(task, optimizer, seed, epochs, recorders=[settings, dict(settings, freeze_modes_after=None)],
+    run = common.train(task, optimizer, seed, epochs, recorders=[dict(settings, **(freeze or {})),
+                                                                  dict(settings, freeze_modes_after=None)],
                        on_step=on_step, on_epoch=on_epoch)
     model, (rec, full) = run.model, run.recorders
     out = {"task": task.name, "optimizer": optimizer, "seed": seed, "train_seconds": run.seconds}
@@ -129,6 +130,8 @@ def main(argv=None):
     p.add_argument("--modes", type=int, default=10)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=10, help="online CMD warm-up records F")
+    p.add_argument("--freeze-modes-after", type=int, default=None,
+                   help="the 'online CMD' column's freeze_modes_after (default: the recorder's default)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -136,12 +139,14 @@ def main(argv=None):
         a.seeds, a.epochs, a.samples, a.warmup, a.modes = 1, 3, 200, 2, 3
         a.optimizers = "SGD+momentum"
     tasks, optimizers = a.tasks.split(","), a.optimizers.split(",")
+    freeze = None if a.freeze_modes_after is None else {"freeze_modes_after": a.freeze_modes_after}
     rows = []
     for t in tasks:
         task = common.load_task(t, quick=a.quick)
         for o in optimizers:
             for seed in range(a.seeds):
-                r = one_run(task, o, seed, a.epochs, a.modes, a.samples, a.warmup, (0.9, 0.99, 0.999), (0.5, 0.75))
+                r = one_run(task, o, seed, a.epochs, a.modes, a.samples, a.warmup, (0.9, 0.99, 0.999), (0.5, 0.75),
+                            freeze)
                 rows.append(r)
                 print(f"{t:8s} {o:20s} seed {seed}: " + "  ".join(f"{c} {r[c]:.2f}" for c in COLUMNS)
                       + f"  ({r['train_seconds']:.1f}s)", flush=True)
@@ -150,6 +155,7 @@ def main(argv=None):
     print(md)
     name = "accuracy_quick" if a.quick else "accuracy"
     settings = dict(epochs=a.epochs, seeds=a.seeds, modes=a.modes, samples=a.samples, warmup=a.warmup,
+                    freeze_modes_after=a.freeze_modes_after,
                     ema_decays=[0.9, 0.99, 0.999], swa_starts=[0.5, 0.75], batch_size=64,
                     optimizers={k: dict(v[1], cosine=v[2]) for k, v in common.OPTIMIZERS.items()})
     common.write_json(name + ".json", dict(settings=settings, env=common.environment(), runs=rows, table=lines,

@@ -93,13 +93,22 @@ def reset_peak() -> bool:
         return False
 
 
+def _shape(n: int, matrix: bool) -> tuple[int, ...]:
+    """A layer's weight as a matrix of at most 1024 columns (as a Linear's), a bias as a vector: a state
+    keeps one row marker (int64) per first-dimension row of each parameter (docs/concepts.md)."""
+    if not matrix:
+        return (n,)
+    cols = next(c for c in range(min(n, 1024), 0, -1) if n % c == 0)
+    return (n // cols, cols)
+
+
 def make_params(N: int, device: str) -> list[torch.nn.Parameter]:
     sizes = [max(1, int(f * N)) for f in FRACTIONS]
     sizes[0] += N - sum(sizes)
     g = torch.Generator(device=device).manual_seed(0)
     params = []
-    for n in sizes:  # filled in place: no temporaries that would raise the peak before the recorder
-        p = torch.nn.Parameter(torch.empty(n, device=device).normal_(generator=g))
+    for i, n in enumerate(sizes):  # filled in place: no temporaries that would raise the peak before the recorder
+        p = torch.nn.Parameter(torch.empty(_shape(n, i % 2 == 0), device=device).normal_(generator=g))
         p.grad = torch.empty_like(p).normal_(generator=g)
         params.append(p)
     return params
@@ -603,9 +612,11 @@ def summary(a):
             rounds = a.rounds or (9 if N <= 1e6 else 5)
             r = spawn([str(N), "10", form, str(rounds), "--device", a.device, "--threads", str(a.threads),
                        "--no-queries"])
+            r["tensor_peak_f32_per_weight"] = tensor_peak(N, form, a.device)
             rows.append(r)
             print(f"N={N:.0e} {form}: held ≤ {r['held_max_f32_per_weight']:.2f}, peak after the warm-up "
-                  f"{r['after_warmup_peak_f32_per_weight']:.2f} f32/weight, state {r['state_over_model']:.2f}× the "
+                  f"{r['tensor_peak_f32_per_weight']:.2f} f32/weight (tensors; "
+                  f"{r['after_warmup_peak_f32_per_weight']:.2f} RSS), state {r['state_over_model']:.2f}× the "
                   f"model [{time.time() - started:.0f} s]", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p]))
@@ -617,12 +628,13 @@ def summary(a):
     lm = json.loads(res.stdout.strip().splitlines()[-1])
     import lm_overhead  # noqa: E402 - beside this file
 
-    lines = ["| N | form | held f32/weight, most after the warm-up | peak f32/weight after the warm-up (RSS) | "
-             "state_dict / model bytes (file) | record ms | record / its byte floor |", "|" + "---|" * 7]
+    lines = ["| N | form | held f32/weight, most after the warm-up | peak f32/weight after the warm-up: tensors "
+             "(RSS) | state_dict / model bytes (file) | record ms | record / its byte floor |", "|" + "---|" * 7]
     for r in rows:
         q = r["ratios"]["record/add_floor"]
         lines.append(f"| {r['N']:.0e} | {r['form']} | {r['held_max_f32_per_weight']:.2f} | "
-                     f"{r['after_warmup_peak_f32_per_weight']:.2f} | {r['state_over_model']:.2f} "
+                     f"{r['tensor_peak_f32_per_weight']:.2f} ({r['after_warmup_peak_f32_per_weight']:.2f}) | "
+                     f"{r['state_over_model']:.2f} "
                      f"({r['state_file_over_model']:.2f}) | {1e3 * r['times_s']['record']['median']:.3g} | "
                      f"{q['median']:.2f} [{q['q1']:.2f}, {q['q3']:.2f}] |")
     text = "\n".join(lines) + "\n\n" + lm_overhead.table(lm)
@@ -633,6 +645,27 @@ def summary(a):
     common.write_json((a.out_name or "cost_summary") + ".json",
                       dict(settings=settings, env={**common.environment(), **provenance()}, runs=rows, lm=lm), a.out)
     return rows, lm
+
+
+def tensor_peak(N: int, form: str, device: str) -> float:
+    """The most the recorder holds at any moment after the warm-up, in float32 per weight: before each record
+    from the warm-up's end on, plus the tensors the record creates that are alive at once
+    (``benchmarks/live_bytes.py``; the resident size also holds library code and the allocator's free
+    lists, about 10 MB whatever N on this machine)."""
+    from cmd_online import CMDRecorder
+    from live_bytes import recorder_peaks
+
+    params, warmup = make_params(N, device), 8
+    kwargs = {} if form == "default" else {"freeze_modes_after": None}
+    rec = CMDRecorder(torch.optim.SGD(params, lr=0.0), modes=10, samples=min(1000, N), warmup=warmup, **kwargs)
+    peaks = []
+    for t in range(warmup + 6):  # the warm-up's end, the snapshots and the freeze (default), compact records
+        perturb(params, t)
+        before, added = recorder_peaks(rec, rec.record)
+        if rec.phase == "tracking":
+            peaks.append((before + added) / (4 * N))
+    rec.close()
+    return max(peaks)
 
 
 def profile(a):

@@ -28,9 +28,16 @@ from .config import KERNELS
 # Weights per block of the CPU record path and of a fit: the block's temporaries stay in cache, and a
 # query's extra memory is a few blocks, whatever N (benchmarks/cost.py measures the choice).
 BLOCK = 1 << 17
-# Weights per block of the compact form's CPU record path: its three scratch vectors (dx, each weight's own
-# y − ν, its mode as int32) stay below 0.05 float32 per weight at N = 1e6 (the default's 3.5 budget).
+# Weights per block of the compact form's CPU record path (:func:`compact_block`): at least this, at most
+# BLOCK, and N/64 between, so that its three scratch vectors (dx, each weight's own y − ν, its mode as
+# int32) stay below 0.05 float32 per weight from N = 1e6 on (the default's 3.5 budget), while large
+# models get large blocks (fewer operations a record: benchmarks/cost.py).
 COMPACT_BLOCK = 1 << 14
+
+
+def compact_block(numel: int) -> int:
+    """Weights per block of the compact form's CPU record path for ``numel`` weights."""
+    return max(COMPACT_BLOCK, min(BLOCK, numel // 64))
 
 
 @dataclass
@@ -220,12 +227,25 @@ def _full_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: 
 
 def _compact_blocks(st: "StreamingMoments", weights: Sequence[torch.Tensor], refs: torch.Tensor, ok=None) -> None:
     ref_dev, inv_n, shrink = _host_ref_update(st, refs)
+    if not st.compact_views:  # the views of every block, made once (a view costs as much as a small kernel)
+        st.compact_views = _compact_views(st)
+    for (i, local), mean, sumsq, p, modes, dx, own, index in st.compact_views:
+        torch.sub(weights[i][local], mean, out=dx)  # in μ's dtype, then rounded to float32
+        mean.add_(dx, alpha=inv_n)
+        sumsq.addcmul_(dx, dx, value=shrink)  # S += dx²·(n − 1)/n
+        index.copy_(modes)  # int32: what index_select takes
+        torch.index_select(ref_dev, 0, index, out=own)
+        p.addcmul_(dx, own)  # p += dx · (y − ν)_{mode}
+
+
+def _compact_views(st: "StreamingMoments") -> list[tuple]:
+    """Per block of the compact record path: where it lies, views of μ, S, p, the modes and the scratch."""
+    out = []
     for i, local, flat in st.step_blocks:
-        dx = _block_dx(st, weights[i][local], flat, inv_n, shrink)
-        index = st.index_scratch[:dx.numel()]
-        index.copy_(st.modes[flat])  # int32: what index_select takes
-        own = torch.index_select(ref_dev, 0, index, out=st.own_scratch[:dx.numel()])
-        st.comoment[0][flat].addcmul_(dx, own)  # p += dx · (y − ν)_{mode}
+        n = flat.stop - flat.start
+        out.append(((i, local), st.mean[flat], st.sumsq[flat], st.comoment[0][flat], st.modes[flat],
+                    st.scratch[:n], st.own_scratch[:n], st.index_scratch[:n]))
+    return out
 
 
 def _device_ref_update(st: "StreamingMoments", refs: torch.Tensor, ok: torch.Tensor | None):
@@ -389,7 +409,7 @@ class StreamingMoments:
 
     Kernels (chosen once; the step function is chosen again at :meth:`freeze`):
 
-    - ``"blocks"`` (CPU default): block by block of :data:`BLOCK` weights (:data:`COMPACT_BLOCK` in
+    - ``"blocks"`` (CPU default): block by block of :data:`BLOCK` weights (:func:`compact_block` in
       the compact form), each block's dx in a fixed scratch that stays in cache. Held per weight:
       M + 3 float32 (full), 3 float32 and the mode in one byte (compact, M ≤ 256).
     - ``"flat"`` (accelerator default): a few kernels over all N weights at once, with the record
@@ -436,7 +456,8 @@ class StreamingMoments:
     def _allocate_scratch(self, compact: bool) -> None:
         """dx (and, compact, each weight's own y − ν and its mode as int32): N floats for the flat kernel,
         one block for the blocks kernel, none for the compiled one."""
-        block = COMPACT_BLOCK if compact else BLOCK
+        block = compact_block(sum(self.sizes)) if compact else BLOCK
+        self.compact_views: list[tuple] = []  # made at the first compact record: they hold the tensors
         size = {"flat": sum(self.sizes), "blocks": min(block, sum(self.sizes)), "compiled": 0}[self.kernel]
         empty = lambda n, dtype=torch.float32: torch.empty(n, dtype=dtype, device=self.device)  # noqa: E731
         self.scratch = empty(size)
@@ -552,6 +573,7 @@ class StreamingMoments:
         and dtypes (a state built for this recorder, e.g. the template torch.distributed.checkpoint
         loaded into); otherwise they are copied.
         """
+        self.compact_views = []  # views of the tensors replaced below would keep them alive
         def own(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             moved = value.to(self.device, dtype).contiguous()
             return moved.clone() if copy and moved.data_ptr() == value.data_ptr() and moved.numel() else moved

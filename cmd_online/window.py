@@ -51,6 +51,11 @@ class SnapshotMoments(StreamingMoments):
 
     With the flat kernel the window's first k records read their ``ok`` flag on the host (a record that
     is skipped changes nothing): k synchronisations, then none.
+
+    The freeze converts the buffers in place, block by block. An exception inside it (an out-of-memory
+    error, a KeyboardInterrupt) leaves some blocks converted and the others not: such statistics refuse
+    every later use (``RuntimeError``, with the cause) instead of giving wrong numbers or writing a wrong
+    state.
     """
 
     def __init__(self, sizes: Sequence[int], num_modes: int, device: torch.device | str = "cpu", *,
@@ -69,6 +74,13 @@ class SnapshotMoments(StreamingMoments):
         self._set_compact(torch.zeros(N, dtype=self.modes_dtype, device=self.device))
         self.ref_window: Callable[[], torch.Tensor] | None = None
         self.pins: Callable[[int, int], tuple] | None = None
+        self.damaged: str | None = None  # why the freeze stopped halfway (then nothing else runs)
+
+    def _check_intact(self) -> None:
+        if self.damaged is not None:
+            raise RuntimeError(f"CMDRecorder: the freeze of the modes stopped halfway ({self.damaged}), so its "
+                               f"statistics are part converted and cannot be used or saved; load the last "
+                               f"state_dict() saved, or start a new recorder")
 
     @property
     def compact(self) -> bool:
@@ -77,6 +89,7 @@ class SnapshotMoments(StreamingMoments):
 
     def update(self, weights: Sequence[torch.Tensor], refs: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         """Add one record: a snapshot, the freeze (record k), or the compact form's streaming update."""
+        self._check_intact()
         if self.frozen:
             self._step(self, weights, refs, ok)
             return
@@ -129,20 +142,32 @@ class SnapshotMoments(StreamingMoments):
     def _freeze(self, weights: Sequence[torch.Tensor]) -> None:
         """Record k: the modes and exact moments, block by block, in place; then the compact update."""
         resolved = self.resolved_references()
-        for i, local, flat in self.block_plan(SNAPSHOT_BLOCK):
-            mean, S, P, Q, _ = self._window_moments(flat, weights, (i, local))
-            mode, _ = self._assigned(P, Q, resolved)
-            positions, modes = self.pins(flat.start, flat.stop)
-            if len(positions):
-                mode[torch.as_tensor(positions, dtype=torch.int64, device=mode.device)] = torch.as_tensor(
-                    modes, dtype=mode.dtype, device=mode.device)
-            p = P.gather(0, mode.unsqueeze(0)).squeeze(0)
-            self.mean[flat], self.sumsq[flat], self.comoment[0][flat] = mean, S, p
-            self.modes[flat] = mode.to(self.modes.dtype)
+        done = 0
+        try:
+            for i, local, flat in self.block_plan(SNAPSHOT_BLOCK):
+                self._freeze_block(flat, weights, (i, local), resolved)
+                done = flat.stop
+        except BaseException as e:  # record k is counted and some blocks may be converted: neither form
+            self.damaged = f"{type(e).__name__} after {done} of {sum(self.sizes)} weights"
+            raise
         self.frozen = True
+
+    def _freeze_block(self, flat: slice, weights: Sequence[torch.Tensor], local: tuple[int, slice],
+                      resolved: torch.Tensor) -> None:
+        """The modes and exact moments of the weights ``flat``, written over their snapshots."""
+        mean, S, P, Q, _ = self._window_moments(flat, weights, local)
+        mode, _ = self._assigned(P, Q, resolved)
+        positions, modes = self.pins(flat.start, flat.stop)
+        if len(positions):
+            mode[torch.as_tensor(positions, dtype=torch.int64, device=mode.device)] = torch.as_tensor(
+                modes, dtype=mode.dtype, device=mode.device)
+        p = P.gather(0, mode.unsqueeze(0)).squeeze(0)
+        self.mean[flat], self.sumsq[flat], self.comoment[0][flat] = mean, S, p
+        self.modes[flat] = mode.to(self.modes.dtype)
 
     def fit(self, flat: slice | torch.Tensor = slice(None), resolved: torch.Tensor | None = None) -> AffineFit:
         """:meth:`StreamingMoments.fit`; before the freeze, from the records kept (exact, float64)."""
+        self._check_intact()
         if self.frozen:
             return super().fit(flat, resolved)
         if resolved is None:
@@ -152,14 +177,21 @@ class SnapshotMoments(StreamingMoments):
         return affine_fit(P, S, Q, mean, ref_mean)
 
     def mean_of(self, flat: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        self._check_intact()
         return super().mean_of(flat) if self.frozen else self._window_moments(flat)[0]
 
     def sumsq_of(self, flat: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        self._check_intact()
         return super().sumsq_of(flat) if self.frozen else self._window_moments(flat)[1]
+
+    def window_count(self) -> int:  # asked by every query and by state_dict()
+        self._check_intact()
+        return super().window_count()
 
     def restore(self, state: dict, copy: bool = True) -> None:
         """:meth:`StreamingMoments.restore` of a compact state, or of the snapshots of one before the freeze."""
         super().restore(state, copy)
+        self.damaged = None
         self.frozen = self.count >= self.freeze_after
 
 

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import cmd_online as cmdo
-from cmd_online.stats import BLOCK, COMPACT_BLOCK
+from cmd_online.stats import BLOCK, compact_block
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
             rec.record()
         N, M_found = rec.layout.numel, rec.num_modes
         capacity = max(2 * F, 64)  # columns of the reference table; doubles when full
-        block = min(BLOCK if freeze is None else COMPACT_BLOCK, N)  # the CPU record path works block by block
+        block = min(BLOCK if freeze is None else compact_block(N), N)  # the CPU record path works block by block
         formula = {
             "statistics": ((M_found + 3) * N * 4 if freeze is None else 3 * N * 4 + N) + 3 * M_found * 4,
             "scratch": (1 if freeze is None else 3) * block * 4,

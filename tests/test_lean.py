@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import io
 import pathlib
-import weakref
+import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import cmd_online as cmdo
 from _digits import digits, small_cnn, train_epoch
 from _states import assert_same, leaves
 from cmd_online.window import SNAPSHOT_LIMIT, SnapshotMoments
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from live_bytes import recorder_peaks  # noqa: E402 - the tracker benchmarks/cost.py reports with
 
 V3_STATES = pathlib.Path(__file__).parent / "data" / "v3_states.pt"
 
@@ -67,36 +68,6 @@ def test_snapshot_freeze_equals_the_full_form_frozen_at_k(freeze, kernel):
         _close(snap.cmd_state_dict()[name], w)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """The bytes of the tensors created inside the mode and still alive, and their peak (views of a storage
-    created before, such as a statistic's block, count nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.now = self.peak = 0
-        self._seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self._seen:
-                key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-                if size and key not in self._known:
-                    self._seen.add(key)
-                    self.now += size
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(t, self._free, key, size)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self._seen.discard(key)
-        self.now -= size
-
-    def known(self, tensors) -> "_LiveBytes":
-        self._known = {t.untyped_storage().data_ptr() for t in tensors}
-        return self
-
-
 def test_default_recorder_holds_at_most_three_and_a_half_floats_per_weight_at_a_million():
     """N = 1e6: statistics, scratch and the warm-up's leftovers after the warm-up, and the freeze's own
     temporaries at its record on top, stay ≤ 3.5 float32 per weight."""
@@ -110,14 +81,9 @@ def test_default_recorder_holds_at_most_three_and_a_half_floats_per_weight_at_a_
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g), alpha=1e-2)
-        known, before = [p for p in model.parameters()], rec.nbytes()["total"]
-        if rec.moments is not None:
-            known += [v for t in rec.moments.tensors().values() for v in (t if isinstance(t, list) else [t])]
-            known += [rec.moments.scratch, rec.moments.own_scratch, rec.moments.index_scratch]
-        with _LiveBytes().known(known) as live:
-            rec.record()
+        before, added = recorder_peaks(rec, rec.record)
         if rec.phase == "tracking":  # what it held before, and what the record added at its most
-            peaks.append((before + live.peak) / (4 * N))
+            peaks.append((before + added) / (4 * N))
     assert rec.moments.compact and rec.num_modes == 10
     held = rec.nbytes()["total"] / (4 * N)
     assert 3.25 <= held <= 3.35, held  # μ, S, p and a one-byte mode; the scratch, history, table on top
@@ -139,6 +105,8 @@ def test_saved_state_of_the_default_recorder_is_at_most_three_and_a_half_model_c
         sizes.append(buffer.tell())
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert max(sizes[2:]) <= 3.5 * model_bytes, [s / model_bytes for s in sizes]
+    rows = rec.state_dict()["stats"]["rows"]  # one int64 marker per first-dimension row (docs/concepts.md)
+    assert [(r.dtype, r.shape) for r in rows.values()] == [(torch.int64, (300,)), (torch.int64, (300,))]
 
 
 def _records(T: int, offset: float, motion: float, n: int = 400):
@@ -265,3 +233,56 @@ def test_a_full_form_state_of_version_3_into_the_default_recorder_names_the_opti
     case, model, opt = _v3("full")
     with pytest.raises(ValueError, match="freeze_modes_after=None"):
         _v3_recorder(opt, model, 3).load_state_dict(case["state"])
+
+
+def test_a_freeze_stopped_halfway_refuses_every_later_use(monkeypatch):
+    """docs/caveats.md: an exception inside the in-place freeze (an out-of-memory error in its float64
+    temporaries) leaves statistics of neither form; the recorder then refuses records, queries and
+    state_dict() with the cause, and a recorder that loads the last saved state goes on as an uninterrupted one."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3 * 2048, 1, generator=g) * torch.randn(1, 8, generator=g).cumsum(1)
+    W = W + 0.1 * torch.randn(W.shape, generator=g)
+    p = torch.nn.Parameter(W[:, 0].clone())
+    opt = torch.optim.SGD([p], lr=0.0)
+
+    def recorder():
+        return cmdo.CMDRecorder(opt, modes=2, samples=100, warmup=4, seed=0)  # the default: k = 3
+
+    rec, twin = recorder(), recorder()
+    for t in range(5):  # the warm-up and the window's first two records
+        with torch.no_grad():
+            p.copy_(W[:, t])
+        rec.record()
+        twin.record()
+    saved = io.BytesIO()
+    torch.save(rec.state_dict(), saved)  # at once: state_dict() holds references to the live tensors
+    real, calls = SnapshotMoments._freeze_block, []
+
+    def out_of_memory_on_the_second_block(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("float64 temporaries")
+        return real(self, *args)
+
+    monkeypatch.setattr(SnapshotMoments, "_freeze_block", out_of_memory_on_the_second_block)
+    with torch.no_grad():
+        p.copy_(W[:, 5])
+    with pytest.raises(MemoryError):
+        rec.record()
+    monkeypatch.undo()
+    for use in (rec.record, rec.state_dict, rec.trajectory, lambda: rec.cmd_parameters()):
+        with pytest.raises(RuntimeError, match=r"freeze of the modes stopped halfway \(MemoryError after 2048 of "
+                                               r"6144 weights\).*load the last state_dict"):
+            use()
+    resumed = recorder()
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    for t in range(5, 8):
+        with torch.no_grad():
+            p.copy_(W[:, t])
+        resumed.record()
+        twin.record()
+    assert resumed.moments.compact
+    got, want = resumed.trajectory(), twin.trajectory()
+    for name in ("a", "b", "modes", "references"):
+        assert torch.equal(getattr(got, name), getattr(want, name))

@@ -9,7 +9,7 @@ import torch
 import cmd_online as cmdo
 from _devices import DEVICES
 from _digits import accuracy, flat, small_cnn, train_epoch
-from cmd_online.stats import BLOCK, COMPACT_BLOCK
+from cmd_online.stats import BLOCK, compact_block
 from _states import edit_meta
 
 
@@ -235,7 +235,7 @@ def _model_with_numel(N=5001):
 def _scratch_floats(device: str, N: int, compact: bool) -> int:
     """dx (and, compact, each weight's own y − ν and an int32 mode): one block on CPU, N on an accelerator."""
     if device == "cpu":
-        return min(COMPACT_BLOCK, N) * 3 if compact else min(BLOCK, N)
+        return min(compact_block(N), N) * 3 if compact else min(BLOCK, N)
     return N * (2 if compact else 1)
 
 

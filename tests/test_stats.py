@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _devices import DEVICES
-from cmd_online.stats import COMPACT_BLOCK, KERNELS, StreamingMoments, affine_fit, pin_references, two_pass_moments
+from cmd_online.stats import KERNELS, StreamingMoments, affine_fit, compact_block, pin_references, two_pass_moments
 
 SIZES = [300, 7, 1, (1 << 17) + 5]  # a block boundary inside the last tensor
 M = 4
@@ -96,7 +96,7 @@ def test_compact_state_holds_three_floats_and_a_byte_per_weight_on_cpu():
                    modes=torch.zeros(N, dtype=torch.int64))
     assert stats.modes.dtype == torch.uint8 and stats.shift is None
     assert stats.nbytes() == N * (3 * 4 + 1) + 3 * M * 4
-    assert stats.scratch_nbytes() == COMPACT_BLOCK * (4 + 4 + 4)  # dx, own y − ν, int32 mode: one block each
+    assert stats.scratch_nbytes() == compact_block(N) * (4 + 4 + 4)  # dx, own y − ν, int32 mode: one block each
 
 
 def test_freeze_frees_the_other_rows_of_p():

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,3 +308,18 @@ def test_from_state_dict_names_a_field_missing_from_meta(missing):
     del meta[missing]
     with pytest.raises(ValueError, match=rf"^state\['meta'\] is missing '{missing}'$"):  # was a bare KeyError
         cmdo.CMDTrajectory.from_state_dict({**state, "meta": pack(meta)})
+
+
+def test_float32_coefficients_cancel_when_a_reference_is_large_against_its_motion():
+    """docs/caveats.md: a reference near 1 moving by 1e-3 gives |a|, |b| ≈ 10 for weights of 1e-2; a·r + b
+    in float32 coefficients is then about ulp(10) off, far more than the float32 step of the weight itself."""
+    g = torch.Generator().manual_seed(0)
+    walk = torch.randn(12, generator=g, dtype=torch.float64).cumsum(0)
+    W = torch.stack([1 + 1e-3 * walk, 1e-2 * walk + 1e-4 * torch.randn(12, generator=g, dtype=torch.float64)])
+    want = cmdo.decompose(W, modes=1, samples=2, warmup=3)
+    assert int(want.reference_index[0]) == 0 and 9 < float(want.a[1]) < 11 and -11 < float(want.b[1]) < -9
+    rounded = cmdo.CMDTrajectory(want.references, want.reference_index, want.a.float(), want.b.float(), want.modes,
+                                 want.window_start)
+    error = (rounded.reconstruct(-1).double()[1] - want.reconstruct(-1)[1]).abs().item()
+    step = float(np.spacing(np.float32(want.reconstruct(-1)[1].item())))
+    assert error > 10 * step and error < 4 * float(np.spacing(np.float32(10.0)))
