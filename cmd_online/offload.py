@@ -78,7 +78,7 @@ class AfterRecordError(RuntimeError):
 
 
 class Offload:
-    """Staging buffers, a side stream and one worker thread that applies records with ``apply(job)``.
+    """Staging buffers, a side stream and one worker thread that applies records with ``apply(target, job)``.
 
     Args:
         weights (list of tensors): this process's flat weights, one per parameter (shapes, dtypes, device).
