@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -110,6 +111,25 @@ def table(rows, tasks, optimizers) -> list[dict]:
     return out
 
 
+def paired(rows) -> str:
+    """The default against the full form, seed by seed (both from the same records): the mean and std of
+    the differences in points, each seed's difference, and how many seeds favour each."""
+    out = ["| task | optimizer | online CMD − full form, mean ± std (points) | per seed | default better / worse |",
+           "|---|---|---|---|---|"]
+    keys = dict.fromkeys((r["task"], r["optimizer"]) for r in rows)
+    for task, optimizer in keys:
+        diffs = [r["online CMD"] - r["online CMD, full form"] for r in rows
+                 if (r["task"], r["optimizer"]) == (task, optimizer)]
+        mean, std = common.mean_std(diffs)
+        out.append(f"| {task} | {optimizer} | {mean:+.2f} ± {std:.2f} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                   f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} |")
+    every = [r["online CMD"] - r["online CMD, full form"] for r in rows]
+    mean, std = common.mean_std(every)
+    out.append(f"| all | all | {mean:+.2f} ± {std:.2f} ({len(every)} runs) | | "
+               f"{sum(d > 0 for d in every)} / {sum(d < 0 for d in every)} |")
+    return "\n".join(out)
+
+
 def markdown(lines) -> str:
     head = "| task | optimizer | " + " | ".join(COLUMNS) + " | EMA decay (val) | SWA start (val) |"
     rows = [head, "|" + "---|" * (len(COLUMNS) + 4)]
@@ -133,7 +153,14 @@ def main(argv=None):
     p.add_argument("--freeze-modes-after", type=int, default=None,
                    help="the 'online CMD' column's freeze_modes_after (default: the recorder's default)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="print the tables of a results file written by an earlier run, and exit")
     a = p.parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            saved = json.load(f)
+        print(markdown(saved["table"]) + "\n\n" + paired(saved["runs"]))
+        return saved["table"]
     torch.set_num_threads(1)
     if a.quick:
         a.seeds, a.epochs, a.samples, a.warmup, a.modes = 1, 3, 200, 2, 3
@@ -152,7 +179,7 @@ def main(argv=None):
                       + f"  ({r['train_seconds']:.1f}s)", flush=True)
     lines = table(rows, tasks, optimizers)
     md = markdown(lines)
-    print(md)
+    print(md + "\n\n" + paired(rows))
     name = "accuracy_quick" if a.quick else "accuracy"
     settings = dict(epochs=a.epochs, seeds=a.seeds, modes=a.modes, samples=a.samples, warmup=a.warmup,
                     freeze_modes_after=a.freeze_modes_after,
