@@ -1,4 +1,10 @@
-"""The CMDRecorder ``state_dict`` format, and the checks a state passes before anything is loaded.
+"""The CMDRecorder ``state_dict`` format: its writer and its reader side by side, and the checks a state
+passes before anything is loaded (a version bump touches this file only).
+
+:func:`write_state` writes a :class:`~cmd_online.recording.Recording` as a state; :func:`read_state`
+checks one against the recording that loads it and returns what :meth:`Recording.restore` takes.
+:func:`write_trajectory_state` and :func:`load_trajectory` are the same pair for the trajectory's
+``torch.distributed.checkpoint`` form.
 
 A state is a dict of plain tensors, numbers, strings and lists (``torch.load(weights_only=True)``
 reads it). :func:`check_state` validates every field — types, dtypes, shapes, ranges, and the
@@ -30,11 +36,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import torch
 
 from .config import CMDConfig
-from .files import ChecksumError, unpack, verify_checksum
+from .files import ChecksumError, checksum, pack, unpack, verify_checksum
 from .layout import WRAPPER_COMPONENTS, Layout, check_tensor, core_name, name_differences
+from .recording import Recording, metric_table
+from .stats import mode_dtype
+from .trajectory import CMDTrajectory, parts_checked
 from .window import keeps_snapshots, snapshots_of_full
 
 FORMAT = "cmd_online.CMDRecorder"
@@ -299,12 +310,7 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
         return state
     names = _stats_names(stats, Layout.from_dict(meta["layout"]).names, layout.names)
     shapes = [tuple(s) for s in layout.shapes]
-    for i, (name, shape) in enumerate(zip(names, shapes)):
-        start, stop = rows[i]
-        marker = _local(stats, ("rows", name), i, shape[:1] if shape else (1,), local)
-        if marker.shape != (stop - start,) or not torch.equal(marker.cpu().long(), torch.arange(start, stop)):
-            raise _fail(f"stats.rows.{name}", f"does not name rows [{start}, {stop}) of {name!r}: a shard saved by "
-                        f"another rank, or of another sharding (reshard with torch.distributed.checkpoint)")
+    _check_rows(stats, names, shapes, rows, local)
     compact = bool(meta.get("compact"))
     snapshots = "shift" not in stats  # the layout of a recorder that keeps snapshots (version 4)
     M = meta["reference_index"].numel() if isinstance(meta["reference_index"], torch.Tensor) else 0
@@ -337,6 +343,16 @@ def from_per_parameter(meta: dict, stats: Any, rows: list[tuple[int, int]], loca
                              f"save it at once); nothing was loaded") from None
     state["stats"] = out
     return state
+
+
+def _check_rows(stats: dict, names, shapes: list[tuple[int, ...]], rows: list[tuple[int, int]], local) -> None:
+    """That the ``rows`` markers of a state name exactly the rows this process holds of each parameter."""
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+        start, stop = rows[i]
+        marker = _local(stats, ("rows", name), i, shape[:1] if shape else (1,), local)
+        if marker.shape != (stop - start,) or not torch.equal(marker.cpu().long(), torch.arange(start, stop)):
+            raise _fail(f"stats.rows.{name}", f"does not name rows [{start}, {stop}) of {name!r}: a shard saved by "
+                        f"another rank, or of another sharding (reshard with torch.distributed.checkpoint)")
 
 
 def stats_checked(stats: dict, names, M: int, compact: bool, snapshots: bool = False) -> list[tuple[str, Any]]:
@@ -379,6 +395,108 @@ def _local(stats: dict, path: tuple[str, ...], i: int, shape: tuple[int, ...], l
         raise _fail(field, str(e).removeprefix(f"state[{field!r}] ")) from None
 
 
+# ------------------------------------------------------------------------------------------ the writer
+def write_state(recording: Recording) -> dict[str, Any]:
+    """``CMDRecorder.state_dict()`` of a recording: ``{"meta": bytes, "stats": per-parameter statistics}``
+    (this version); past the warm-up, outside FSDP2, ``meta`` holds the statistics' checksum."""
+    stats, meta = _per_parameter_stats(recording), _meta(recording)
+    if recording.tracking and not recording.shards.sharded:  # whole tensors: a checksum that holds anywhere
+        meta["checksum"] = checksum(stats_checked(stats, recording.layout.names, recording.num_modes,
+                                                  recording.stats.compact,
+                                                  keeps_snapshots(recording.config.freeze_modes_after)))
+    return {"meta": pack(meta), "stats": stats}
+
+
+def _mode_bound(recording: Recording) -> int:
+    """Rows of P in a state: the configured bound, else the modes found (0 during the warm-up)."""
+    bound = recording.config.mode_bound
+    return bound if bound is not None else (recording.num_modes or 0)
+
+
+def _meta(recording: Recording) -> dict[str, Any]:
+    """The replicated part of a state."""
+    stats, records, table = recording.stats, recording.records(), recording.table
+    moments = {name: None if stats is None else getattr(stats, name) for name in ("ref_shift", "ref_mean",
+                                                                                  "ref_sumsq")}
+    return {"format": FORMAT, "version": VERSION, "config": recording.config.to_dict(),
+            "layout": recording.layout.to_dict(), "num_records": records, "skipped_records": recording.skips(),
+            "steps": recording.steps, "sample_index": recording.sample_index, "history": recording.history,
+            "reference_index": recording.reference_index,
+            "references": None if table is None else table.columns(records),
+            "count": 0 if stats is None else stats.window_count(), "compact": stats is not None and stats.compact,
+            "shards": recording.shards.describe(), **moments, "metrics": metric_table(recording.metrics, records)}
+
+
+def _per_parameter_stats(recording: Recording) -> dict:
+    """The per-parameter statistics of a state (:func:`per_parameter`): zeros of the final shapes during the
+    warm-up, the template a checkpoint of any phase loads into."""
+    sizes, bound, stats = recording.sizes, _mode_bound(recording), recording.stats
+    snapshots = keeps_snapshots(recording.config.freeze_modes_after)
+    if stats is None:
+        stats = recording.new_moments(bound)
+    modes = stats.modes
+    if modes is None:  # the full form: zeros, as a checkpoint of any phase has modes
+        modes = torch.zeros(sum(sizes), dtype=mode_dtype(max(bound, 1)), device=recording.device)
+    views = lambda flat: None if flat is None else list(torch.split(flat, sizes))  # noqa: E731
+    fields = {name: views(getattr(stats, name)) for name in ("mean", "sumsq")}
+    if not snapshots:  # the full form's layout, in every phase
+        fields["shift"] = views(stats.shift) if stats.shift is not None else None
+    fields["modes"] = views(modes)
+    if snapshots:  # one row of P in every phase
+        bound = 1
+    fields["comoment"] = [views(row) for row in stats.comoment[:bound]]
+    shards = recording.shards
+    rows = [torch.arange(*shards.rows(i), device=recording.device) for i in range(len(sizes))]
+    return per_parameter(list(recording.layout.names), [tuple(s) for s in recording.local_shapes], fields, rows,
+                         bound, shards.like_param)
+
+
+# ------------------------------------------------------------------------------------------ the reader
+def metrics_of_state(table: Any) -> dict[str, dict[int, float]]:
+    """The metrics of a state (name → vector, NaN where none) back as name → {record: value}; checked."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.dim() == 1
+                                              and v.is_floating_point() for k, v in table.items()):
+        raise ValueError("state['meta']['metrics'] must map metric names to float vectors; this is not a "
+                         "CMDRecorder state_dict of this recorder (damaged or edited?)")
+    return {name: {i: float(v) for i, v in enumerate(values.tolist()) if not math.isnan(v)}
+            for name, values in table.items()}
+
+
+def read_state(state: Any, recording: Recording, strict: bool = True) -> tuple[CheckedState, dict, bool]:
+    """A state of any version checked against the recording that loads it: the checked parts, the metrics
+    (name → {record: value}), and whether its flat statistics are new tensors (taken, not copied again)."""
+    loaded, metrics, fresh = state, {}, False
+    shards, layout = recording.shards, recording.layout
+    if isinstance(state, dict) and "meta" in state:  # version 3 and later
+        meta = unpack(state["meta"])
+        metrics = metrics_of_state(meta.get("metrics"))
+        loaded = from_per_parameter(meta, state.get("stats"), [shards.rows(i) for i in range(len(layout.names))],
+                                    shards.from_state, config=recording.config, layout=layout, strict=strict)
+        fresh = True
+    checked = check_state(loaded, config=recording.config, layout=layout, shards=shards.describe(),
+                          sample_index=recording.sample_index, local_size=sum(recording.sizes), strict=strict)
+    return checked, metrics, fresh
+
+
+# ------------------------------------------------------------------------------------------ the trajectory
+def write_trajectory_state(recording: Recording, fit: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """``CMDRecorder.trajectory_state_dict()`` from the recording and its ``fit`` (:meth:`Recording.flat_fit`):
+    ``{"meta": bytes, "a", "b", "modes": {parameter name: a tensor shaped like the parameter}}``, placed like the
+    parameters; outside FSDP2 ``meta`` holds a checksum of a, b and the modes. Read by :func:`load_trajectory`."""
+    a, b, modes, totals = fit
+    a, b, modes = (recording.stats.views(x) for x in (a, b, modes))
+    meta = {**recording.trajectory_meta(totals), "layout": recording.layout.to_dict()}
+    shapes, names, shards = [tuple(s) for s in recording.local_shapes], recording.layout.names, recording.shards
+    place = lambda xs: {name: shards.like_param(i, x.view(shape))  # noqa: E731
+                        for i, (name, x, shape) in enumerate(zip(names, xs, shapes))}
+    state = {"a": place(a), "b": place(b), "modes": place(modes)}
+    if not shards.sharded:  # whole tensors: a checksum that holds wherever they are loaded
+        meta["checksum"] = checksum(parts_checked(state, names))
+    return {"meta": pack(meta), **state}
+
+
 def load_trajectory(checkpoint_id, key: str = "trajectory"):
     """Read a :class:`~cmd_online.CMDTrajectory` saved with ``dcp.save({key: rec.trajectory_state_dict()})``
     into this one process (no process group needed): two plain ``torch.distributed.checkpoint`` loads,
@@ -389,8 +507,6 @@ def load_trajectory(checkpoint_id, key: str = "trajectory"):
         key (str): the trajectory's key in the saved state (default "trajectory").
     """
     import torch.distributed.checkpoint as dcp
-
-    from .trajectory import CMDTrajectory
 
     header = {key: {"meta": b""}}
     dcp.load(header, checkpoint_id=checkpoint_id)

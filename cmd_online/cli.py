@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_demo, _add_inspect, _add_report, _add_export, _add_decompose):
+        add(commands)
+    return parser
 
+
+def _add_demo(commands) -> None:
+    """The ``demo`` command."""
     demo = commands.add_parser("demo", help="train a small CNN with a CMDRecorder attached and compare "
                                "the CMD model with the trained one",
                                description="Train a small CNN on bundled real data (no download) with a "
@@ -101,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
 
+
+def _add_inspect(commands) -> None:
+    """The ``inspect`` command."""
     inspect = commands.add_parser("inspect", help="modes, sizes, fit quality and per-layer make-up of a "
                                   "trajectory file, or of the CMD state in a training checkpoint",
                                   description="Describe a trajectory file written by CMDRecorder.trajectory()"
@@ -113,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print everything as one JSON object instead of text")
     inspect.set_defaults(run=_inspect)
 
+
+def _add_report(commands) -> None:
+    """The ``report`` command."""
     report = commands.add_parser("report", help="a web page with the figures of a trajectory file (needs "
                                  "matplotlib)",
                                  description="Draw the figures of a trajectory file — reference trajectories, "
@@ -125,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--title", default=None, help="the page's title (default: from the file name)")
     report.set_defaults(run=_report)
 
+
+def _add_export(commands) -> None:
+    """The ``export`` command."""
     export = commands.add_parser("export", help="write the CMD weights at one record as a normal checkpoint",
                                  description="Write the CMD weights at record --at. From a trajectory or a "
                                  "recorder state, and whenever OUTPUT ends in .pt or .pth: a state_dict file, "
@@ -140,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the CMD callback's state to read, when a Lightning checkpoint holds several")
     export.set_defaults(run=_export)
 
+
+def _add_decompose(commands) -> None:
+    """The ``decompose`` command."""
     decompose = commands.add_parser("decompose", help="post-hoc CMD from saved per-epoch checkpoints",
                                     description="Post-hoc CMD (paper, Algorithm 2) from checkpoints saved "
                                     "once per record, in order. One folder stands for the run's checkpoints: a "
@@ -170,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cluster on the first F records and fit on [F−1, T), as the online recorder "
                            "with warmup=F does (default: all records, as the paper)")
     decompose.set_defaults(run=_decompose)
-    return parser
 
 
 # ------------------------------------------------------------------------------------------- commands

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,11 @@ def _dtensor_module():
 def is_writer() -> bool:
     """True on the process that writes files and logs: rank 0, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def ranks_text(failures: list[tuple[int, str]]) -> str:
+    """'rank 1 (MemoryError: ...)' for the failures of other ranks."""
+    return ", ".join(f"rank {rank} ({text})" for rank, text in failures)
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -166,6 +171,28 @@ class ShardInfo:
         rank: the other ranks' failures as (rank, "Type: message"). Here: none (one process, or DDP, whose
         ranks never communicate through the recorder)."""
         return []
+
+    def attempt(self, work: Callable[[], Any]) -> tuple[Any, list[tuple[int, str]]]:
+        """``work()`` on this process, agreed with the other ranks: under FSDP2 every rank learns whether it
+        failed on any (:meth:`agree`), so that no rank goes on alone into a collective or another phase. This
+        rank's error is raised once the ranks agreed; returns the result and the other ranks' failures."""
+        error = result = None
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+            error = e
+        others = self.agree(error)
+        if error is not None:
+            raise error
+        return result, others
+
+    def agreed(self, what: str, work: Callable[[], Any]) -> Any:
+        """``work()``, this process's part of a collective query (:meth:`attempt`); another rank's failure raises
+        a RuntimeError naming it."""
+        result, others = self.attempt(work)
+        if others:
+            raise RuntimeError(f"CMDRecorder.{what} failed on {ranks_text(others)}; nothing was gathered on any rank")
+        return result
 
     def describe(self) -> dict:
         return {"kind": "whole"}

@@ -16,9 +16,14 @@ is told of record i reads the state of record i exactly. A tell may call back in
 state (a record, a load) calls :meth:`Offload.settle`, which first counts the records being told as
 told, so that the worker can go on instead of waiting for a tell that waits for it.
 
-The worker holds its owner only weakly (``apply`` and ``drain`` are bound methods held by weak
-references). At the interpreter's exit each owner still alive is drained (``drain``): its records in
-flight are applied and told before the interpreter shuts down.
+The worker holds only the recording it applies records to, and that weakly; it never reaches the
+recorder. At the interpreter's exit each owner still alive is drained (``drain``, held weakly): its
+records in flight are applied and told before the interpreter shuts down.
+
+:class:`OffloadDriver` is the whole hand-off for a :class:`~cmd_online.recording.Recording`: it submits
+records (:meth:`OffloadDriver.record`), has the worker apply them (:func:`apply_job`), hands the
+completed-record events (:class:`RecordEvent`) back in order, and waits (:meth:`OffloadDriver.wait`,
+the one place the façade waits for the worker).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -73,22 +78,24 @@ class AfterRecordError(RuntimeError):
 
 
 class Offload:
-    """Staging buffers, a side stream and one worker thread that applies records with ``apply(job)``.
+    """Staging buffers, a side stream and one worker thread that applies records with ``apply(target, job)``.
 
     Args:
         weights (list of tensors): this process's flat weights, one per parameter (shapes, dtypes, device).
         values (int): the most gathered values a record carries (K, the samples).
         values_dtype (torch.dtype): their dtype.
-        apply (callable): applies one :class:`Job` and returns ``(item, error)``: what to tell of it (put
-            in :attr:`done`) and an exception of a record taken all the same (or None), kept for
-            :meth:`check`; held weakly (a bound method: the owner can be freed).
+        target: what the records are applied to (a recording); held weakly, so that it can be freed.
+        apply (callable): ``apply(target, job)`` applies one :class:`Job` and returns ``(item, error)``: what
+            to tell of it (put in :attr:`done`) and an exception of a record taken all the same (or None),
+            kept for :meth:`check`.
         slots (int): staging buffers, i.e. records in flight at most (default :data:`SLOTS`).
         drain (callable): at the interpreter's exit, called (on the main thread) to apply and tell the
             records in flight; held weakly (default None: the worker just finishes them).
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], values: int, values_dtype: torch.dtype,
-                 apply: Callable[[Job], object], slots: int = SLOTS, drain: Callable[[], None] | None = None):
+                 target: Any, apply: Callable[[Any, Job], tuple], slots: int = SLOTS,
+                 drain: Callable[[], None] | None = None):
         self.device = weights[0].device
         cuda = self.device.type == "cuda"
         empty = lambda n, dtype: torch.empty(n, dtype=dtype, pin_memory=cuda)  # noqa: E731
@@ -104,10 +111,10 @@ class Offload:
         self.done: collections.deque = collections.deque()  # what apply returned, not yet told
         self.gate = Gate()
         self._owed: list[list[bool]] = []  # the records being told now, innermost last: [True] while owed
-        self._apply = weakref.WeakMethod(apply)
+        self._target = weakref.ref(target)
         self._drain = None if drain is None else weakref.WeakMethod(drain)
         self._thread = threading.Thread(target=_work, name="cmd_online-offload", daemon=True,
-                                        args=(self._jobs, self._free, self._apply, self.errors, self.done,
+                                        args=(self._jobs, self._free, self._target, apply, self.errors, self.done,
                                               self.gate))
         self._thread.start()
         _LIVE.add(self)
@@ -166,8 +173,8 @@ class Offload:
         return threading.current_thread() is self._thread
 
     def owner_alive(self) -> bool:
-        """False once the owner is being freed by the garbage collector (its weak references are cleared)."""
-        return self._apply() is not None
+        """False once the target is being freed by the garbage collector (its weak references are cleared)."""
+        return self._target() is not None
 
     def stop(self) -> None:
         """Let the worker thread end once the queued records are applied (when the owner is freed)."""
@@ -334,11 +341,11 @@ def _forget_frames(error: BaseException) -> BaseException:
     return error
 
 
-def _work(jobs: queue.Queue, free: queue.Queue, apply_ref: weakref.WeakMethod, errors: collections.deque,
-          done: collections.deque, gate: Gate) -> None:
+def _work(jobs: queue.Queue, free: queue.Queue, target_ref: weakref.ref, apply: Callable[[Any, Job], tuple],
+          errors: collections.deque, done: collections.deque, gate: Gate) -> None:
     """The worker thread: apply each job once its copies have landed and the record before it was told;
     keep what to tell in ``done``, and exceptions for the training thread. Between jobs it holds no
-    reference to its owner."""
+    reference to its target."""
     while True:
         job = jobs.get()
         try:
@@ -347,13 +354,13 @@ def _work(jobs: queue.Queue, free: queue.Queue, apply_ref: weakref.WeakMethod, e
             if job.event is not None:
                 job.event.synchronize()
             gate.pass_()
-            apply = apply_ref()
-            if apply is None:  # the recorder was freed
+            target = target_ref()
+            if target is None:  # the recording was freed
                 return
             try:
-                item, error = apply(job)
+                item, error = apply(target, job)
             finally:
-                del apply  # if this was the last reference, the owner's finaliser runs here (it hands off)
+                del target  # if this was the last reference, the recording is freed here
             done.append(item)
             gate.applied()
             if error is not None:  # the record was taken; something after it failed
@@ -367,3 +374,191 @@ def _work(jobs: queue.Queue, free: queue.Queue, apply_ref: weakref.WeakMethod, e
                 free.put(slot)
             jobs.task_done()
             gate.finished()
+
+
+# ------------------------------------------------------------------------------------------ the driver
+class RecordEvent(NamedTuple):
+    """What the worker did with one record, told later on the training thread: record ``index`` was skipped
+    (``bad`` names the parameters that held NaN/Inf), or taken (``bad`` is None) between the phases
+    ``was_tracking`` and ``tracking``."""
+
+    index: int
+    bad: list[str] | None
+    was_tracking: bool = False
+    tracking: bool = False
+
+
+def apply_job(recording, job: Job) -> tuple[RecordEvent, BaseException | None]:
+    """The worker thread: check and apply one record from host copies to ``recording``. Returns its event and
+    the failure of the freeze after a record taken (None if none)."""
+    weights = job.weights
+    if job.finite is not None:
+        bad = [] if bool(job.finite) else ["(a shard of another rank)"]
+    else:  # the setting when the record was taken (sharded runs checked on submit: no collective here)
+        bad = recording.nonfinite(weights) if job.check_finite else []
+    if bad:
+        return RecordEvent(recording.count_skip(), bad), None
+    started = recording.tracking
+    if job.tracking != started:
+        raise RuntimeError("offload: a record's values were gathered for another phase")
+    recording.take(weights, job.values.to(recording.dtype))
+    event = RecordEvent(recording.records() - 1, None, started, recording.tracking)
+    failure = None
+    if not recording.shards.sharded:  # under FSDP2 the ranks freeze together, on the training thread
+        try:
+            recording.freeze_when_due()
+        except Exception as e:  # noqa: BLE001 - the record is taken and told; the freeze comes again
+            failure = AfterRecordError(f"the freeze of the modes after record {event.index} failed ({e!r}); the "
+                                       f"record was taken, and the freeze comes again at the next record")
+            failure.__cause__ = e
+    return event, failure
+
+
+Tell = Callable[[bool, bool, int], None]  # the owner's observers: tell(was_tracking, tracking, index)
+
+
+class OffloadDriver:
+    """The whole offload hand-off of one recording: submit a record, apply it on the worker
+    (:func:`apply_job`), deliver what it did, wait.
+
+    ``tell`` (the owner's: ``tell(was_tracking, tracking, index)`` tells its observers of a record taken) is
+    given to each call, never kept: the driver holds no reference to its owner. Skipped records are warned
+    about by the recording, as they are delivered.
+
+    Args:
+        recording (Recording): what the records are applied to (held strongly here, weakly by the worker).
+        weights (list of tensors): this process's flat weights (the staging buffers' shapes).
+        drain (callable): at the interpreter's exit, the owner's drain (held weakly; see :class:`Offload`).
+    """
+
+    def __init__(self, recording, weights: Sequence[torch.Tensor], drain: Callable[[], None] | None = None):
+        self.recording = recording
+        self.offload = Offload(weights, recording.config.samples, recording.dtype, recording, apply_job, drain=drain)
+        self.stop = self.offload.stop  # for the owner's finaliser: the Offload's, not a method of the driver
+
+    def is_worker(self) -> bool:
+        return self.offload.is_worker()
+
+    def pending(self) -> int:
+        """Records queued or being applied (:meth:`Offload.pending`)."""
+        return self.offload.pending()
+
+    def nbytes(self) -> int:
+        """Bytes of the host staging buffers."""
+        return self.offload.nbytes()
+
+    def _deliverer(self, tell: Tell) -> Callable[[RecordEvent], None]:
+        recording = self.recording
+
+        def deliver(event: RecordEvent) -> None:
+            if event.bad is not None:
+                recording.warn_skipped(event.index, event.bad, " (offloaded)")
+            else:
+                tell(event.was_tracking, event.tracking, event.index)
+        return deliver
+
+    def wait(self, tell: Tell, flush: bool = False) -> None:
+        """On the training thread: wait for pending records and tell what they did. Inside an observer it
+        returns at once (the worker waits for the observers, so the state is the record told), unless
+        ``flush``: a change of state made by an observer (a load, close) applies and tells every pending
+        record first. On the worker (a query from the freeze) it returns at once."""
+        if self.offload.is_worker():
+            return
+        if flush or not self.offload.telling:  # only the thread that holds the owner's lock can be telling
+            self.offload.settle(self._deliverer(tell))
+
+    def drain(self, tell: Tell, timeout: float | None = None) -> None:
+        """Apply and tell every record in flight (the owner dropped, or the interpreter's exit); once the
+        recording is being freed by the garbage collector the worker stopped: tell what it applied."""
+        if self.offload.owner_alive():
+            self.offload.settle(self._deliverer(tell), timeout)
+        else:
+            self.offload.deliver(self._deliverer(tell))
+
+    def record(self, weights: list[torch.Tensor], check_finite: bool, observed: bool, tell: Tell,
+               submitting: Callable[[], None]) -> bool:
+        """One record: raise a failure of the worker, warn about skipped records and tell observers, in order
+        (inside an observer: nothing, the records are told one after the other); then hand this record over
+        (:meth:`_submit`), even if an earlier one's failure is raised. ``observed``: the owner has observers
+        (the worker then applies a record only once the one before it was told); ``submitting()`` is called
+        as the record is handed over."""
+        try:
+            if not self.offload.telling:
+                try:
+                    self.offload.check()
+                finally:
+                    self.offload.deliver(self._deliverer(tell))
+        finally:
+            taken = self._submit(weights, check_finite, observed, self._deliverer(tell), submitting)
+        return taken
+
+    def _submit(self, weights: list[torch.Tensor], check_finite: bool, observed: bool,
+                deliver: Callable[[RecordEvent], None], submitting: Callable[[], None]) -> bool:
+        """Hand one record to the worker: host copies of the weights and of the gathered values.
+
+        An observer's record (re-entrant: a record is being told) first applies and tells every pending
+        record, and is applied and told itself before it returns, as without offload. Under FSDP2 the record
+        that ends the warm-up or freezes the modes is agreed between the ranks (:meth:`_agree`). False if it
+        was not taken because it failed on another rank."""
+        offload, recording = self.offload, self.recording
+        pending = offload.pending()  # first: it goes down only after the counters it is added to went up
+        nested = offload.telling
+        error = None
+        if nested or self._may_change(pending):
+            try:  # the phase (which values the record gathers) must be known, and no one waits for the worker
+                offload.settle(deliver)
+            except OffloadError as e:  # an earlier record's failure: raised below, this one is still taken
+                error = e
+        tracking, sharded = recording.tracking, recording.shards.sharded
+        values = recording.values_of(weights)
+        finite = recording.all_finite(weights) if check_finite and sharded else None  # the ranks check together
+        # the same on every rank: the counters agree, and a pending record can change nothing that matters here
+        critical = sharded and self._is_critical() and (finite is None or bool(finite))
+        offload.gate.hold = observed
+        submitting()
+        offload.submit(weights, values, finite, tracking, check_finite)
+        taken = True
+        if critical:
+            taken = self._agree(tracking, deliver)
+        elif nested:  # the observer that took it reads its state next, as without offload
+            offload.settle(deliver)
+        if error is not None:
+            raise error
+        return taken
+
+    def _may_change(self, pending: int) -> bool:
+        """Whether this record or one of the ``pending`` ones may end the warm-up (the values a record gathers
+        change), or, under FSDP2, freeze the modes (which the ranks do together, on the training thread)."""
+        recording = self.recording
+        if not recording.tracking:
+            return recording.ends_warmup_within(pending + 1)
+        return recording.shards.sharded and recording.freezes_within(pending + 1)
+
+    def _is_critical(self) -> bool:
+        """Under FSDP2, once nothing pending can change the phase: this record ends the warm-up or is due to
+        freeze the modes."""
+        recording = self.recording
+        return recording.freezes_within(1) if recording.tracking else recording.ends_warmup_within(1)
+
+    def _agree(self, tracking: bool, deliver: Callable[[RecordEvent], None]) -> bool:
+        """FSDP2, a record that ends the warm-up or freezes the modes: wait for the worker to apply it (telling
+        nothing yet), take it on every rank or on none, freeze on every rank or on none (here, on the training
+        thread: collectives never run on the worker), then tell it."""
+        offload, recording = self.offload, self.recording
+        offload.wait()
+        error = offload.take_error()
+        failure = None if error is None else OffloadError.of(error)
+        try:
+            if not tracking:
+                others = recording.shards.agree(failure)
+                if failure is not None:
+                    raise failure
+                if not recording.undo_warmup_end(others):
+                    offload.discard()
+                    return False
+            elif failure is not None:
+                raise failure
+            recording.freeze_when_due()
+            return True
+        finally:
+            offload.settle(deliver)

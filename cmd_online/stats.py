@@ -11,8 +11,7 @@ and the centred co-moments P (M × N). Given these,
 
 and ρ² is each weight's R². :func:`affine_fit` is that computation; :class:`StreamingMoments` keeps
 the moments up to date one record at a time, so the fit is available at any time without the
-history; :func:`two_pass_moments` is the plain float64 computation from a full history that the
-streaming update is tested against.
+history (tests/test_stats.py checks it against the plain float64 two-pass computation).
 """
 
 from __future__ import annotations
@@ -156,34 +155,6 @@ def mode_means(modes: torch.Tensor, values: torch.Tensor, num_modes: int) -> tor
     sums = torch.zeros(num_modes, dtype=torch.float64, device=values.device).index_add_(0, modes, values.double())
     counts = torch.bincount(modes, minlength=num_modes).clamp_min(1)
     return sums / counts
-
-
-@dataclass
-class Moments:
-    """Moments of weights against references over a window, as :func:`two_pass_moments` returns them.
-
-    Attributes: ``mean`` (n,), ``sumsq`` S (n,), ``comoment`` P (M × n), ``ref_mean`` (M,),
-    ``ref_sumsq`` Q (M,).
-    """
-
-    mean: torch.Tensor
-    sumsq: torch.Tensor
-    comoment: torch.Tensor
-    ref_mean: torch.Tensor
-    ref_sumsq: torch.Tensor
-
-
-def two_pass_moments(W: torch.Tensor, R: torch.Tensor) -> Moments:
-    """The reference computation: moments of W (n × T) against R (M × T) in float64, two passes.
-
-    The plain definition — means first, then sums of products of deviations — that
-    :class:`StreamingMoments` computes one record at a time; the tests compare every update variant
-    with it.
-    """
-    W, R = W.double(), R.double()
-    mean, ref_mean = W.mean(dim=1), R.mean(dim=1)
-    Wc, Rc = W - mean.unsqueeze(1), R - ref_mean.unsqueeze(1)
-    return Moments(mean, (Wc * Wc).sum(dim=1), Rc @ Wc.T, ref_mean, (Rc * Rc).sum(dim=1))
 
 
 # ---------------------------------------------------------------------------------------- record steps

@@ -287,13 +287,13 @@ def _once_on_rank(rank, fail_rank, real, message):
 def agree_warmup(rank, world_size, out: Path):
     """Rank 1's clustering at the end of the warm-up raises once, then its freeze of the modes; the user catches
     each and trains on (issue 22, 5)."""
-    import cmd_online.recorder as recorder_module
+    import cmd_online.recording as recording_module
 
     results = {}
-    cluster, mode_dtype = recorder_module.cluster, recorder_module.mode_dtype
+    cluster, mode_dtype = recording_module.cluster, recording_module.mode_dtype
     for offload in (False, True):
-        recorder_module.cluster = _once_on_rank(rank, 1, cluster, "simulated")
-        recorder_module.mode_dtype = _once_on_rank(rank, 1, mode_dtype, "no room for the modes")
+        recording_module.cluster = _once_on_rank(rank, 1, cluster, "simulated")
+        recording_module.mode_dtype = _once_on_rank(rank, 1, mode_dtype, "no room for the modes")
         model = _small_fsdp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         # k ≥ 5: the full form, frozen by the recorder, together on the ranks (k ≤ 4 freezes inside a record)
@@ -327,7 +327,7 @@ def agree_warmup(rank, world_size, out: Path):
                             "freeze_error": freeze_error, "fit": summary(rec), "loss_before": loss_before,
                             "loss_after": loss_after}
         rec.close()
-    recorder_module.cluster, recorder_module.mode_dtype = cluster, mode_dtype
+    recording_module.cluster, recording_module.mode_dtype = cluster, mode_dtype
     torch.save(results, out / f"agree_warmup_rank{rank}.pt")
 
 
@@ -350,15 +350,15 @@ def agree_queries(rank, world_size, out: Path):
     state = rec.state_dict()
     saved = {"meta": state["meta"], "stats": state["stats"]}
     results = {}
-    fit = rec._flat_fit
-    rec._flat_fit = _once_on_rank(rank, 1, fit, "simulated")
+    fit = rec._recording.flat_fit
+    rec._recording.flat_fit = _once_on_rank(rank, 1, fit, "simulated")
     for key in ("trajectory", "again"):
         try:
             rec.trajectory()
             results[key] = "ok"
         except Exception as e:
             results[key] = f"{type(e).__name__}: {e}"
-    del rec._flat_fit
+    del rec._recording.flat_fit
     damaged = dict(saved, meta=b"not a state") if rank == 1 else saved
     try:
         rec.load_state_dict(damaged)

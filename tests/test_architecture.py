@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cmd_online"
+# the size targets (issue 21), measured with ast: lines from a definition's first line to its last
+MAX_MODULE, MAX_CLASS, MAX_FUNCTION = 600, 400, 60
+# the parts of CMDRecorder, below it: none of them imports the façade
+FACADE_PARTS = ("cmd_online.recording", "cmd_online.offload", "cmd_online.checkpoint", "cmd_online.queries",
+                "cmd_online.swap", "cmd_online.parameters")
 # torch's multi-tensor kernels (torch._foreach_*) are the semi-public API torch.optim itself is built on
 ALLOWED_PRIVATE = {("torch", "_foreach_")}
 
@@ -47,7 +52,7 @@ def imported(name: str, tree: ast.Module, known: set[str]) -> set[str]:
 def test_the_import_graph_of_the_package_has_no_cycle():
     trees = modules()
     graph = {name: imported(name, tree, set(trees)) - {"cmd_online"} for name, tree in trees.items()}
-    assert graph["cmd_online.recorder"] >= {"cmd_online.stats", "cmd_online.observers"}  # the walk sees imports
+    assert graph["cmd_online.recorder"] >= {"cmd_online.recording", "cmd_online.observers"}  # the walk sees imports
     assert "cmd_online.tensorboard" in graph["cmd_online.shortcut"]  # including those inside functions
     state: dict[str, str] = {}
 
@@ -134,3 +139,71 @@ def test_each_duplicate_rule_has_one_home():
         if name != "cmd_online.layout" and ("must be a dense tensor" in source or "holds NaN or Inf values" in source):
             offences.append(f"{name}: a tensor validator of its own")
     assert not offences, "\n".join(offences)
+
+
+def test_no_module_class_or_function_is_over_its_size_target():
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        name = path.relative_to(PACKAGE.parent).as_posix()
+        if len(source.splitlines()) > MAX_MODULE:
+            offences.append(f"{name}: {len(source.splitlines())} lines (module ≤ {MAX_MODULE})")
+        for node in ast.walk(ast.parse(source)):
+            size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.ClassDef) and size > MAX_CLASS:
+                offences.append(f"{name}:{node.lineno}: class {node.name}, {size} lines (≤ {MAX_CLASS})")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > MAX_FUNCTION:
+                offences.append(f"{name}:{node.lineno}: {node.name}(), {size} lines (≤ {MAX_FUNCTION})")
+    assert not offences, "\n".join(offences)
+
+
+def test_the_parts_of_the_recorder_do_not_import_it_back():
+    """The recording, the offload driver, the state format, the queries, the swap and the parameters sit below
+    the façade; the recording knows no hooks, observers, worker or state format."""
+    trees = modules()
+    known = set(trees)
+    graph = {name: imported(name, trees[name], known) for name in FACADE_PARTS}
+    offences = [f"{name} imports {target}" for name, targets in graph.items() for target in targets
+                if target == "cmd_online.recorder" or target.startswith("cmd_online.integrations")]
+    assert not offences, "\n".join(offences)
+    assert graph["cmd_online.recording"].isdisjoint({"cmd_online.offload", "cmd_online.checkpoint",
+                                                     "cmd_online.observers", "cmd_online.queries",
+                                                     "cmd_online.swap", "cmd_online.tensorboard"})
+    assert "cmd_online.recording" not in graph["cmd_online.offload"]  # it drives any recording it is given
+
+
+def _calls(tree: ast.AST, attribute: str) -> list[ast.Call]:
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == attribute]
+
+
+def test_the_facade_waits_for_the_offload_worker_in_one_place():
+    """``_locked`` (which the ``serialised`` decorator and the swap primitives enter) is the façade's only wait for
+    the worker; the hand-off itself (submit, apply, deliver, wait) is offload.py's."""
+    trees = modules()
+    waits = []
+    for name in ("cmd_online.recorder", "cmd_online.queries", "cmd_online.swap"):
+        for function in ast.walk(trees[name]):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                waits += [f"{name}.{function.name}" for _ in _calls(function, "wait") + _calls(function, "settle")]
+    assert waits == ["cmd_online.recorder._locked"]
+    work = next(node for node in trees["cmd_online.offload"].body if isinstance(node, ast.FunctionDef)
+                and node.name == "_work")
+    assert "WeakMethod" not in ast.unparse(work), "the worker holds no method of its owner, weakly or not"
+
+
+def test_one_home_for_the_state_format_and_the_kernel_decision():
+    """The recorder's state is written and read in checkpoint.py (a version bump touches one file): other
+    modules import only its writers and readers, none of the format's parts. The records are counted on the
+    device in one place (``recording.Recording.counts_on_device``)."""
+    trees = modules()
+    public = {"write_state", "read_state", "write_trajectory_state", "load_trajectory", "read_meta",
+              "check_parameters", "metrics_of_state"}
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("checkpoint") and node.level:
+                parts = {alias.name for alias in node.names} - public
+                assert not parts, f"{name} imports {sorted(parts)} of the state format"
+        if name not in ("cmd_online.stats", "cmd_online.config", "cmd_online.recording"):
+            assert "kernel == 'flat'" not in ast.unparse(tree), f"{name} asks which kernel the statistics run"
+    assert ast.unparse(trees["cmd_online.recording"]).count("kernel == 'flat'") == 1

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 import cmd_online as cmdo
-import cmd_online.recorder as recorder_module
+import cmd_online.recording as recording_module
 from _spawn import run_ranks
 from _states import assert_same, leaves
 from cmd_online.offload import OffloadError
 from cmd_online.stats import StreamingMoments
+from cmd_online.window import SnapshotMoments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,15 +63,17 @@ def within(seconds, fn):
 
 
 def slow_worker(monkeypatch, seconds=0.01):
-    """The offload worker behind training: records are still pending when observers are told."""
-    update = StreamingMoments.update
+    """The offload worker behind training: records are still pending when observers are told (both forms of
+    the statistics: the default keeps snapshots, SnapshotMoments, whose update is its own)."""
+    for kind in (StreamingMoments, SnapshotMoments):
+        update = kind.update
 
-    def slow(stats, *args, **kwargs):
-        if threading.current_thread().name == "cmd_online-offload":
-            time.sleep(seconds)
-        return update(stats, *args, **kwargs)
+        def slow(stats, *args, update=update, **kwargs):
+            if threading.current_thread().name == "cmd_online-offload":
+                time.sleep(seconds)
+            return update(stats, *args, **kwargs)
 
-    monkeypatch.setattr(StreamingMoments, "update", slow)
+        monkeypatch.setattr(kind, "update", slow)
 
 
 def assert_same_state(a, b):
@@ -225,7 +228,7 @@ def test_1_close_inside_an_observer_tells_every_pending_record_before_on_close(m
 def test_1_the_record_whose_settle_reports_a_failure_is_still_taken(monkeypatch):
     """The record after the one that ends the warm-up settles first; the worker's failure, reported there,
     used to lose that record too (a failure the record's own first check had not seen yet)."""
-    cluster = recorder_module.cluster
+    cluster = recording_module.cluster
     calls = []
 
     def slow_then_failing(*args, **kwargs):
@@ -235,7 +238,7 @@ def test_1_the_record_whose_settle_reports_a_failure_is_still_taken(monkeypatch)
             raise MemoryError("no room for the clustering")
         return cluster(*args, **kwargs)
 
-    monkeypatch.setattr(recorder_module, "cluster", slow_then_failing)
+    monkeypatch.setattr(recording_module, "cluster", slow_then_failing)
     model, optimizer = linear()
     rec = cmdo.CMDRecorder(optimizer, model, modes=2, samples=10, warmup=3, offload=True)
     for _ in range(3):
@@ -251,7 +254,7 @@ def test_1_the_record_whose_settle_reports_a_failure_is_still_taken(monkeypatch)
 def test_1_a_freeze_that_fails_still_tells_its_record_and_comes_again(monkeypatch, offload):
     """The record whose freeze failed was taken but never told to the observers (with offload its failure
     went to the worker before the record was handed over)."""
-    dtype, calls = recorder_module.mode_dtype, []
+    dtype, calls = recording_module.mode_dtype, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -259,7 +262,7 @@ def test_1_a_freeze_that_fails_still_tells_its_record_and_comes_again(monkeypatc
             raise MemoryError("no room for the modes")
         return dtype(*args, **kwargs)
 
-    monkeypatch.setattr(recorder_module, "mode_dtype", flaky)
+    monkeypatch.setattr(recording_module, "mode_dtype", flaky)
     told = []
 
     class Journal:
@@ -338,10 +341,11 @@ def test_2_every_record_reaches_the_observers_and_tensorboard_by_exit(tmp_path, 
     assert [e.step for e in acc.Scalars("cmd/reference/mode_00")] == list(range(2, 8))
 
 
-def test_2_a_recorder_dropped_by_its_worker_still_tells_its_observers(monkeypatch):
-    """The training thread lets go of the recorder while the worker applies its last record: the worker then
-    holds the last reference and finalises the recorder on its own thread, which cannot wait for itself; the
-    recorder drains on a thread of its own."""
+def test_2_a_recorder_dropped_while_its_worker_applies_a_record_still_tells_its_observers(monkeypatch):
+    """The training thread lets go of the recorder while the worker applies its last record. The worker holds
+    only the recording it applies records to, never the recorder (it once held the last reference and
+    finalised the recorder on its own thread, which cannot wait for itself): the recorder is finalised on the
+    training thread, waits there for the record in flight, and tells it before it is freed."""
     entered, release = threading.Event(), threading.Event()
     update = StreamingMoments.update
 
@@ -368,17 +372,14 @@ def test_2_a_recorder_dropped_by_its_worker_still_tells_its_observers(monkeypatc
         assert rec.num_records == 4  # every record told: the worker applies the next one at once
         step(model, optimizer)
         rec.record()
-        assert entered.wait(60)  # the worker is inside record 4, holding the recorder
+        assert entered.wait(60)  # the worker is inside record 4
+        threading.Timer(0.2, release.set).start()  # the worker finishes it while the recorder is being dropped
         return weakref.ref(rec)
 
-    ref = made()
-    assert ref() is not None  # only the worker holds it now
-    release.set()
-    deadline = time.monotonic() + 30
-    while (ref() is not None or len(told) < 5) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ref() is None and [i for i, _ in told] == list(range(5))
-    assert told[-1][1] == "cmd_online-drain"  # told by the recorder's own drain thread, not the worker
+    ref = made()  # dropped here: the finaliser waits for record 4
+    assert release.is_set() and ref() is None
+    assert [i for i, _ in told] == list(range(5))
+    assert told[-1][1] == threading.current_thread().name  # told on the training thread, not the worker
 
 
 # ------------------------------------------------------------------ 3. a dropped recorder is freed

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cmd_online as cmdo
-import cmd_online.recorder as recorder_module
+import cmd_online.recording as recording_module
 from _devices import DEVICES
 from _states import assert_same, leaves
 from cmd_online.offload import OffloadError
@@ -164,7 +164,7 @@ def test_offload_bounds_the_records_in_flight_and_queries_wait(monkeypatch):
 
 def fail_the_first_clustering(monkeypatch):
     """The clustering at the end of the warm-up raises MemoryError once (in the worker, with offload)."""
-    cluster, failures = recorder_module.cluster, []
+    cluster, failures = recording_module.cluster, []
 
     def flaky(*args, **kwargs):
         if not failures:
@@ -172,7 +172,7 @@ def fail_the_first_clustering(monkeypatch):
             raise MemoryError("no room for the clustering")
         return cluster(*args, **kwargs)
 
-    monkeypatch.setattr(recorder_module, "cluster", flaky)
+    monkeypatch.setattr(recording_module, "cluster", flaky)
 
 
 def test_a_failure_in_the_worker_surfaces_at_the_next_call_and_loses_nothing(monkeypatch):
@@ -426,3 +426,82 @@ def test_offload_checks_finiteness_with_the_setting_at_the_record(monkeypatch):
             warnings.simplefilter("ignore", RuntimeWarning)
             counts[offload] = (rec.num_records, rec.skipped_records, bool(torch.isfinite(rec.moments.mean).all()))
     assert counts[True] == counts[False] == (7, 1, True)
+
+
+def bare_recording(params, kernel=None):
+    """A Recording of ``params`` built without a CMDRecorder (the narrow interface the driver uses)."""
+    from cmd_online.config import CMDConfig
+    from cmd_online.distributed import ShardInfo
+    from cmd_online.layout import Layout
+    from cmd_online.recording import Recording
+
+    layout = Layout.of_tensors(params, [f"p{i}" for i in range(len(params))])
+    config = CMDConfig(modes=3, samples=30, warmup=4, freeze_modes_after=3).for_weights(layout.numel, "test")
+    cpu = torch.device("cpu")
+    return Recording(config, layout, ShardInfo.of(params), [p.shape for p in params], cpu, cpu, kernel)
+
+
+def test_the_offload_driver_applies_records_to_a_bare_recording_and_hands_their_events_back():
+    """offload.py alone drives a Recording (no recorder): every record is applied on the worker, its event
+    (skipped or taken, the phases) comes back in order to the ``tell`` of the call, the statistics equal those
+    of the same records taken on this thread, and the worker keeps neither the recording nor its owner alive."""
+    from cmd_online.offload import OffloadDriver
+
+    model, steps = model_and_walk()
+    params = list(model.parameters())
+    direct, offloaded = bare_recording(params), bare_recording(params)
+    driver = OffloadDriver(offloaded, [p.detach().reshape(-1) for p in params])
+    told = []
+    tell = lambda was, now, index: told.append((index, was, now))  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t, step in enumerate(steps[:9]):
+            with torch.no_grad():
+                for p, d in zip(params, step):
+                    p.add_(d)
+                if t == 6:
+                    params[0][0, 0] = float("nan")
+            weights = [p.detach().reshape(-1).clone() for p in params]
+            direct.record(weights, True)
+            direct.freeze_when_due()
+            driver.record(weights, True, True, tell, lambda: None)
+            if t == 6:
+                with torch.no_grad():
+                    params[0][0, 0] = 0.0
+        driver.wait(tell)
+    assert [str(w.message) for w in caught if "skipped (offloaded)" in str(w.message)] == [
+        "CMDRecorder: record 6 skipped (offloaded): non-finite (NaN/Inf) values in p0; the statistics are unchanged"]
+    assert told == [(0, False, False), (1, False, False), (2, False, False), (3, False, True), (4, True, True),
+                    (5, True, True), (6, True, True), (7, True, True)]
+    assert (offloaded.records(), offloaded.skips()) == (direct.records(), direct.skips()) == (8, 1)
+    assert offloaded.stats.compact and torch.equal(offloaded.flat_fit()[0], direct.flat_fit()[0])
+    held, stop = weakref.ref(offloaded), driver.stop
+    del driver, offloaded
+    gc.collect()
+    assert held() is None  # the worker, still running, holds the recording weakly
+    stop()  # the worker thread ends
+
+
+def test_a_recording_counts_records_and_skips_alike_on_the_host_and_on_the_device():
+    """Recording.records() and skips() are the one count: the blocks kernel counts a skip on the host, the flat
+    kernel on the device (attempts minus the device count), and they agree record by record."""
+    model, steps = model_and_walk()
+    params = list(model.parameters())
+    blocks, flat = bare_recording(params, "blocks"), bare_recording(params, "flat")
+    counts = {"blocks": [], "flat": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip warnings: counted here, not read
+        for t, step in enumerate(steps[:10]):
+            with torch.no_grad():
+                for p, d in zip(params, step):
+                    p.add_(d)
+            weights = [p.detach().reshape(-1).clone() for p in params]
+            if t in (5, 8):  # after the warm-up: the flat kernel checks these on the device
+                weights[1][0] = float("inf")
+            for name, recording in (("blocks", blocks), ("flat", flat)):
+                recording.record(weights, True)
+                recording.freeze_when_due()
+                counts[name].append((recording.records(), recording.skips()))
+    assert flat.counts_on_device and not blocks.counts_on_device
+    assert counts["flat"] == counts["blocks"]
+    assert counts["blocks"][-1] == (8, 2) and counts["blocks"][5] == (5, 1)

@@ -75,7 +75,7 @@ def test_the_clustering_a_resumed_recorder_does_again_for_trajectory_is_agreed_b
     def failing(*args, **kwargs):
         raise MemoryError("simulated")
 
-    monkeypatch.setattr("cmd_online.recorder.cluster", failing)
+    monkeypatch.setattr("cmd_online.recording.cluster", failing)
     with pytest.raises(MemoryError):
         resumed.trajectory()
     assert any(isinstance(e, MemoryError) for e in told)  # the ranks learnt of it before any gather
@@ -208,7 +208,7 @@ def test_trajectory_of_a_state_clustered_otherwise_leaves_its_samples_out(monkey
     is not the state's (a state of an earlier cmd_online, whose cut differed), the labels do not belong to the
     state's modes: trajectory() raised (sample_modes out of range) or would mislabel them. The samples are left
     out instead."""
-    import cmd_online.recorder as recorder_module
+    import cmd_online.recording as recording_module
 
     model, opt, rec = _setup()
     for _ in range(4):
@@ -216,8 +216,8 @@ def test_trajectory_of_a_state_clustered_otherwise_leaves_its_samples_out(monkey
         rec.record()
     resumed = cmdo.CMDRecorder(torch.optim.SGD(model.parameters(), lr=0.1), model, modes=2, samples=10, warmup=3)
     resumed.load_state_dict(rec.state_dict())
-    real = recorder_module.cluster
-    monkeypatch.setattr(recorder_module, "cluster", lambda history, modes, *a: real(history, 3, *a))
+    real = recording_module.cluster
+    monkeypatch.setattr(recording_module, "cluster", lambda history, modes, *a: real(history, 3, *a))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traj = resumed.trajectory()

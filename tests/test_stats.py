@@ -1,11 +1,41 @@
 """StreamingMoments: every update variant against the float64 two-pass reference; the affine fit."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 
 from _devices import DEVICES
-from cmd_online.stats import KERNELS, StreamingMoments, affine_fit, compact_block, pin_references, two_pass_moments
+from cmd_online.stats import KERNELS, StreamingMoments, affine_fit, compact_block, pin_references
+
+
+@dataclass
+class Moments:
+    """Moments of weights against references over a window, as :func:`two_pass_moments` returns them.
+
+    Attributes: ``mean`` (n,), ``sumsq`` S (n,), ``comoment`` P (M × n), ``ref_mean`` (M,),
+    ``ref_sumsq`` Q (M,).
+    """
+
+    mean: torch.Tensor
+    sumsq: torch.Tensor
+    comoment: torch.Tensor
+    ref_mean: torch.Tensor
+    ref_sumsq: torch.Tensor
+
+
+def two_pass_moments(W: torch.Tensor, R: torch.Tensor) -> Moments:
+    """The reference computation: moments of W (n × T) against R (M × T) in float64, two passes.
+
+    The plain definition — means first, then sums of products of deviations — that
+    :class:`StreamingMoments` computes one record at a time; every update variant is compared with it.
+    """
+    W, R = W.double(), R.double()
+    mean, ref_mean = W.mean(dim=1), R.mean(dim=1)
+    Wc, Rc = W - mean.unsqueeze(1), R - ref_mean.unsqueeze(1)
+    return Moments(mean, (Wc * Wc).sum(dim=1), Rc @ Wc.T, ref_mean, (Rc * Rc).sum(dim=1))
+
 
 SIZES = [300, 7, 1, (1 << 17) + 5]  # a block boundary inside the last tensor
 M = 4
