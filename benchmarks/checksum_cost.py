@@ -31,7 +31,6 @@ import torch
 
 import cmd_online as cmdo
 import cmd_online.checkpoint as checkpoint_module
-import cmd_online.recorder as recorder_module
 from cmd_online.files import atomic_save, checksum
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -40,13 +39,13 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 @contextlib.contextmanager
 def no_checksum():
     """The recorder's state without its checksum: computed as a constant, never verified."""
-    saved = recorder_module.checksum, checkpoint_module.verify_checksum
-    recorder_module.checksum = lambda items: {"algorithm": "none", "value": 0}
+    saved = checkpoint_module.checksum, checkpoint_module.verify_checksum
+    checkpoint_module.checksum = lambda items: {"algorithm": "none", "value": 0}
     checkpoint_module.verify_checksum = lambda stored, items, what: None
     try:
         yield
     finally:
-        recorder_module.checksum, checkpoint_module.verify_checksum = saved
+        checkpoint_module.checksum, checkpoint_module.verify_checksum = saved
 
 
 def best_of_interleaved(with_fn, without_fn, repeats: int, before=None) -> tuple[float, float]:
@@ -74,7 +73,7 @@ def build(n: int):
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(n))
     opt = torch.optim.SGD([weight], lr=0.1)
-    make = lambda: cmdo.CMDRecorder(opt, modes=10, samples=1000, warmup=5)  # noqa: E731
+    make = lambda: cmdo.CMDRecorder(opt, modes=10, samples=1000, warmup=5, freeze_modes_after=None)  # noqa: E731
     rec = make()
     g = torch.Generator().manual_seed(1)
     signals = torch.randn(10, 8, generator=g)
