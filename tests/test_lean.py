@@ -154,7 +154,9 @@ def test_the_compact_form_has_no_shift_so_a_large_mean_costs_slope_precision(off
         assert compact[0] >= 1e3 * full[1]
 
 
-def test_resume_between_snapshots_equals_the_uninterrupted_run():
+def _saved_between_snapshots():
+    """A default recorder (k = 3) two records into its window (the snapshots, no freeze yet), and its state
+    as saved and read back. Returns the model, optimizer, generator, recorder and state."""
     model, opt, _, rec = _pair(3)
     g = torch.Generator().manual_seed(0)
     for _ in range(rec.config.warmup + 1):  # the window's records 1 and 2: snapshots
@@ -164,8 +166,13 @@ def test_resume_between_snapshots_equals_the_uninterrupted_run():
     buffer = io.BytesIO()
     torch.save(rec.state_dict(), buffer)
     buffer.seek(0)
+    return model, opt, g, rec, torch.load(buffer, weights_only=True)
+
+
+def test_resume_between_snapshots_equals_the_uninterrupted_run():
+    model, opt, g, rec, state = _saved_between_snapshots()
     resumed = cmdo.CMDRecorder(opt, model, modes=5, samples=400, warmup=4, freeze_modes_after=3)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.load_state_dict(state)
     for _ in range(4):
         train_epoch(model, opt, g)
         rec.record()
@@ -293,17 +300,7 @@ def test_a_damaged_state_saved_between_the_snapshots_is_refused_and_changes_noth
     """A state of the default recorder before its freeze (the window's first records kept as snapshots):
     an edited snapshot, a snapshot of the wrong shape or a NaN in one is refused with a ValueError naming
     the statistic, and the recorder that refused it is unchanged."""
-    model, g = small_cnn(0), torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rec = cmdo.CMDRecorder(opt, model, modes=5, samples=400, warmup=4)
-    for _ in range(5):  # the warm-up and the window's second record: snapshots, no freeze yet
-        train_epoch(model, opt, g)
-        rec.record()
-    assert rec.moments.window_count() == 2 and not rec.moments.compact
-    buffer = io.BytesIO()
-    torch.save(rec.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    model, opt, _, _, state = _saved_between_snapshots()
     name = next(iter(state["stats"]["sumsq"]))  # record 2 − record 1 of the first parameter
     snapshot = state["stats"]["sumsq"][name]
     if damage == "edited":
@@ -312,7 +309,7 @@ def test_a_damaged_state_saved_between_the_snapshots_is_refused_and_changes_noth
         state["stats"]["sumsq"][name] = snapshot.reshape(-1)[:-1]
     else:
         snapshot.view(-1)[0] = float("nan")
-    other = cmdo.CMDRecorder(opt, model, modes=5, samples=400, warmup=4)
+    other = cmdo.CMDRecorder(opt, model, modes=5, samples=400, warmup=4, freeze_modes_after=3)
     before = leaves(other.state_dict())
     with pytest.raises(ValueError, match=r"sumsq|checksum"):
         other.load_state_dict(state)
