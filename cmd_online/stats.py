@@ -173,14 +173,12 @@ def _host_ref_update(st: "StreamingMoments", refs: torch.Tensor) -> tuple[torch.
 
 
 def _block_dx(st: "StreamingMoments", w: torch.Tensor, flat: slice, inv_n: float, shrink: float) -> torch.Tensor:
-    """dx = (w − c) − μ (full form) or w − μ (compact form) of one block into the scratch; μ and S updated."""
+    """dx = (w − c) − μ of one block of the full form into the scratch; μ and S updated (the compact form's
+    record, :func:`_compact_blocks`, has no shift)."""
     dx = st.scratch[:flat.stop - flat.start]
     mean = st.mean[flat]
-    if st.shift is None:
-        torch.sub(w, mean, out=dx)  # in μ's dtype, then rounded to float32
-    else:
-        torch.sub(w, st.shift[flat], out=dx)
-        dx.sub_(mean)
+    torch.sub(w, st.shift[flat], out=dx)
+    dx.sub_(mean)
     mean.add_(dx, alpha=inv_n)
     st.sumsq[flat].addcmul_(dx, dx, value=shrink)  # S += dx·(x − μ_new) = dx²·(n − 1)/n
     return dx
@@ -545,6 +543,7 @@ class StreamingMoments:
         loaded into); otherwise they are copied.
         """
         self.compact_views = []  # views of the tensors replaced below would keep them alive
+
         def own(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             moved = value.to(self.device, dtype).contiguous()
             return moved.clone() if copy and moved.data_ptr() == value.data_ptr() and moved.numel() else moved
@@ -554,10 +553,11 @@ class StreamingMoments:
                             ("ref_sumsq", torch.float32)):
             setattr(self, name, own(state[name], dtype))
         self.shift = None if compact else own(state["shift"], self.shift_dtype)
-        self.mean = own(state["mean"], self.shift_dtype if compact else torch.float32)
         if compact and state.get("shift") is not None:  # a compact state of version ≤ 3: fold its shift in
             self.mean = (state["shift"].to(self.device).double() + state["mean"].to(self.device).double()).to(
                 self.shift_dtype)
+        else:
+            self.mean = own(state["mean"], self.shift_dtype if compact else torch.float32)
         self.comoment = [own(row, torch.float32) for row in state["comoment"][:1 if compact else self.num_modes]]
         if compact:
             self._set_compact(own(state["modes"], self.modes_dtype))
