@@ -118,3 +118,20 @@ def test_lm_overhead_quick_times_every_variant():
     assert tuple(result["phase_compact"]["full"]) == ("tracking", False)
     assert result["held_f32_per_weight"]["EMA"] == pytest.approx(1.0, abs=0.01)
     assert result["held_f32_per_weight"]["full"] > result["held_f32_per_weight"]["EMA"]
+
+
+def test_mode_choice_quick_reproduces_both_recorders(tmp_path):
+    runs, lines = load("mode_choice").main(["--quick", "--out", str(tmp_path)])
+    (run,) = runs
+    # the post-hoc rules "full form" and "fixed after 3" are the two recorders' own choices: the same
+    # CMD weights up to float32 rounding, and the same accuracy
+    assert set(run["check"]) == {"full form", "fixed after 3"}
+    assert run["modes_differ"] == {"full form": 0, "fixed after 3": 0}
+    assert max(run["check"].values()) < 1e-5
+    for name in run["check"]:
+        assert run["acc"][name] == pytest.approx(run["acc"][name + " (recorder)"], abs=1e-9)
+    by = {ln["rule"]: ln for ln in lines}
+    assert by["full form"]["all"] == (0.0, 0.0) and by["full form"]["agree"] == 1.0
+    # candidates kept from the early records contain the early choice: more often the final mode
+    assert by["best of top 2 at 3"]["hit"] >= by["fixed after 3"]["agree"]
+    assert json.loads((tmp_path / "mode_choice_quick.json").read_text())["settings"]["task"] == "mnist1d"
