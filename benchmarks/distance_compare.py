@@ -2,7 +2,8 @@
 
 The paper does not fix the distance; the authors' code uses the Euclidean one. For each seed one
 training (the task's CNN, SGD + momentum, one record per epoch) carries two online recorders that
-differ only in ``distance=``: the same samples, the same warm-up history. Reported per distance: the
+differ only in ``distance=``: the same samples, the same warm-up history (both in the full form,
+``freeze_modes_after=None``, so that the modes come from the clustering and the whole window). Reported per distance: the
 number of modes, the CMD test accuracy at the last record (online, and post hoc on all records), and
 between the two distances the adjusted Rand index (ARI) of the sample clusterings (1 = the same
 partition, 0 = chance).
@@ -30,7 +31,8 @@ DISTANCES = ("correlation", "euclidean")
 
 
 def compare_seed(task, seed: int, epochs: int, warmup: int, modes: int, samples: int) -> dict:
-    kwargs = [dict(modes=modes, samples=samples, warmup=warmup, seed=seed, distance=d) for d in DISTANCES]
+    kwargs = [dict(modes=modes, samples=samples, warmup=warmup, seed=seed, distance=d, freeze_modes_after=None)
+              for d in DISTANCES]
     run = common.train(task, "SGD+momentum", seed, epochs, recorders=kwargs)
     row = {"seed": seed, "trained": common.accuracy(run.model, task.x_test, task.y_test)}
     labels = {}
@@ -38,6 +40,7 @@ def compare_seed(task, seed: int, epochs: int, warmup: int, modes: int, samples:
         c = rec.clustering
         labels[distance] = c.labels
         row[f"{distance}_modes"] = rec.num_modes
+        row[f"{distance}_freeze_modes_after"] = rec.config.freeze_modes_after
         row[f"{distance}_online"] = common.evaluate_weights(run.model, rec.cmd_state_dict(-1), task)
         post = cmdo.decompose(run.snapshots, modes=modes, samples=samples, seed=seed, layout=rec.layout,
                               distance=distance)

@@ -4,7 +4,8 @@ The digits CNN is trained with augmentation (random shifts + noise) and SGD + mo
 taken every ``--record-every`` optimizer steps (T = 121 records by default, so that r = 90 is possible).
 On the same snapshots: global DMD (T × T Gram, exact modes, amplitudes fitted to all snapshots) and the
 per-node DMD ("node Koopman operator") with r = 10, 50, 90 (capped per node by its size and T − 1),
-post-hoc CMD (M = 10, K = 1000) and online CMD (the recorder, warm-up F records). Reported: the
+post-hoc CMD (M = 10, K = 1000) and online CMD (the recorder in its full form, ``freeze_modes_after=None``,
+warm-up F records). Reported: the
 reconstruction error ‖W − Ŵ‖_F / ‖W − W₀‖_F and test accuracy along the run (BatchNorm statistics
 recomputed for every reconstructed model).
 
@@ -34,7 +35,8 @@ def finite_or_none(x: float):
 
 def compare_seed(task, seed, epochs, record_every, warmup, ranks, modes, samples, eval_points) -> list[dict]:
     run = common.train(task, "SGD+momentum", seed, epochs, record_every=record_every,
-                       recorders=[dict(modes=modes, samples=samples, warmup=warmup, seed=seed)])
+                       recorders=[dict(modes=modes, samples=samples, warmup=warmup, seed=seed,
+                                        freeze_modes_after=None)])
     W, w0 = run.snapshots.double(), run.snapshots[:, 0]
     N, T = W.shape
     window = list(range(warmup - 1, T))
@@ -70,6 +72,7 @@ def compare_seed(task, seed, epochs, record_every, warmup, ranks, modes, samples
     traj = run.recorders[0].trajectory()
     rows.append(evaluate(f"online CMD M={modes}", traj.reconstruct, window))
     rows[-1]["window_only"] = True  # the online model exists from the end of the warm-up on
+    rows[-1]["freeze_modes_after"] = run.recorders[0].config.freeze_modes_after
     for row in rows:
         row["records"], row["num_weights"] = T, N
     return rows

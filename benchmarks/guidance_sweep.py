@@ -4,10 +4,13 @@ One training per (task, seed) — the CNNs, data, split and SGD + momentum of ``
 carries every recorder at once, so all settings see the same trajectory:
 
 - **per epoch**: a record at initialisation and after every epoch (T = 41), warm-up F ∈ {3, 5, 10, 20}
-  at M = 10, K = 1000; M ∈ {2, 5, 20} at F = 10; K ∈ {100, 300} at F = 10; and the compact form
-  (``freeze_modes_after=5``);
+  at M = 10, K = 1000; M ∈ {2, 5, 20} at F = 10; K ∈ {100, 300} at F = 10; ``freeze_modes_after=5``;
 - **per step**: ``record_every=k`` (the recorder's own step hook) for k ∈ {1, 6, one epoch's steps}, with
   warm-ups that end at different points of training (F · k steps).
+
+Every setting is the recorder's default (modes fixed 3 records into the window) but where it says
+otherwise; the rows marked "full form" (``freeze_modes_after=None``) repeat one setting of each kind with
+the modes free, for comparison.
 
 For each setting: the CMD model's test accuracy at the end of training (BatchNorm statistics recomputed,
 as in ``accuracy.py``) and its difference to the trained network's; the reconstruction error
@@ -37,6 +40,7 @@ import common  # noqa: E402
 from cmd_online import CMDRecorder, demo  # noqa: E402
 
 OPTIMIZER = "SGD+momentum"
+FULL = "full form (freeze_modes_after=None)"
 
 
 def settings(steps_per_epoch: int, quick: bool) -> list[dict]:
@@ -46,11 +50,13 @@ def settings(steps_per_epoch: int, quick: bool) -> list[dict]:
     out += [dict(epoch, label=f"F={f}", warmup=f, modes=10, samples=1000) for f in (3, 5, 20)]
     out += [dict(epoch, label=f"M={m}", warmup=10, modes=m, samples=1000) for m in (2, 5, 20)]
     out += [dict(epoch, label=f"K={k}", warmup=10, modes=10, samples=k) for k in (100, 300)]
-    out += [dict(epoch, label="compact (freeze_modes_after=5)", warmup=10, modes=10, samples=1000,
-                 freeze_modes_after=5)]
+    out += [dict(epoch, label="freeze_modes_after=5", warmup=10, modes=10, samples=1000, freeze_modes_after=5)]
+    out += [dict(epoch, label=f"F=10, {FULL}", warmup=10, modes=10, samples=1000, freeze_modes_after=None)]
     step = dict(kind="per step", modes=10, samples=1000)
-    for k, warmups in ((1, (10, 50, 200)), (6, (5, 10, 30)), (steps_per_epoch, (10,))):
+    for k, warmups, middle in ((1, (10, 50, 200), 50), (6, (5, 10, 30), 10), (steps_per_epoch, (10,), 10)):
         out += [dict(step, label=f"record_every={k}, F={f}", record_every=k, warmup=f) for f in warmups]
+        out += [dict(step, label=f"record_every={k}, F={middle}, {FULL}", record_every=k, warmup=middle,
+                     freeze_modes_after=None)]
     if quick:
         out = [s for s in out if s["label"] in ("F=3", "M=2", "record_every=1, F=10")]
         for s in out:

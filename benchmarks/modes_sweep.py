@@ -2,7 +2,8 @@
 
 One training per seed (MNIST-1D CNN, SGD + momentum, one record per epoch) carries one online recorder
 per setting (M ∈ {1, 2, 5, 10, 20} at K = 1000, K ∈ {50, …, 2000} at M = 10); the post-hoc CMD of
-the same snapshots uses the same M, K and seed. Reconstruction error is ‖W − Ŵ‖_F / ‖W − W₀‖_F over
+the same snapshots uses the same M, K and seed. The online recorders are the full form
+(``freeze_modes_after=None``: modes chosen over the whole window, as post hoc). Reconstruction error is ‖W − Ŵ‖_F / ‖W − W₀‖_F over
 the online fit window (records F−1 … T−1) for both, and over all records for post-hoc.
 
     python benchmarks/modes_sweep.py           # full (3 seeds)
@@ -30,7 +31,7 @@ def settings(modes_list, samples_list, default_modes, default_samples):
 
 
 def sweep_seed(task, optimizer, seed, epochs, warmup, configs) -> list[dict]:
-    recorders = [dict(modes=m, samples=k, warmup=warmup, seed=seed) for m, k in configs]
+    recorders = [dict(modes=m, samples=k, warmup=warmup, seed=seed, freeze_modes_after=None) for m, k in configs]
     run = common.train(task, optimizer, seed, epochs, recorders=recorders)
     W, w0 = run.snapshots, run.snapshots[:, 0]
     T = W.shape[1]
@@ -41,6 +42,7 @@ def sweep_seed(task, optimizer, seed, epochs, warmup, configs) -> list[dict]:
         traj = rec.trajectory()
         W_on = torch.stack([traj.reconstruct(t) for t in range(warmup - 1, T)], 1)
         rows.append({"seed": seed, "M": m, "K": k, "method": "online", "modes_found": traj.num_modes,
+                     "freeze_modes_after": rec.config.freeze_modes_after,
                      "err_window": common.rel_error(W[:, window], W_on, w0),
                      "test_acc": common.evaluate_weights(run.model, rec.cmd_state_dict(-1), task)})
         post = cmdo.decompose(W, modes=m, samples=k, seed=seed, layout=rec.layout)

@@ -47,6 +47,8 @@ def test_modes_sweep_quick_reports_online_and_posthoc(tmp_path):
     for ln in lines:
         if ln["method"] != "trained":
             assert 0.0 <= ln["err_window"][0] < 1.0  # CMD is closer to W than the initial weights are
+    online = [r for r in json.loads((tmp_path / "modes_sweep_quick.json").read_text())["runs"] if r["method"] == "online"]
+    assert online and all(r["freeze_modes_after"] is None for r in online)  # the full form, as docs/benchmarks.md §2 says
 
 
 def test_dmd_compare_quick_reconstructs(tmp_path):
@@ -55,6 +57,17 @@ def test_dmd_compare_quick_reconstructs(tmp_path):
     assert by["trained"]["err_all"][0] == 0.0
     assert set(by) >= {"DMD r=2", "node DMD r=5", "post-hoc CMD M=3", "online CMD M=3"}
     assert by["online CMD M=3"]["err_all"] is None and by["online CMD M=3"]["err_window"] is not None
+    runs = json.loads((tmp_path / "dmd_compare_quick.json").read_text())["runs"]
+    assert [r["freeze_modes_after"] for r in runs if r["method"] == "online CMD M=3"] == [None]  # the full form
+
+
+def test_distance_compare_quick_reports_both_distances(tmp_path):
+    (row,) = load("distance_compare").main(["--quick", "--out", str(tmp_path)])
+    for d in ("correlation", "euclidean"):
+        assert row[f"{d}_modes"] >= 1 and row[f"{d}_freeze_modes_after"] is None  # the full form (§3b)
+        assert 0.0 <= row[f"{d}_online"] <= 100.0 and 0.0 <= row[f"{d}_posthoc"] <= 100.0
+    assert -1.0 <= row["ari_samples"] <= 1.0
+    assert json.loads((tmp_path / "distance_compare_quick.json").read_text())["runs"] == [row]
 
 
 def test_cost_quick_measures_records_queries_and_memory(tmp_path, capsys):
