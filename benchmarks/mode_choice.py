@@ -80,9 +80,10 @@ def reconstruct(W: np.ndarray, R: np.ndarray, window: list[int], modes: np.ndarr
 
 
 def one_run(task, optimizer: str, seed: int, epochs: int, modes: int, samples: int, warmup: int,
-            table: list) -> dict:
+            table: list, record_every: int | None = None) -> dict:
     settings = dict(modes=modes, samples=samples, warmup=warmup, seed=seed)
-    run = common.train(task, optimizer, seed, epochs, recorders=[dict(settings, freeze_modes_after=None), settings])
+    run = common.train(task, optimizer, seed, epochs, record_every=record_every,
+                       recorders=[dict(settings, freeze_modes_after=None), settings])
     full, default = run.recorders
     W = run.snapshots.double().numpy()
     R = full.references.double().numpy()
@@ -152,6 +153,8 @@ def main(argv=None):
     p.add_argument("--modes", type=int, default=10)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--record-every", type=int, default=None,
+                   help="a record every k optimizer steps instead of once per epoch")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -162,12 +165,13 @@ def main(argv=None):
     runs = []
     for o in a.optimizers.split(","):
         for seed in range(a.seeds):
-            runs.append(one_run(task, o, seed, a.epochs, a.modes, a.samples, a.warmup, table))
+            runs.append(one_run(task, o, seed, a.epochs, a.modes, a.samples, a.warmup, table, a.record_every))
             r = runs[-1]
             print(f"{o:20s} seed {seed}: " + "  ".join(f"{n} {v:.1f}" for n, v in r["acc"].items()), flush=True)
     lines = summarise(runs, table)
     print(markdown(lines))
-    settings = dict(task=a.task, epochs=a.epochs, seeds=a.seeds, modes=a.modes, samples=a.samples, warmup=a.warmup)
+    settings = dict(task=a.task, epochs=a.epochs, seeds=a.seeds, modes=a.modes, samples=a.samples, warmup=a.warmup,
+                    record_every=a.record_every)
     common.write_json("mode_choice_quick.json" if a.quick else "mode_choice.json",
                       dict(settings=settings, env=common.environment(), runs=runs, table=lines), a.out)
     return runs, lines
