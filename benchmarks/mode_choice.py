@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def rules(ks=(3, 5, 10), candidates=(2, 3), top_at=(3, 10)) -> list[tuple[str, str, int, int]]:
+def rules(ks=(3, 5, 10), candidates=(2, 3, 5), top_at=(3, 10)) -> list[tuple[str, str, int, int]]:
     """(name, kind, k, c) of every rule the run evaluates, in table order."""
     out = [("full form", "full", 0, 0)]
     out += [(f"fixed after {k}", "fixed", k, 1) for k in ks]
