@@ -12,7 +12,9 @@ the same window as the recorder (float64 least squares), so rules differ only in
 - ``fixed after k``: argmax over the window's first k records (k = 3 must equal the default recorder);
 - ``best of top c at k``: the c best modes after k records kept as candidates, the best of them over
   the whole window chosen at the end (what a recorder keeping c co-moments per weight would give);
-- ``best of c random``: c modes drawn at random per weight, the best of them over the whole window.
+- ``best of c random``: c modes drawn at random per weight, the best of them over the whole window;
+- ``best of c in a row``: the same with the modes b, b + 1, …, b + c − 1 (mod M) from one random b per
+  weight (a recorder would store b alone).
 
 It also reports how often a rule's early choice is the full form's final choice. The first two rules are
 checked against the two recorders: ``modes_differ``, the weights whose mode differs from the recorder's
@@ -42,6 +44,7 @@ def rules(ks=(3, 5, 10), candidates=(2, 3, 5), top_at=(3, 10)) -> list[tuple[str
     out += [(f"fixed after {k}", "fixed", k, 1) for k in ks]
     out += [(f"best of top {c} at {k}", "top", k, c) for k in top_at for c in candidates]
     out += [(f"best of {c} random", "random", 0, c) for c in candidates]
+    out += [(f"best of {c} in a row", "row", 0, c) for c in candidates if c > 2]
     return out
 
 
@@ -61,6 +64,9 @@ def choose(W: np.ndarray, R: np.ndarray, window: list[int], kind: str, k: int, c
         return final.argmax(1), None
     if kind == "random":
         cand = np.argsort(rng.random(final.shape), 1)[:, :c]
+    elif kind == "row":  # modes b, b + 1, …, b + c − 1 (mod M) from a random b: one byte per weight
+        base = rng.integers(0, final.shape[1], size=(final.shape[0], 1))
+        cand = (base + np.arange(c)) % final.shape[1]
     else:
         early = _scores(W, R, window[:k])[2]
         if kind == "fixed":
