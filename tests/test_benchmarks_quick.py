@@ -148,3 +148,33 @@ def test_mode_choice_quick_reproduces_both_recorders(tmp_path):
     # candidates kept from the early records contain the early choice: more often the final mode
     assert by["best of top 2 at 3"]["hit"] >= by["fixed after 3"]["agree"]
     assert json.loads((tmp_path / "mode_choice_quick.json").read_text())["settings"]["task"] == "mnist1d"
+
+
+def test_mode_choice_rules_reduce_to_the_full_form():
+    """Every rule, given all M modes as candidates (or the whole window), is the full form's choice;
+    and the fit it reconstructs from is the least-squares one."""
+    import numpy as np
+
+    mc = load("mode_choice")
+    rng = np.random.default_rng(0)
+    M, N, T = 5, 400, 30
+    R = np.cumsum(rng.normal(size=(M, T)), 1)
+    W = rng.normal(size=(N, 1)) * R[rng.integers(0, M, N)] + rng.normal(size=(N, T))
+    window = list(range(4, T))
+    full, _ = mc.choose(W, R, window, "full", 0, 0, rng)
+    for kind, k in (("random", 0), ("row", 0), ("top", 3)):
+        chosen, cand = mc.choose(W, R, window, kind, k, M, rng)
+        assert np.array_equal(chosen, full) and cand.shape == (N, M)
+    assert np.array_equal(mc.choose(W, R, window, "fixed", len(window), 1, rng)[0], full)
+    some, _ = mc.choose(W, R, window, "fixed", 3, 1, rng)
+    assert not np.array_equal(some, full)  # 3 records choose otherwise for some weights
+    early, final = mc._scores(W, R, window[:3])[2], mc._scores(W, R, window)[2]
+    chosen, cand = mc.choose(W, R, window, "top", 3, 2, rng)
+    assert np.array_equal(np.sort(cand, 1), np.sort(np.argsort(-early, 1)[:, :2], 1))  # the 2 best after 3
+    assert np.array_equal(chosen, cand[np.arange(N), final[np.arange(N)[:, None], cand].argmax(1)])
+    _, rows = mc.choose(W, R, window, "row", 0, 3, rng)
+    assert np.array_equal((rows - rows[:, :1]) % M, np.tile(np.arange(3), (N, 1)))  # b, b + 1, b + 2 (mod M)
+    i = 7
+    X = np.stack([R[full[i], window], np.ones(len(window))], 1)
+    a, b = np.linalg.lstsq(X, W[i, window], rcond=None)[0]
+    assert mc.reconstruct(W, R, window, full, T - 1)[i] == pytest.approx(a * R[full[i], T - 1] + b, rel=1e-9)
